@@ -1,0 +1,180 @@
+"""The base class of every loss here: Pyro's ``ELBO`` interface over the shared engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyro.poutine as poutine
+import torch
+from pyro.infer.elbo import ELBO
+from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.poutine.util import prune_subsample_sites
+
+from .decomposition import Decomposition
+from .engine import BaselineFn, ParticleEstimate, ScoreSite, Term, combine, plate_frames
+from .treatments import (
+    ENTROPY_ESTIMATORS,
+    analytic_entropy_term,
+    is_reparameterized,
+    log_density,
+    observed_term,
+    sampled_entropy_term,
+)
+from .validation import (
+    check_guide_sites,
+    check_plate_shapes,
+    check_positive_int,
+    missing_guide_site_error,
+    warn_nonfinite,
+)
+
+
+class SiteTreatmentELBO(ELBO):
+    """An :class:`~pyro.infer.elbo.ELBO` whose estimate is assembled site by site.
+
+    Subclasses say how a latent site contributes (:meth:`_latent_terms`, and
+    :meth:`_unguided_latent_terms` for latents the guide does not sample); this class runs the
+    traces, applies the treatments, adds score-function terms for non-reparameterized guide
+    sites and exposes the whole ELBO interface: :meth:`loss`, :meth:`differentiable_loss`,
+    :meth:`loss_and_grads`, ``__call__`` (an :class:`~pyro.infer.elbo.ELBOModule`) and
+    :meth:`decompose`.
+
+    Parameters
+    ----------
+    num_particles : int
+        Number of samples per estimate (>= 1).
+    **kwargs
+        Forwarded to :class:`pyro.infer.elbo.ELBO` (``max_plate_nesting``,
+        ``vectorize_particles``, ``retain_graph``, ...).
+    """
+
+    def __init__(self, num_particles: int = 1, **kwargs):
+        super().__init__(num_particles=check_positive_int("num_particles", num_particles), **kwargs)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def _latent_terms(self, name: str, model_site: dict, guide_site: dict) -> list[Term]:
+        """Terms of a latent site that the guide samples (its treatment)."""
+        raise NotImplementedError
+
+    def _unguided_latent_terms(
+        self, name: str, model_site: dict
+    ) -> tuple[list[Term], list[ScoreSite]]:
+        """Terms of a model latent that the guide does not sample; an error by default."""
+        raise missing_guide_site_error(name, type(self).__name__)
+
+    def _auxiliary_terms(self, name: str, guide_site: dict) -> list[Term]:
+        """An auxiliary guide site contributes its entropy, analytic where available."""
+        term = analytic_entropy_term(name, guide_site)
+        return [term if term is not None else sampled_entropy_term(name, guide_site)]
+
+    def _baseline(self, update_state: bool) -> BaselineFn | None:
+        """Variance-reduction hook for score-function terms; none by default."""
+        return None
+
+    # ------------------------------------------------------------------ traces
+    def _get_trace(self, model, guide, args, kwargs):
+        """Run the guide, replay the model against it, validate, drop subsample sites."""
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        if is_validation_enabled():
+            check_guide_sites(model_trace, guide_trace, type(self).__name__)
+            check_plate_shapes(model_trace, self.max_plate_nesting)
+            check_plate_shapes(guide_trace, self.max_plate_nesting)
+        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+
+    def _particle(self, model_trace, guide_trace, update_state: bool = True) -> ParticleEstimate:
+        """Apply each site's treatment and combine the terms of one particle."""
+        terms: list[Term] = []
+        score_sites: list[ScoreSite] = []
+        guide_nodes = guide_trace.nodes
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                terms.append(observed_term(name, site))
+                continue
+            guide_site = guide_nodes.get(name)
+            if guide_site is None or guide_site["type"] != "sample":
+                extra_terms, extra_scores = self._unguided_latent_terms(name, site)
+                terms.extend(extra_terms)
+                score_sites.extend(extra_scores)
+                continue
+            terms.extend(self._latent_terms(name, site, guide_site))
+            if not is_reparameterized(guide_site):
+                score_sites.append(
+                    ScoreSite(name, log_density(guide_site), plate_frames(guide_site))
+                )
+        model_nodes = model_trace.nodes
+        for name, site in guide_nodes.items():
+            if site["type"] == "sample" and name not in model_nodes:
+                terms.extend(self._auxiliary_terms(name, site))
+                if not is_reparameterized(site):
+                    score_sites.append(ScoreSite(name, log_density(site), plate_frames(site)))
+        estimate = combine(terms, score_sites, self._baseline(update_state))
+        if is_validation_enabled() and not bool(torch.isfinite(estimate.elbo)):
+            warn_nonfinite(terms, type(self).__name__)
+        return estimate
+
+    def _estimates(
+        self, model, guide, args, kwargs, update_state: bool = True
+    ) -> Iterator[ParticleEstimate]:
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            yield self._particle(model_trace, guide_trace, update_state)
+
+    # ------------------------------------------------------------------ the ELBO interface
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """An estimate of -L (a float) from ``num_particles`` samples; no gradients."""
+        with torch.no_grad():
+            total = sum(
+                torch_item(est.elbo)
+                for est in self._estimates(model, guide, args, kwargs, update_state=False)
+            )
+        return -total / self.num_particles
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """-L as a tensor whose value is the estimate of -L and whose gradient estimates -dL."""
+        elbo = 0.0
+        surrogate = 0.0
+        for est in self._estimates(model, guide, args, kwargs):
+            elbo = elbo + est.elbo.detach()
+            surrogate = surrogate + est.surrogate
+        loss = -elbo / self.num_particles
+        surrogate_loss = -surrogate / self.num_particles
+        return loss + (surrogate_loss - surrogate_loss.detach())
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Estimate -L and accumulate the gradient estimate into the parameters' ``.grad``."""
+        loss = 0.0
+        for est in self._estimates(model, guide, args, kwargs):
+            loss -= torch_item(est.elbo) / self.num_particles
+            surrogate_loss = -est.surrogate / self.num_particles
+            if surrogate_loss.requires_grad:
+                surrogate_loss.backward(retain_graph=self.retain_graph)
+        return loss
+
+    def decompose(self, model, guide, *args, **kwargs) -> Decomposition:
+        """The terms of L at the current parameters, averaged over ``num_particles``.
+
+        Returns
+        -------
+        Decomposition
+            L and its terms per site and per kind, with the analytic/Monte Carlo flag of each.
+        """
+        with torch.no_grad():
+            estimates = list(self._estimates(model, guide, args, kwargs, update_state=False))
+        return Decomposition.from_estimates(
+            estimates, self.num_particles, notes=self._decomposition_notes()
+        )
+
+    def _decomposition_notes(self) -> tuple[str, ...]:
+        """Caveats that ``decompose`` should print (e.g. a KL weight other than 1)."""
+        return ()
+
+
+def check_entropy_estimator(entropy: str) -> str:
+    """The ``entropy=`` option, or a ValueError listing the valid ones."""
+    if entropy not in ENTROPY_ESTIMATORS:
+        raise ValueError(f"entropy must be one of {ENTROPY_ESTIMATORS}, got {entropy!r}")
+    return entropy

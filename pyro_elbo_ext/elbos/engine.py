@@ -1,0 +1,191 @@
+"""The shared estimator engine: from per-site terms to the value of L and a surrogate.
+
+Every loss in :mod:`pyro_elbo_ext.elbos` turns one particle's (model trace, guide trace) pair
+into a list of :class:`Term` s (the site contributions to L, each with the tensor whose gradient
+is its pathwise gradient) and a list of :class:`ScoreSite` s (sites whose samples are not
+reparameterized). :func:`combine` then forms
+
+    L_hat       = sum_t contribution_t
+    surrogate   = sum_t pathwise_t + sum_j sum(score_j * stop_grad(cost_j - baseline_j))
+
+where ``cost_j`` is the part of L_hat that may depend on the sample at site j,
+Rao-Blackwellized by :class:`pyro.plate` independence: terms in plates that site j is not in are
+summed, terms that share j's plates are kept element by element, so that the i-th element of
+``score_j`` only meets the costs of data point i (and the global terms).  The gradient of the
+surrogate is then an unbiased estimate of dL for any baseline that does not depend on the
+sample at site j (Williams 1992; Ranganath, Gerrish & Blei 2014, arXiv:1401.0118;
+Schulman et al. 2015, arXiv:1506.05254).
+
+The engine knows nothing of which loss it serves; the losses decide each site's treatment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+#: kinds of term and the sign with which each enters L
+TERM_SIGNS: dict[str, float] = {
+    "log_likelihood": 1.0,  # log p(x | ...) of an observed site
+    "log_prior": 1.0,  # log p(z | parents) of a latent site, at the guide's sample
+    "entropy": 1.0,  # H[q(z | ...)], analytic, or its one-sample estimate -log q(z)
+    "kl": -1.0,  # KL[q(z | ...) || p(z | parents)], analytic or log q(z) - log p(z)
+    "bonus": 1.0,  # anything a loss adds on purpose (e.g. an entropy bonus); documented there
+}
+
+
+class Frame(NamedTuple):
+    """A vectorized plate a term lives in: its name and its (negative) batch dimension."""
+
+    name: str
+    dim: int
+
+
+def plate_frames(site: dict) -> frozenset[Frame]:
+    """The vectorized plates of a trace site, as hashable :class:`Frame` s."""
+    return frozenset(Frame(f.name, f.dim) for f in site["cond_indep_stack"] if f.vectorized)
+
+
+@dataclass
+class Term:
+    """One site's contribution to L for one particle.
+
+    Attributes
+    ----------
+    site : str
+        Name of the sample site.
+    kind : str
+        One of :data:`TERM_SIGNS`; ``contribution = TERM_SIGNS[kind] * value``.
+    contribution : torch.Tensor
+        The signed contribution to L, element by element over the site's batch shape, with
+        the site's scale and mask applied.  It may carry a gradient.
+    pathwise : torch.Tensor or None
+        The tensor whose gradient is this term's pathwise (reparameterization or analytic)
+        gradient; usually ``contribution`` itself, ``None`` when the term's gradient is carried
+        only by score-function terms.
+    frames : frozenset of Frame
+        The vectorized plates of the site.
+    analytic : bool
+        Whether the term was computed in closed form (analytic entropy or KL) rather than
+        from the sample.
+    """
+
+    site: str
+    kind: str
+    contribution: torch.Tensor
+    pathwise: torch.Tensor | None
+    frames: frozenset[Frame]
+    analytic: bool = False
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The term's quantity in the convention of its kind (e.g. KL >= 0)."""
+        return self.contribution * TERM_SIGNS[self.kind]
+
+
+@dataclass
+class ScoreSite:
+    """A site whose sample carries a score-function gradient.
+
+    ``score`` is ``log q(z)`` (unscaled: the score function is not multiplied by the plate
+    scale, the cost it meets already is), shaped like the site's batch.
+    """
+
+    site: str
+    score: torch.Tensor
+    frames: frozenset[Frame]
+
+
+#: ``baseline(score_site, cost) -> (baseline, penalty)``: ``baseline`` is subtracted from the
+#: detached cost; ``penalty`` (a scalar, or 0) is added to the surrogate *loss* only, e.g. the
+#: squared-error regression loss of a learned baseline.
+BaselineFn = Callable[[ScoreSite, torch.Tensor], tuple[torch.Tensor, torch.Tensor | float]]
+
+
+@dataclass
+class ParticleEstimate:
+    """The engine's result for one particle (or one vectorized batch of particles).
+
+    ``elbo`` is the estimate of L (summed over vectorized particles, not averaged);
+    ``surrogate`` is the differentiable surrogate of L whose gradient estimates dL;
+    ``terms`` are the terms that were summed.
+    """
+
+    elbo: torch.Tensor
+    surrogate: torch.Tensor
+    terms: Sequence[Term]
+
+
+def sum_to_frames(
+    costs: dict[frozenset[Frame], torch.Tensor], target: frozenset[Frame]
+) -> torch.Tensor | float:
+    """Rao-Blackwellized downstream cost for a site that lives in the plates ``target``.
+
+    Each cost grouped under its plates is summed over the dimensions of the plates that
+    ``target`` does not contain; the results are added with broadcasting.
+
+    Parameters
+    ----------
+    costs : dict
+        Detached cost tensors keyed by the plates they live in.
+    target : frozenset of Frame
+        The plates of the score-function site.
+
+    Returns
+    -------
+    torch.Tensor or float
+        A tensor that broadcasts against the site's score, or ``0.0`` when there is no cost.
+    """
+    total: torch.Tensor | float = 0.0
+    for frames, cost in costs.items():
+        for frame in frames - target:
+            if cost.dim() >= -frame.dim and cost.shape[frame.dim] != 1:
+                cost = cost.sum(frame.dim, keepdim=True)
+        total = total + cost
+    return total
+
+
+def combine(
+    terms: Sequence[Term],
+    score_sites: Sequence[ScoreSite] = (),
+    baseline: BaselineFn | None = None,
+) -> ParticleEstimate:
+    """Sum the terms of one particle into L_hat and its gradient surrogate.
+
+    Parameters
+    ----------
+    terms : sequence of Term
+        Every contribution to L of this particle.
+    score_sites : sequence of ScoreSite
+        The sites that need a score-function term.  The cost each one meets is the sum of
+        all term contributions, detached and Rao-Blackwellized by plates
+        (:func:`sum_to_frames`).
+    baseline : BaselineFn, optional
+        Variance-reduction hook; see :data:`BaselineFn`.
+
+    Returns
+    -------
+    ParticleEstimate
+    """
+    if not terms:
+        raise ValueError("the model and guide produced no sample sites: there is nothing to bound")
+    elbo = sum(term.contribution.sum() for term in terms)
+    surrogate = sum(term.pathwise.sum() for term in terms if term.pathwise is not None)
+    if score_sites:
+        costs: dict[frozenset[Frame], torch.Tensor] = {}
+        for term in terms:
+            value = term.contribution.detach()
+            costs[term.frames] = costs[term.frames] + value if term.frames in costs else value
+        for site in score_sites:
+            cost = sum_to_frames(costs, site.frames)
+            if baseline is not None:
+                baseline_value, penalty = baseline(site, cost)
+                cost = cost - baseline_value
+                surrogate = surrogate - penalty
+            surrogate = surrogate + (site.score * cost).sum()
+    if not torch.is_tensor(surrogate):  # nothing differentiable at all
+        surrogate = torch.zeros_like(elbo)
+    return ParticleEstimate(elbo=elbo, surrogate=surrogate, terms=terms)

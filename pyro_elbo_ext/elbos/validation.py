@@ -1,0 +1,117 @@
+"""Checks of a (model trace, guide trace) pair, run under ``pyro.infer.util.is_validation_enabled()``.
+
+Each check raises an error that names the site and says how to fix it; none of them runs when
+validation is switched off, so they cost nothing on the hot path of a tuned run.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+
+from pyro.poutine.subsample_messenger import _Subsample
+
+from .engine import Term
+
+
+def is_subsample_site(site: dict) -> bool:
+    """The bookkeeping sites that ``pyro.plate(..., subsample_size=...)`` records."""
+    return isinstance(site["fn"], _Subsample)
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int, or a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_guide_sites(model_trace, guide_trace, loss_name: str) -> None:
+    """Every guide sample site is a model latent or is marked auxiliary, and is not enumerated.
+
+    Raises
+    ------
+    ValueError
+        Naming the first offending guide site and what to do about it.
+    """
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or is_subsample_site(site):
+            continue
+        if site["infer"].get("enumerate"):
+            raise ValueError(
+                f"guide site '{name}' is marked for enumeration, which {loss_name} does not do; "
+                "remove infer={'enumerate': ...} (the site is then sampled, with a "
+                "score-function gradient if it is discrete)"
+            )
+        model_site = model_trace.nodes.get(name)
+        if model_site is None or model_site["type"] != "sample":
+            if not site["infer"].get("is_auxiliary"):
+                raise ValueError(
+                    f"guide site '{name}' does not appear in the model; fix its name, or mark it "
+                    "infer={'is_auxiliary': True} if it is an auxiliary variable of the guide"
+                )
+        elif model_site["is_observed"]:
+            raise ValueError(
+                f"guide site '{name}' samples a site that the model observes; remove it from "
+                "the guide (observed values are never drawn from q)"
+            )
+
+
+def missing_guide_site_error(name: str, loss_name: str) -> ValueError:
+    """The error for a model latent that the guide does not sample."""
+    return ValueError(
+        f"model latent site '{name}' is not sampled by the guide. {loss_name} needs q({name}) "
+        f"for every latent: add pyro.sample('{name}', ...) to the guide. If '{name}' is meant "
+        "to be drawn from the model's own distribution (e.g. a hard-attention location), use "
+        "HardAttentionELBO, the loss for latents drawn from the model."
+    )
+
+
+def check_plate_shapes(trace, max_plate_nesting: float) -> None:
+    """Each sample site's batch shape agrees with the plates it is declared in."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or is_subsample_site(site):
+            continue
+        batch_shape = site["fn"].batch_shape
+        for frame in site["cond_indep_stack"]:
+            if not frame.vectorized or frame.size is None:
+                continue
+            if len(batch_shape) < -frame.dim:
+                continue  # broadcasts
+            size = batch_shape[frame.dim]
+            if size not in (1, frame.size):
+                raise ValueError(
+                    f"site '{name}' has batch shape {tuple(batch_shape)}, but its plate "
+                    f"'{frame.name}' has size {frame.size} at dim {frame.dim}; make the "
+                    "distribution's batch dimension match the plate (or use .expand / "
+                    ".to_event for event dimensions)"
+                )
+        if math.isfinite(max_plate_nesting):
+            plated = len(batch_shape) - max_plate_nesting
+            if plated > 0 and any(d != 1 for d in batch_shape[:plated]):
+                raise ValueError(
+                    f"site '{name}' has batch shape {tuple(batch_shape)} with more dimensions "
+                    f"than max_plate_nesting={max_plate_nesting}; declare its batch dimensions "
+                    "with pyro.plate, or move them into the event with .to_event()"
+                )
+
+
+def first_nonfinite_term(terms: Sequence[Term]) -> Term | None:
+    """The first term (in trace order) whose contribution has a NaN or infinite entry."""
+    for term in terms:
+        if not bool(term.contribution.detach().isfinite().all()):
+            return term
+    return None
+
+
+def warn_nonfinite(terms: Sequence[Term], loss_name: str) -> None:
+    """Warn, naming the site, when L is not finite."""
+    bad = first_nonfinite_term(terms)
+    where = (
+        f"the first non-finite term is the {bad.kind} of site '{bad.site}'"
+        if bad is not None
+        else "no single term is non-finite (the sum overflowed)"
+    )
+    warnings.warn(f"{loss_name}: the estimate of L is not finite; {where}", stacklevel=4)

@@ -1,0 +1,42 @@
+"""Named example problems: model, guide, data and exact answers, shared by every consumer.
+
+>>> from pyro_elbo_ext.problems import get_problem
+>>> problem = get_problem("normal_normal", num_data=50)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .base import Problem
+from .conjugate import beta_bernoulli, gamma_poisson, normal_normal
+from .discrete import tiny_discrete
+
+#: problem name -> factory taking keyword options (num_data, seed, dtype, device, ...)
+PROBLEMS: dict[str, Callable[..., Problem]] = {
+    "normal_normal": normal_normal,
+    "beta_bernoulli": beta_bernoulli,
+    "gamma_poisson": gamma_poisson,
+    "tiny_discrete": tiny_discrete,
+}
+
+#: the problems whose posterior, evidence and L(q) have closed forms
+CONJUGATE_PROBLEMS = ("normal_normal", "beta_bernoulli", "gamma_poisson")
+
+
+def get_problem(name: str, **options) -> Problem:
+    """Build the problem ``name`` with the given options.
+
+    Raises
+    ------
+    KeyError
+        For an unknown name, listing the known ones.
+    """
+    try:
+        factory = PROBLEMS[name]
+    except KeyError:
+        raise KeyError(f"unknown problem {name!r}; known problems: {sorted(PROBLEMS)}") from None
+    return factory(**options)
+
+
+__all__ = ["CONJUGATE_PROBLEMS", "PROBLEMS", "Problem", "get_problem"]
