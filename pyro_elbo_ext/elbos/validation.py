@@ -1,4 +1,4 @@
-"""Checks of a (model trace, guide trace) pair, run under ``pyro.infer.util.is_validation_enabled()``.
+"""Checks of a (model trace, guide trace) pair, run under ``is_validation_enabled()``.
 
 Each check raises an error that names the site and says how to fix it; none of them runs when
 validation is switched off, so they cost nothing on the hot path of a tuned run.

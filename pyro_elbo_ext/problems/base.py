@@ -95,7 +95,7 @@ class Problem:
         values = {name: biject_to(self.constraint(name))(leaf) for name, leaf in leaves.items()}
         elbo = self.exact_elbo(values)
         grads = torch.autograd.grad(elbo, list(leaves.values()), allow_unused=True)
-        return float(elbo), {
+        return float(elbo.detach()), {
             name: torch.zeros_like(leaf) if g is None else g
             for (name, leaf), g in zip(leaves.items(), grads)
         }

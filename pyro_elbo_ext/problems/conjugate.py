@@ -95,7 +95,8 @@ def beta_bernoulli(
 ) -> Problem:
     """p ~ Beta(a0, b0), x_i | p ~ Bernoulli(p); guide q(p) = Beta(alpha, beta).
 
-    Posterior Beta(a0 + k, b0 + N - k), k = sum_i x_i; log p(X) = log B(a0+k, b0+N-k) - log B(a0, b0).
+    Posterior Beta(a0 + k, b0 + N - k) with k = sum_i x_i;
+    log p(X) = log B(a0 + k, b0 + N - k) - log B(a0, b0).
     """
     dtype = dtype or torch.get_default_dtype()
     a0, b0, p_true = 2.0, 3.0, 0.7

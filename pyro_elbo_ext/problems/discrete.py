@@ -61,7 +61,7 @@ def tiny_discrete(
         q_c = pyro.param("q_c", lambda: data.new_tensor(0.5), constraint=constraints.unit_interval)
         q_logits = pyro.param("q_logits", lambda: data.new_zeros(data.shape[0], 2, num_states))
         c = pyro.sample("c", dist.Bernoulli(q_c))
-        logits = torch.where(c.bool().unsqueeze(-1).unsqueeze(-1), q_logits[:, 1], q_logits[:, 0])
+        logits = torch.where(c.bool().unsqueeze(-1), q_logits[:, 1], q_logits[:, 0])
         with pyro.plate("data", data.shape[0]):
             pyro.sample("z", dist.Categorical(logits=logits))
 
