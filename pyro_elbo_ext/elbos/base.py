@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
+import pyro.ops.jit
 import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
@@ -43,13 +45,31 @@ class SiteTreatmentELBO(ELBO):
     ----------
     num_particles : int
         Number of samples per estimate (>= 1).
+    jit : bool
+        Compile :meth:`differentiable_loss` (and so :meth:`loss_and_grads`) with
+        :func:`pyro.ops.jit.trace`, as Pyro's ``Jit*`` losses do.  The same restrictions apply:
+        static model structure, tensor inputs passed positionally, non-tensor inputs as
+        keyword arguments (one compilation per distinct value), and every parameter created
+        with ``pyro.param`` (or ``pyro.module``) on the first call.  The compiled loss gives
+        the same values and gradients as the eager one for the same random draws.
     **kwargs
         Forwarded to :class:`pyro.infer.elbo.ELBO` (``max_plate_nesting``,
-        ``vectorize_particles``, ``retain_graph``, ...).
+        ``vectorize_particles``, ``retain_graph``, ``ignore_jit_warnings``, ``jit_options``).
     """
 
-    def __init__(self, num_particles: int = 1, **kwargs):
+    #: whether the loss may be compiled (stateful estimators that update buffers per call
+    #: cannot be, since a trace would freeze their state)
+    supports_jit: bool = True
+
+    def __init__(self, num_particles: int = 1, jit: bool = False, **kwargs):
         super().__init__(num_particles=check_positive_int("num_particles", num_particles), **kwargs)
+        if jit and not self.supports_jit:
+            raise ValueError(
+                f"{type(self).__name__} cannot be compiled (jit=True): it updates state on "
+                "every call; use jit=False"
+            )
+        self.jit = bool(jit)
+        self._compiled: dict[tuple[int, int], object] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
     def _latent_terms(self, name: str, model_site: dict, guide_site: dict) -> list[Term]:
@@ -113,7 +133,11 @@ class SiteTreatmentELBO(ELBO):
                 if not is_reparameterized(site):
                     score_sites.append(ScoreSite(name, log_density(site), plate_frames(site)))
         estimate = combine(terms, score_sites, self._baseline(update_state))
-        if is_validation_enabled() and not bool(torch.isfinite(estimate.elbo)):
+        if (
+            is_validation_enabled()
+            and not torch._C._get_tracing_state()
+            and not bool(torch.isfinite(estimate.elbo))
+        ):
             warn_nonfinite(terms, type(self).__name__)
         return estimate
 
@@ -135,6 +159,11 @@ class SiteTreatmentELBO(ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """-L as a tensor whose value is the estimate of -L and whose gradient estimates -dL."""
+        if self.jit:
+            return self._compiled_loss(model, guide)(*args, **kwargs)
+        return self._eager_differentiable_loss(model, guide, args, kwargs)
+
+    def _eager_differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
         elbo = 0.0
         surrogate = 0.0
         for est in self._estimates(model, guide, args, kwargs):
@@ -144,8 +173,28 @@ class SiteTreatmentELBO(ELBO):
         surrogate_loss = -surrogate / self.num_particles
         return loss + (surrogate_loss - surrogate_loss.detach())
 
+    def _compiled_loss(self, model, guide):
+        """The compiled differentiable loss of this (model, guide) pair, built on first use."""
+        key = (id(model), id(guide))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            weak_self = weakref.ref(self)
+
+            def loss_fn(*args, **kwargs):
+                return weak_self()._eager_differentiable_loss(model, guide, args, kwargs)
+
+            compiled = pyro.ops.jit.trace(
+                loss_fn, ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
+            )
+            self._compiled[key] = compiled
+        return compiled
+
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Estimate -L and accumulate the gradient estimate into the parameters' ``.grad``."""
+        if self.jit:
+            loss = self.differentiable_loss(model, guide, *args, **kwargs)
+            loss.backward(retain_graph=self.retain_graph)
+            return torch_item(loss)
         loss = 0.0
         for est in self._estimates(model, guide, args, kwargs):
             loss -= torch_item(est.elbo) / self.num_particles
