@@ -227,9 +227,10 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     warm-up ramp; Bowman et al. 2015, arXiv:1511.06349; Sønderby et al. 2016,
     arXiv:1602.02282; beta-VAE: Higgins et al. 2017, Burgess et al. 2018, arXiv:1804.03599)
     the objective is ``E_q[log p(X | Z)] - w * KL`` (for the sites in ``kl_sites``, all
-    latents by default), in its value and in its gradient.  For w < 1 it is **not a lower
-    bound** on log p(X); for w > 1 it is a looser bound than L; either way its maximizer is
-    not the q closest to the posterior.  The step count (``step_count``) advances once per
+    latents by default), in its value and in its gradient.  For w < 1 it is **no longer a
+    lower bound** on log p(X) (it can exceed it; at w = 0 it is the expected log-likelihood);
+    for w > 1 it is a looser bound than L; either way its maximizer is in general not the q
+    closest to the posterior.  The step count (``step_count``) advances once per
     :meth:`differentiable_loss` / :meth:`loss_and_grads` call (one SVI step); :meth:`loss` and
     :meth:`decompose` evaluate at the current count without advancing it.  The count is
     saved by :meth:`state_dict`.
@@ -331,7 +332,9 @@ class AnalyticKLELBO(SiteTreatmentELBO):
                 "on log p(X)",
             )
         bound = (
-            "NOT a lower bound on log p(X)" if w < 1 else "a looser lower bound than L"
+            "NOT a lower bound on log p(X) in general (it can exceed it)"
+            if w < 1
+            else "a looser lower bound than L"
         )
         return (
             f"kl_weight = {w:g}{schedule} multiplies the KL of {which}: the value is "
