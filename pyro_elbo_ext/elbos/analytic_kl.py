@@ -6,6 +6,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyro
@@ -246,8 +247,10 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     on_dependency_violation : {"fallback", "raise"}
         What to do with a site whose analytic KL would be biased.
     **kwargs
-        Forwarded to :class:`pyro.infer.elbo.ELBO` (``vectorize_particles``,
-        ``max_plate_nesting``, ``retain_graph``, ...).
+        Forwarded to :class:`SiteTreatmentELBO` and :class:`pyro.infer.elbo.ELBO`
+        (``vectorize_particles``, ``max_plate_nesting``, ``retain_graph``, ``jit``, ...).
+        ``jit=True`` works with a constant ``kl_weight``; with a schedule it raises a
+        ``ValueError`` (a compiled trace would freeze the weight).
 
     Examples
     --------
@@ -267,6 +270,11 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         super().__init__(num_particles=num_particles, **kwargs)
         if not callable(kl_weight):
             kl_weight = _check_weight(kl_weight)
+        elif getattr(self, "jit", False):
+            raise ValueError(
+                "kl_weight is a schedule (a callable), which a compiled loss (jit=True) would "
+                "freeze at its first value; use jit=False, or a constant kl_weight"
+            )
         self.kl_weight = kl_weight
         if isinstance(kl_sites, str):
             kl_sites = (kl_sites,)
@@ -279,6 +287,7 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         self.on_dependency_violation = on_dependency_violation
         #: optimization steps taken (calls of differentiable_loss / loss_and_grads)
         self.step_count = 0
+        self._step_depth = 0
         self._weight = self._weight_at(0) if callable(kl_weight) else kl_weight
         self._plans: dict[tuple, _Plan] = {}
         self._plan: _Plan | None = None
@@ -309,11 +318,35 @@ class AnalyticKLELBO(SiteTreatmentELBO):
             )
         self.step_count = int(step)
 
-    def _estimates(self, model, guide, args, kwargs, update_state: bool = True):
-        self._weight = self._weight_at(self.step_count)
-        yield from super()._estimates(model, guide, args, kwargs, update_state)
-        if update_state:
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """-L_w as a tensor (see the class docstring); one step of the KL-weight schedule."""
+        with self._one_step():
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """-L_w, with its gradient accumulated into ``.grad``; one step of the schedule."""
+        with self._one_step():
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+
+    @contextmanager
+    def _one_step(self):
+        """Fix the weight for this step and advance the count after it (re-entrant: the
+        compiled ``loss_and_grads`` calls ``differentiable_loss``)."""
+        outermost = self._step_depth == 0
+        if outermost:
+            self._weight = self._weight_at(self.step_count)
+        self._step_depth += 1
+        try:
+            yield
+        finally:
+            self._step_depth -= 1
+        if outermost:
             self.step_count += 1
+
+    def _estimates(self, model, guide, args, kwargs, update_state: bool = True):
+        if self._step_depth == 0:  # loss() and decompose(): the weight of the current step
+            self._weight = self._weight_at(self.step_count)
+        yield from super()._estimates(model, guide, args, kwargs, update_state)
 
     def _decomposition_notes(self) -> tuple[str, ...]:
         if not callable(self.kl_weight) and self.kl_weight == 1.0:
