@@ -164,14 +164,16 @@ class SiteTreatmentELBO(ELBO):
         return self._eager_differentiable_loss(model, guide, args, kwargs)
 
     def _eager_differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
-        elbo = 0.0
-        surrogate = 0.0
+        elbo = surrogate = None
         for est in self._estimates(model, guide, args, kwargs):
-            elbo = elbo + est.elbo.detach()
-            surrogate = surrogate + est.surrogate
-        loss = -elbo / self.num_particles
-        surrogate_loss = -surrogate / self.num_particles
-        return loss + (surrogate_loss - surrogate_loss.detach())
+            value = est.elbo.detach()
+            elbo = value if elbo is None else elbo + value
+            surrogate = est.surrogate if surrogate is None else surrogate + est.surrogate
+        if self.num_particles != 1:
+            elbo = elbo / self.num_particles
+            surrogate = surrogate / self.num_particles
+        # value exactly -L (the bracket is exactly zero), gradient -d(surrogate)
+        return (surrogate.detach() - surrogate) - elbo
 
     def _compiled_loss(self, model, guide):
         """The compiled differentiable loss of this (model, guide) pair, built on first use."""
@@ -198,7 +200,9 @@ class SiteTreatmentELBO(ELBO):
         loss = 0.0
         for est in self._estimates(model, guide, args, kwargs):
             loss -= torch_item(est.elbo) / self.num_particles
-            surrogate_loss = -est.surrogate / self.num_particles
+            surrogate_loss = -est.surrogate
+            if self.num_particles != 1:
+                surrogate_loss = surrogate_loss / self.num_particles
             if surrogate_loss.requires_grad:
                 surrogate_loss.backward(retain_graph=self.retain_graph)
         return loss

@@ -44,9 +44,21 @@ class Frame(NamedTuple):
     dim: int
 
 
+_FRAMES_BY_STACK: dict[tuple, frozenset[Frame]] = {}
+
+
 def plate_frames(site: dict) -> frozenset[Frame]:
-    """The vectorized plates of a trace site, as hashable :class:`Frame` s."""
-    return frozenset(Frame(f.name, f.dim) for f in site["cond_indep_stack"] if f.vectorized)
+    """The vectorized plates of a trace site, as hashable :class:`Frame` s.
+
+    Memoized by the site's plate stack, which repeats from step to step.
+    """
+    stack = site["cond_indep_stack"]
+    frames = _FRAMES_BY_STACK.get(stack)
+    if frames is None:
+        frames = frozenset(Frame(f.name, f.dim) for f in stack if f.vectorized)
+        if len(_FRAMES_BY_STACK) < 4096:
+            _FRAMES_BY_STACK[stack] = frames
+    return frames
 
 
 @dataclass
@@ -172,8 +184,15 @@ def combine(
     """
     if not terms:
         raise ValueError("the model and guide produced no sample sites: there is nothing to bound")
-    elbo = sum(term.contribution.sum() for term in terms)
-    surrogate = sum(term.pathwise.sum() for term in terms if term.pathwise is not None)
+    elbo = surrogate = None
+    for term in terms:
+        total = term.contribution.sum()
+        elbo = total if elbo is None else elbo + total
+        if term.pathwise is term.contribution:
+            surrogate = total if surrogate is None else surrogate + total
+        elif term.pathwise is not None:
+            total = term.pathwise.sum()
+            surrogate = total if surrogate is None else surrogate + total
     if score_sites:
         costs: dict[frozenset[Frame], torch.Tensor] = {}
         for term in terms:
@@ -181,11 +200,11 @@ def combine(
             costs[term.frames] = costs[term.frames] + value if term.frames in costs else value
         for site in score_sites:
             cost = sum_to_frames(costs, site.frames)
+            score_term = (site.score * cost).sum()
             if baseline is not None:
                 baseline_value, penalty = baseline(site, cost)
-                cost = cost - baseline_value
-                surrogate = surrogate - penalty
-            surrogate = surrogate + (site.score * cost).sum()
-    if not torch.is_tensor(surrogate):  # nothing differentiable at all
+                score_term = (site.score * (cost - baseline_value)).sum() - penalty
+            surrogate = score_term if surrogate is None else surrogate + score_term
+    if surrogate is None:  # nothing differentiable at all
         surrogate = torch.zeros_like(elbo)
     return ParticleEstimate(elbo=elbo, surrogate=surrogate, terms=terms)
