@@ -1,11 +1,20 @@
 """pyro_elbo_ext: ELBO losses for Pyro, tools to compare them, and ArviZ diagnostics.
 
 The losses subclass :class:`pyro.infer.elbo.ELBO` and are passed as ``loss=`` to
-:class:`pyro.infer.SVI`.
+:class:`pyro.infer.SVI`.  Estimator comparison lives in :mod:`pyro_elbo_ext.compare`, ArviZ
+diagnostics in :mod:`pyro_elbo_ext.diagnostics` (imported on first use, so that importing the
+losses does not load ArviZ), and the example problems in :mod:`pyro_elbo_ext.problems`.
 """
 
-from .elbos import Decomposition, JensenELBO, SiteTreatmentELBO, TermSummary
+from .elbos import AnalyticKLELBO, Decomposition, JensenELBO, SiteTreatmentELBO, TermSummary
 
 __version__ = "0.1.0"
 
-__all__ = ["Decomposition", "JensenELBO", "SiteTreatmentELBO", "TermSummary", "__version__"]
+__all__ = [
+    "AnalyticKLELBO",
+    "Decomposition",
+    "JensenELBO",
+    "SiteTreatmentELBO",
+    "TermSummary",
+    "__version__",
+]

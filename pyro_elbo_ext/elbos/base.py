@@ -225,6 +225,22 @@ class SiteTreatmentELBO(ELBO):
         """Caveats that ``decompose`` should print (e.g. a KL weight other than 1)."""
         return ()
 
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The estimator's own state (baselines, step counters); empty for a stateless loss.
+
+        Losses with state override this and :meth:`load_state_dict`; the result survives
+        ``torch.save`` / ``torch.load`` so a checkpoint can hold it beside the param store.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; a stateless loss accepts only an empty state."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} has no state to restore, got keys {sorted(state)}"
+            )
+
 
 def check_entropy_estimator(entropy: str) -> str:
     """The ``entropy=`` option, or a ValueError listing the valid ones."""

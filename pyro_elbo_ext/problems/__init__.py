@@ -11,6 +11,7 @@ from collections.abc import Callable
 from .base import Problem
 from .conjugate import beta_bernoulli, gamma_poisson, normal_normal
 from .discrete import tiny_discrete
+from .logistic import logistic_regression
 
 #: problem name -> factory taking keyword options (num_data, seed, dtype, device, ...)
 PROBLEMS: dict[str, Callable[..., Problem]] = {
@@ -18,6 +19,7 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "beta_bernoulli": beta_bernoulli,
     "gamma_poisson": gamma_poisson,
     "tiny_discrete": tiny_discrete,
+    "logistic_regression": logistic_regression,
 }
 
 #: the problems whose posterior, evidence and L(q) have closed forms
