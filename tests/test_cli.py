@@ -36,6 +36,8 @@ def test_compare_writes_table_and_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reference gradient: exact" in out and "log p(X) = " in out
     assert "grad var" in out and "jensen_path" in out and "wrote:" in out
+    # 99% quantile of the largest of 2 |N(0,1)|: Phi^-1(1 - (1 - 0.99^(1/2)) / 2) = 2.806
+    assert "over 2 gradient element(s): an unbiased estimator stays below 2.81" in out
     stem = tmp_path / "compare_normal_normal"
     for suffix in ("_summary.csv", "_params.csv", ".json", "_variance.png", "_bound.png"):
         path = stem.parent / (stem.name + suffix)

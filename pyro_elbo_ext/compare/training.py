@@ -85,7 +85,7 @@ def fit_estimators(
     seed: int = 0,
     num_particles: int = 1,
     eval_every: int | None = None,
-    num_eval_particles: int = 20,
+    num_eval_particles: int = 50,
     progress: bool | None = None,
 ) -> FitResult:
     """Train the problem's guide with each named estimator and record the learning curves.
