@@ -197,6 +197,22 @@ def test_two_plates_and_a_deterministic_site_round_trip(tmp_path):
     assert loaded.attrs["guide"] == idata.attrs["guide"]
 
 
+def test_a_deterministic_reduced_over_the_draws_is_refused_not_mixed():
+    """z.sum() under vectorized draws would silently average draws together: an error instead."""
+
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.deterministic("total", z.sum())
+        pyro.deterministic("constant", torch.tensor(3.0))
+        pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    with pytest.raises(ValueError, match=r"deterministic site 'total'.*z.sum\(-1\)"):
+        to_inference_data(model, guide, num_samples=50)
+
+
 # ----------------------------------------------------------------------------- AutoGuides
 def test_autoguides_at_the_exact_posterior_give_constant_weights():
     """log q is right for AutoNormal and for the auxiliary + Delta sites of AutoContinuous."""

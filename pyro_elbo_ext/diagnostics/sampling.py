@@ -283,6 +283,25 @@ def _per_draw(site_name, value, num_samples, shape):
     )
 
 
+def _check_deterministic_has_draws(site_name, vectorized, single, num_samples):
+    """A deterministic value without a draws dimension must be a constant, not a reduction.
+
+    ``single`` is the value from one ordinary (non-vectorized) run: a constant gives the same
+    value in both runs, while a value reduced over all dimensions (e.g. ``z.sum()``) mixes the
+    draws together and almost surely differs from it.
+    """
+    if num_samples == 1 or vectorized.numel() != single.numel():
+        return
+    vectorized = vectorized.reshape(single.shape).to(single.dtype)
+    if not torch.allclose(vectorized, single, equal_nan=True):
+        raise ValueError(
+            f"deterministic site '{site_name}' depends on the latent draws but has no draws "
+            f"dimension (shape {tuple(vectorized.shape)} under {num_samples} vectorized draws): "
+            "it reduces over all dimensions; reduce over the event/plate dims only "
+            "(e.g. z.sum(-1) instead of z.sum()) so each draw keeps its own value"
+        )
+
+
 def _squeeze(values, drop):
     # values has the draw dim first, so per-draw position i is tensor dim i + 1
     for i in sorted(drop, reverse=True):
@@ -441,6 +460,7 @@ def draw_from_guide(
                 batch_ndim = value.dim() - (0 if event_ndim >= value.dim() else event_ndim)
                 shape = tuple(value.shape)
                 names, drop = _dim_names(name, shape, batch_ndim, frames, dims)
+                _check_deterministic_has_draws(name, site["value"], value, num_samples)
                 values = _per_draw(name, site["value"], num_samples, shape)
                 out.deterministic[name] = SiteArray(_squeeze(values, drop), names)
                 continue
