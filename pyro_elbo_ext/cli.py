@@ -287,8 +287,8 @@ def _run_fit(args) -> int:
     print(f"problem: {problem.name} ({problem.description})")
     print(f"{args.steps} SVI steps per estimator, Adam lr {args.lr}, {args.particles} "
           f"particle(s), seed {args.seed} (step t uses seed + t for every estimator)")
-    if problem.log_evidence is not None:
-        print(f"log p(X) = {problem.log_evidence:.4f}")
+    if result.log_evidence is not None:
+        print(f"log p(X) = {result.log_evidence:.4f}")
     print()
     table = pd.DataFrame({
         "estimator": final["estimator"],
