@@ -12,6 +12,8 @@ from .base import Problem
 from .conjugate import beta_bernoulli, gamma_poisson, normal_normal
 from .discrete import tiny_discrete
 from .logistic import logistic_regression
+from .logistic_real import logistic_breast_cancer
+from .vae import vae_digits
 
 #: problem name -> factory taking keyword options (num_data, seed, dtype, device, ...)
 PROBLEMS: dict[str, Callable[..., Problem]] = {
@@ -20,6 +22,8 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "gamma_poisson": gamma_poisson,
     "tiny_discrete": tiny_discrete,
     "logistic_regression": logistic_regression,
+    "logistic_breast_cancer": logistic_breast_cancer,
+    "vae_digits": vae_digits,
 }
 
 #: the problems whose posterior, evidence and L(q) have closed forms
