@@ -325,6 +325,7 @@ def train_hard_attention(
     num_particles: int = 1,
     seed: int = 0,
     problem: Problem | None = None,
+    elbo_options: dict | None = None,
     **problem_options,
 ) -> dict:
     """Train the cluttered-digits model with SVI and :class:`HardAttentionELBO`.
@@ -338,6 +339,8 @@ def train_hard_attention(
         SVI steps and the Adam learning rate.
     problem
         A :func:`cluttered_digits` problem (built from ``problem_options`` when omitted).
+    elbo_options
+        More keyword arguments for :class:`HardAttentionELBO` (e.g. ``entropy_weight``).
 
     Returns
     -------
@@ -353,6 +356,7 @@ def train_hard_attention(
     elbo = HardAttentionELBO(
         estimator=estimator, baseline=baseline, num_particles=num_particles,
         vectorize_particles=num_particles > 1, max_plate_nesting=problem.max_plate_nesting,
+        **(elbo_options or {}),
     )
     svi = pyro.infer.SVI(problem.model, problem.guide, pyro.optim.Adam({"lr": lr}), loss=elbo)
     losses = []
