@@ -6,7 +6,8 @@ surrogate loss with respect to the unconstrained parameters (``differentiable_lo
 the time per draw is measured under the same load for all of them. Reported per estimator:
 
 - ``tr Var[grad]``, the trace of the gradient covariance, with its standard error;
-- ``ms``, the median time of one gradient draw (loss + backward);
+- ``ms``, the median time of one gradient draw (loss + backward), in process CPU time
+  (``time.process_time``, immune to preemption by other load on a shared machine);
 - ``efficiency = 1 / (tr Var[grad] x seconds)`` and its ratio to the Pyro counterpart's
   (``rel. eff.`` > 1: our loss reaches a given gradient precision with less compute).
 
@@ -84,14 +85,14 @@ def compare(problem, estimators: dict[str, Callable[[], object]], num_draws: int
             torch.autograd.grad(loss, leaves, allow_unused=True)
         while min(len(d) for d in draws.values()) < num_draws:
             for name, elbo in elbos.items():
-                start = time.perf_counter()
+                start = time.process_time()
                 for _ in range(block):
                     loss = elbo.differentiable_loss(problem.model, problem.guide, *problem.args)
                     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
                     draws[name].append(torch.cat([
                         (torch.zeros_like(leaf) if g is None else g).reshape(-1)
                         for leaf, g in zip(leaves, grads)]).detach().double())
-                times[name].append((time.perf_counter() - start) / block)
+                times[name].append((time.process_time() - start) / block)
     out = {}
     for name in elbos:
         g = torch.stack(draws[name][:num_draws])
@@ -244,8 +245,8 @@ def markdown(result: dict) -> str:
         f"- {result['settings']['draws']} gradient draws per cell "
         f"({result['settings']['vae_draws']} for the VAE, {result['settings']['attention_draws']}"
         " for hard attention), one particle unless stated; time = median per draw "
-        "(loss + backward) in interleaved blocks; variance = trace of the gradient covariance "
-        "over the unconstrained parameters; ± one standard error",
+        "(loss + backward, process CPU time) in interleaved blocks; variance = trace of the "
+        "gradient covariance over the unconstrained parameters; ± one standard error",
         f"- wall time {result['wall_s']:.0f} s", "",
         "| problem | guide | estimator | tr Var[grad] | ms/draw | var ratio vs ref | "
         "rel. efficiency vs ref | ref |",
