@@ -1,0 +1,135 @@
+"""Where the compiled loss's gap to the floor comes from: the loss, the optimizer or SVI.
+
+For each problem, in process CPU time (validation off, one particle, JensenELBO with
+``jit=True``), this times
+
+- ``svi.step (jit)``: the full SVI step the speed benchmark times;
+- ``jit loss+backward``: our compiled ``differentiable_loss`` and ``backward`` only;
+- ``floor loss+backward``: the hand-written loss and ``backward`` only;
+- ``floor + one Adam``: the speed benchmark's floor step (one ``torch.optim.Adam`` over all
+  leaves);
+- ``floor + Adam per leaf``: the floor with one ``torch.optim.Adam`` per leaf, which is what
+  ``pyro.optim.Adam`` builds.
+
+Run: ``python -m benchmarks.decompose_step``; writes ``benchmarks/results/decompose_step.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pyro
+import torch
+
+from ._common import PAIRINGS, PROBLEMS, machine_info
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_ms(fn: Callable[[], object], calls: int = 300, reps: int = 7) -> float:
+    """Median over ``reps`` of the mean process CPU time (ms) of ``calls`` calls of ``fn``."""
+    for _ in range(20):
+        fn()
+    out = []
+    for _ in range(reps):
+        start = time.process_time()
+        for _ in range(calls):
+            fn()
+        out.append((time.process_time() - start) / calls * 1e3)
+    return statistics.median(out)
+
+
+def decompose(name: str, calls: int) -> dict[str, float]:
+    """The five timings of the module docstring for problem ``name``."""
+    spec = PROBLEMS[name]
+    problem = spec.build(**spec.options)
+    problem.set_params()
+    elbo, model, guide = PAIRINGS[0].make_ours(problem, 1, True)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=elbo)
+    loss_fn, leaves = spec.floor(problem, "jensen", 1)
+    one = torch.optim.Adam(leaves, lr=1e-3)
+    per_leaf = [torch.optim.Adam([leaf], lr=1e-3) for leaf in leaves]
+
+    def jit_loss_backward():
+        elbo.differentiable_loss(model, guide, *problem.args).backward()
+
+    def floor_loss_backward():
+        loss_fn().backward()
+
+    def floor_one_adam():
+        one.zero_grad()
+        floor_loss_backward()
+        one.step()
+
+    def floor_adam_per_leaf():
+        for opt in per_leaf:
+            opt.zero_grad()
+        floor_loss_backward()
+        for opt in per_leaf:
+            opt.step()
+
+    return {
+        "svi.step (jit)": cpu_ms(lambda: svi.step(*problem.args), calls),
+        "jit loss+backward": cpu_ms(jit_loss_backward, calls),
+        "floor loss+backward": cpu_ms(floor_loss_backward, calls),
+        "floor + one Adam": cpu_ms(floor_one_adam, calls),
+        "floor + Adam per leaf": cpu_ms(floor_adam_per_leaf, calls),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Print and write the decomposition table.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Command-line arguments; see ``--help``.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", nargs="+", default=["normal_normal", "logistic", "vae"],
+                        choices=[k for k in PROBLEMS if k != "hard_attention"])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pyro.enable_validation(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = {name: decompose(name, args.calls) for name in args.problems}
+    finally:
+        torch.set_num_threads(previous)
+        pyro.enable_validation(True)
+    info = machine_info(probe_numpyro=False)
+    keys = list(next(iter(rows.values())))
+    lines = [
+        "# Decomposition of the compiled SVI step against the floor (ms, process CPU time)",
+        "",
+        f"- {info['date']}; torch {info['torch']}, pyro {info['pyro']}; "
+        "torch.set_num_threads(1); validation off; 1 particle; JensenELBO(jit=True); "
+        f"load average {info.get('load_average')}",
+        "",
+        "| problem | " + " | ".join(keys) + " | loss gap | step gap |",
+        "|---|" + "---|" * (len(keys) + 2),
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
+            + f" | {r['jit loss+backward'] / r['floor loss+backward']:.2f}x"
+            + f" | {r['svi.step (jit)'] / r['floor + one Adam']:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decompose_step.md").write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
