@@ -6,15 +6,25 @@ diagnostics in :mod:`pyro_elbo_ext.diagnostics` (imported on first use, so that 
 losses does not load ArviZ), and the example problems in :mod:`pyro_elbo_ext.problems`.
 """
 
-from .elbos import AnalyticKLELBO, Decomposition, JensenELBO, SiteTreatmentELBO, TermSummary
+from .elbos import (
+    AnalyticKLELBO,
+    Decomposition,
+    HardAttentionELBO,
+    JensenELBO,
+    SiteTreatmentELBO,
+    TermSummary,
+    empty_guide,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AnalyticKLELBO",
     "Decomposition",
+    "HardAttentionELBO",
     "JensenELBO",
     "SiteTreatmentELBO",
     "TermSummary",
     "__version__",
+    "empty_guide",
 ]

@@ -2,7 +2,22 @@
 
 from .analytic_kl import AnalyticKLELBO
 from .base import SiteTreatmentELBO
+from .baselines import LearnedBaseline, LeaveOneOutBaseline, MovingAverageBaseline, SignalNormalizer
 from .decomposition import Decomposition, TermSummary
+from .hard_attention import HardAttentionDecomposition, HardAttentionELBO, empty_guide
 from .jensen import JensenELBO
 
-__all__ = ["AnalyticKLELBO", "Decomposition", "JensenELBO", "SiteTreatmentELBO", "TermSummary"]
+__all__ = [
+    "AnalyticKLELBO",
+    "Decomposition",
+    "HardAttentionDecomposition",
+    "HardAttentionELBO",
+    "JensenELBO",
+    "LearnedBaseline",
+    "LeaveOneOutBaseline",
+    "MovingAverageBaseline",
+    "SignalNormalizer",
+    "SiteTreatmentELBO",
+    "TermSummary",
+    "empty_guide",
+]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from .base import Problem
 from .conjugate import beta_bernoulli, gamma_poisson, normal_normal
 from .discrete import tiny_discrete
+from .hard_attention import cluttered_digits, random_attention
 from .logistic import logistic_regression
 from .logistic_real import logistic_breast_cancer
 from .vae import vae_digits
@@ -24,6 +25,8 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "logistic_regression": logistic_regression,
     "logistic_breast_cancer": logistic_breast_cancer,
     "vae_digits": vae_digits,
+    "random_attention": random_attention,
+    "cluttered_digits": cluttered_digits,
 }
 
 #: the problems whose posterior, evidence and L(q) have closed forms

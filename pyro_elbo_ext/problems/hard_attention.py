@@ -229,6 +229,8 @@ def cluttered_digits(
     batch_size: int = 64,
     hidden_dim: int = 64,
     seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
 ) -> Problem:
     """Hard attention on cluttered 8x8 digits (scikit-learn's bundled digits, no download).
 
@@ -256,6 +258,7 @@ def cluttered_digits(
         raise ValueError(f"need glimpse <= 8 and canvas >= glimpse, got {glimpse}, {canvas}")
     if canvas % coarse_factor:
         raise ValueError(f"canvas={canvas} must be a multiple of coarse_factor={coarse_factor}")
+    dtype = dtype or torch.get_default_dtype()
     rng = np.random.default_rng(seed)
     images, labels = _load_digits()
     order = rng.permutation(len(images))
@@ -269,7 +272,9 @@ def cluttered_digits(
             grid=glimpse_grid(canvas, glimpse, stride), jitter=jitter,
         )
         coarse, patches = views(canvases, glimpse, stride, coarse_factor)
-        data[part] = (coarse, patches, torch.from_numpy(targets))
+        data[part] = (coarse.to(dtype=dtype, device=device),
+                      patches.to(dtype=dtype, device=device),
+                      torch.from_numpy(targets).to(device))
         corners = torch.tensor(glimpse_grid(canvas, glimpse, stride), dtype=torch.float32)
         distance = (torch.from_numpy(positions).float().unsqueeze(1) - corners).abs().sum(-1)
         true_location[part] = distance.argmin(-1)  # the glimpse that best covers the digit
@@ -281,6 +286,8 @@ def cluttered_digits(
     classifier = nn.Sequential(nn.Linear(glimpse * glimpse, hidden_dim), nn.ReLU(),
                                nn.Linear(hidden_dim, 10))
     torch.random.set_rng_state(torch_gen_state)
+    attention.to(dtype=dtype, device=device)
+    classifier.to(dtype=dtype, device=device)
     with torch.no_grad():  # start from uniform attention, so that every glimpse is explored
         attention[-1].weight.zero_()
         attention[-1].bias.zero_()
