@@ -1,6 +1,7 @@
 """Determinism, flat memory over long runs, and estimator state in checkpoints."""
 
 import gc
+import math
 
 import pyro
 import pytest
@@ -71,3 +72,29 @@ def test_stateless_loss_state_round_trips_through_torch_save(tmp_path):
     loss.load_state_dict(torch.load(tmp_path / "state.pt"))
     with pytest.raises(ValueError, match="no state to restore"):
         loss.load_state_dict({"baseline": 1.0})
+
+
+@pytest.mark.parametrize("baseline", [None, "moving_average", "learned", "leave_one_out"])
+def test_very_peaked_attention_trains_without_nan(baseline):
+    """Attention logits of magnitude 60: log p(l) near 0 or -120, probabilities underflow."""
+    from pyro_elbo_ext import HardAttentionELBO, empty_guide
+
+    data = torch.tensor([0.3, -1.2, 0.8, 2.0])
+    features = torch.randn(4, 3)
+
+    def model():
+        logits = pyro.param("att", torch.tensor([60.0, -60.0, 0.0]))
+        means = pyro.param("means", torch.tensor([-1.0, 0.0, 1.0]))
+        with pyro.plate("data", 4):
+            where = pyro.sample("where", pyro.distributions.Categorical(logits=logits),
+                                infer={"baseline_input": features})
+            pyro.sample("obs", pyro.distributions.Normal(means[where], 1.0), obs=data)
+
+    particles = 4 if baseline == "leave_one_out" else 1
+    elbo = HardAttentionELBO(estimator="reinforce", baseline=baseline, num_particles=particles,
+                             vectorize_particles=particles > 1, max_plate_nesting=1)
+    svi = SVI(model, empty_guide, pyro.optim.Adam({"lr": 0.05}), loss=elbo)
+    losses = [svi.step() for _ in range(50)]
+    assert all(map(math.isfinite, losses))
+    for name, value in pyro.get_param_store().items():
+        assert bool(value.isfinite().all()), name

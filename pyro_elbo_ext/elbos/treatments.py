@@ -26,7 +26,15 @@ def log_density(site: dict) -> torch.Tensor:
     """``fn.log_prob(value)`` of a site, computed once and memoized on the site."""
     cached = site.get("_elbo_ext_log_prob")
     if cached is None:
-        cached = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        try:
+            cached = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        except ValueError as error:
+            what = "observed value" if site.get("is_observed") else "value"
+            raise ValueError(
+                f"site '{site['name']}' ({type(site['fn']).__name__}): cannot evaluate "
+                f"log_prob of its {what}: {error}. Check the data (NaN, out of the "
+                "distribution's support) or the distribution's parameters"
+            ) from error
         site["_elbo_ext_log_prob"] = cached
     return cached
 
