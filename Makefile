@@ -22,7 +22,7 @@ test-all: install
 	$(PYTHON) -m pytest -m ""
 
 bench: install
-	$(PYTHON) -m benchmarks.gradient_variance_jensen
+	$(PYTHON) -m benchmarks.speed
 
 lint:
 	$(PYTHON) -m ruff check .
