@@ -50,6 +50,41 @@ def logistic_regression(
     x = x.to(dtype=dtype, device=device)
     y = y.to(dtype=dtype, device=device)
 
+    return logistic_problem(
+        name="logistic_regression",
+        description="Bayesian logistic regression on synthetic data; q(w) = diagonal Normal",
+        features=x,
+        labels=y,
+        prior_scale=prior_scale,
+        init_scale=0.5,
+        subsample_size=subsample_size,
+        notes={"w_true": w_true.tolist(), "num_data": num_data, "num_features": num_features,
+               "prior_scale": prior_scale, "subsample_size": subsample_size},
+    )
+
+
+def logistic_problem(
+    name: str,
+    description: str,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prior_scale: float,
+    init_scale: float,
+    subsample_size: int | None = None,
+    notes: dict | None = None,
+) -> Problem:
+    """Bayesian logistic regression on given data, with a diagonal-Normal guide.
+
+    Model::
+
+        w ~ Normal(0, prior_scale^2 I_D)                  (one site, event dim D)
+        y_i | w ~ Bernoulli(logits = x_i . w)             (plate "data", optional subsampling)
+
+    Guide: ``q(w) = Normal(w_loc, diag w_scale^2)`` from ``w_loc = 0``, ``w_scale = init_scale``.
+    The logits are ``(x * w).sum(-1)``, so model and guide vectorize over particles.
+    """
+    num_features = features.shape[-1]
+
     def model(features, labels):
         prior = dist.Normal(
             features.new_zeros(num_features), features.new_full((num_features,), prior_scale)
@@ -63,26 +98,25 @@ def logistic_regression(
         loc = pyro.param("w_loc", lambda: features.new_zeros(num_features))
         scale = pyro.param(
             "w_scale",
-            lambda: features.new_full((num_features,), 0.5),
+            lambda: features.new_full((num_features,), init_scale),
             constraint=constraints.positive,
         )
         pyro.sample("w", dist.Normal(loc, scale).to_event(1))
 
     return Problem(
-        name="logistic_regression",
-        description="Bayesian logistic regression on synthetic data; q(w) = diagonal Normal",
+        name=name,
+        description=description,
         model=model,
         guide=guide,
-        args=(x, y),
+        args=(features, labels),
         init_params={
-            "w_loc": x.new_zeros(num_features),
-            "w_scale": x.new_full((num_features,), 0.5),
+            "w_loc": features.new_zeros(num_features),
+            "w_scale": features.new_full((num_features,), init_scale),
         },
         param_constraints={"w_scale": constraints.positive},
         max_plate_nesting=1,
-        notes={"w_true": w_true.tolist(), "num_data": num_data, "num_features": num_features,
-               "prior_scale": prior_scale, "subsample_size": subsample_size},
+        notes=notes or {},
     )
 
 
-__all__ = ["logistic_regression"]
+__all__ = ["logistic_problem", "logistic_regression"]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pyro
-import pyro.distributions as dist
 import torch
-from torch.distributions import constraints
 
 from .base import Problem
+from .logistic import logistic_problem
 
 
 def load_breast_cancer_standardized(
@@ -63,31 +61,13 @@ def logistic_breast_cancer(
     labels = labels.to(dtype=dtype, device=device)
     num_features = features.shape[-1]
 
-    def model(x, y):
-        prior = dist.Normal(x.new_zeros(num_features), x.new_full((num_features,), prior_scale))
-        w = pyro.sample("w", prior.to_event(1))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Bernoulli(logits=(x * w).sum(-1)), obs=y)
-
-    def guide(x, y):
-        loc = pyro.param("w_loc", lambda: x.new_zeros(num_features))
-        scale = pyro.param(
-            "w_scale", lambda: x.new_full((num_features,), 0.1), constraint=constraints.positive
-        )
-        pyro.sample("w", dist.Normal(loc, scale).to_event(1))
-
-    return Problem(
+    return logistic_problem(
         name="logistic_breast_cancer",
         description="Bayesian logistic regression on sklearn's breast-cancer data (standardized)",
-        model=model,
-        guide=guide,
-        args=(features, labels),
-        init_params={
-            "w_loc": features.new_zeros(num_features),
-            "w_scale": features.new_full((num_features,), 0.1),
-        },
-        param_constraints={"w_scale": constraints.positive},
-        max_plate_nesting=1,
+        features=features,
+        labels=labels,
+        prior_scale=prior_scale,
+        init_scale=0.1,
         notes={"num_data": features.shape[0], "num_features": num_features,
                "prior_scale": prior_scale,
                "data": "sklearn.datasets.load_breast_cancer, standardized, intercept first"},
