@@ -4,6 +4,10 @@ import pyro
 import pytest
 import torch
 
+# The suite's tensors are tiny: thread start-up costs more than it saves, and on a busy 2-core
+# machine two threads per step made steps several times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _clean_pyro_state():
