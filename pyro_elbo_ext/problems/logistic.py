@@ -91,8 +91,10 @@ def logistic_problem(
         )
         w = pyro.sample("w", prior.to_event(1))
         with pyro.plate("data", features.shape[0], subsample_size=subsample_size) as idx:
-            logits = (features[idx] * w).sum(-1)
-            pyro.sample("obs", dist.Bernoulli(logits=logits), obs=labels[idx])
+            if subsample_size is not None:  # a full plate needs no gather of the data
+                features, labels = features[idx], labels[idx]
+            logits = (features * w).sum(-1)
+            pyro.sample("obs", dist.Bernoulli(logits=logits), obs=labels)
 
     def guide(features, labels):
         loc = pyro.param("w_loc", lambda: features.new_zeros(num_features))
