@@ -11,7 +11,7 @@ not apply to the problem, bad numbers) print one line on stderr and exit with st
 an unexpected failure prints one line and exits with status 1 (``--debug`` shows the
 traceback).
 
-New subcommands (``diagnose`` is planned) are added by writing an ``add_arguments`` and a
+New subcommands are added by writing an ``add_arguments`` and a
 ``run`` function and listing them in :data:`SUBCOMMANDS`.
 """
 
@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
+import numpy as np
 import pandas as pd
+import pyro
 import torch
 
 PROG = "pyro-elbo-ext"
@@ -306,6 +308,79 @@ def _run_fit(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- diagnose
+def _add_diagnose(parser: argparse.ArgumentParser) -> None:
+    _add_problem_arguments(parser)
+    parser.add_argument("--steps", type=nonnegative_int, default=500,
+                        help="SVI steps that fit the guide first (default: 500; 0: diagnose the "
+                             "guide at its starting parameters)")
+    parser.add_argument("--lr", type=positive_float, default=0.05,
+                        help="Adam learning rate (default: 0.05)")
+    parser.add_argument("--num-samples", type=positive_int, default=2000,
+                        help="draws from the guide (default: 2000)")
+    parser.add_argument("--reference", choices=("auto", "nuts", "none"), default="auto",
+                        help="reference posterior: 'auto' = the closed form where the problem "
+                             "has one, 'nuts' = a Pyro NUTS run, 'none' (default: auto)")
+    parser.add_argument("--nuts-samples", type=positive_int, default=500,
+                        help="NUTS warm-up steps and draws for --reference nuts (default: 500)")
+
+
+def _run_diagnose(args) -> int:
+    import arviz as az
+
+    from .compare import get_estimator
+    from .diagnostics import compare_posterior, psis_from_inference_data, to_inference_data
+
+    problem, names = _build_problem(args)
+    name = (names or ["jensen_path"])[0]
+    loss, model, guide = get_estimator(name).build(problem, args.particles)
+    pyro.set_rng_seed(args.seed)
+    problem.set_params()
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": args.lr}), loss=loss)
+    for _ in range(args.steps):
+        svi.step(*problem.args, **problem.kwargs)
+    idata = to_inference_data(problem.model, problem.guide, *problem.args,
+                              num_samples=args.num_samples, **problem.kwargs)
+    psis = psis_from_inference_data(idata)
+    print(f"problem: {problem.name} ({problem.description})")
+    print(f"guide fitted with {name} for {args.steps} steps (Adam lr {args.lr}); "
+          f"{args.num_samples} draws from the guide")
+    khat = (f"{psis.khat:.3f}" if math.isfinite(psis.khat)
+            else "-inf (all importance weights equal: q matches the posterior)")
+    print(f"PSIS k-hat = {khat}; verdict {psis.verdict} (k < 0.5 good, < 0.7 ok, else "
+          f"unreliable; Yao et al. 2018); importance-sampling ESS = {psis.ess:.0f}")
+    reference = None
+    if args.reference == "nuts" or (args.reference == "auto"
+                                    and problem.posterior_params is None):
+        if args.reference == "nuts":
+            kernel = pyro.infer.NUTS(problem.model)
+            mcmc = pyro.infer.MCMC(kernel, num_samples=args.nuts_samples,
+                                   warmup_steps=args.nuts_samples, disable_progbar=args.quiet)
+            mcmc.run(*problem.args, **problem.kwargs)
+            reference = az.from_pyro(mcmc, log_likelihood=False)
+            source = f"NUTS ({args.nuts_samples} draws)"
+    elif args.reference == "auto":
+        reference, source = problem, "the closed-form posterior"
+    if reference is None:
+        table = az.summary(idata, kind="stats")
+        print("\nthe guide's posterior (no reference; --reference nuts runs one):")
+    else:
+        table = compare_posterior(idata, reference)
+        print(f"\nthe guide's posterior against {source} (mean_error_z: error / its MC SE):")
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": args.out / f"diagnose_{problem.name}.csv",
+             "idata": args.out / f"diagnose_{problem.name}.nc"}
+    table.to_csv(paths["table"])
+    idata.to_netcdf(str(paths["idata"]))
+    if not args.no_plots:
+        axes = az.plot_posterior(idata, var_names=list(idata.posterior.data_vars)[:6])
+        figure = np.atleast_1d(axes).ravel()[0].get_figure()
+        paths["posterior_png"] = _save(figure, args.out, f"diagnose_{problem.name}_posterior.png")
+    _print_paths(paths)
+    return 0
+
+
 # ---------------------------------------------------------------------------- plumbing
 def _save(fig, out: Path, name: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
@@ -330,7 +405,7 @@ class Subcommand:
     run: Callable[[argparse.Namespace], int]
 
 
-#: the subcommands, in ``--help`` order; a ``diagnose`` entry goes here
+#: the subcommands, in ``--help`` order
 SUBCOMMANDS: dict[str, Subcommand] = {
     "list": Subcommand("list the problems and the estimators (and which apply)", _add_list,
                        _run_list),
@@ -338,6 +413,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                           _add_compare, _run_compare),
     "fit": Subcommand("train a problem's guide with several estimators: learning curves",
                       _add_fit, _run_fit),
+    "diagnose": Subcommand("fit a guide, then ArviZ diagnostics: PSIS k-hat and the posterior "
+                           "against a reference", _add_diagnose, _run_diagnose),
 }
 
 
