@@ -18,6 +18,7 @@ from .estimators import (
     get_estimator,
     problem_structure,
 )
+from .plots import plot_bound, plot_gradient_variance, plot_learning_curves
 from .problems import UnknownProblemError, all_problems, build_problem
 from .records import Comparison, EstimatorRecord, ParameterRecord, ReferenceGradient
 from .statistics import compare_estimators, draw_estimates, reference_gradient
@@ -41,6 +42,9 @@ __all__ = [
     "draw_estimates",
     "fit_estimators",
     "get_estimator",
+    "plot_bound",
+    "plot_gradient_variance",
+    "plot_learning_curves",
     "problem_structure",
     "reference_gradient",
 ]

@@ -43,7 +43,7 @@ import numpy as np
 import pyro
 import torch
 from pyro.util import get_rng_state, set_rng_state
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar: no ipywidgets needed in notebooks
 
 from ..problems import Problem
 from .estimators import EstimatorSpec, applicable_estimators, get_estimator
