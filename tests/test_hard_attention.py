@@ -371,3 +371,89 @@ def test_cluttered_digits_full_size():
                                       elbo_options={"entropy_weight": bonus})
         print(estimator, baseline, result["accuracy"], result["seconds"])
         assert result["accuracy"] > 5 * result["chance"]
+
+
+# ------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("baseline", [None, "moving_average"])
+def test_continuous_model_drawn_site_is_pathwise_and_unbiased(baseline):
+    """l ~ N(0.5, s), y ~ N(l, 1), y = 2: F = -0.5 log 2pi - ((y - 0.5)^2 + s^2) / 2.
+
+    dF/d(log s) = -s^2 exactly; a score term on top of the pathwise gradient would bias it.
+    """
+
+    def model():
+        s = pyro.param("s", torch.tensor(0.7, dtype=torch.float64),
+                       constraint=torch.distributions.constraints.positive)
+        where = pyro.sample("l", dist.Normal(torch.tensor(0.5, dtype=torch.float64), s))
+        pyro.sample("y", dist.Normal(where, 1.0), obs=torch.tensor(2.0, dtype=torch.float64))
+
+    elbo = HardAttentionELBO(estimator="reinforce", baseline=baseline, num_particles=16,
+                             vectorize_particles=True, max_plate_nesting=0)
+    pyro.poutine.trace(model).get_trace()  # creates the parameter
+    leaf = pyro.param("s").unconstrained()
+    draws = torch.stack([
+        -torch.autograd.grad(elbo.differentiable_loss(model, empty_guide), leaf)[0]
+        for _ in range(300)
+    ])
+    assert_mean_close(draws, -(0.7**2), what="dF/dlog s")
+
+
+def test_enum_refuses_markov_recycled_dimensions():
+    def model():
+        logits = pyro.param("logits", torch.zeros(3))
+        prev = torch.tensor(0)
+        for t in pyro.markov(range(3)):
+            prev = pyro.sample(f"l_{t}", dist.Categorical(logits=logits + prev.float()))
+            pyro.sample(f"y_{t}", dist.Normal(prev.float(), 1.0), obs=torch.tensor(1.0))
+
+    with pytest.raises(ValueError, match=r"attention sites 'l_0' and 'l_2' share enumeration"):
+        HardAttentionELBO(estimator="enum", max_plate_nesting=0).loss(model, empty_guide)
+
+    # a plain loop (one dimension per glimpse) is fine
+    def plain():
+        logits = pyro.param("logits", torch.zeros(3))
+        prev = torch.tensor(0)
+        for t in range(3):
+            prev = pyro.sample(f"l_{t}", dist.Categorical(logits=logits + prev.float()))
+            pyro.sample(f"y_{t}", dist.Normal(prev.float(), 1.0), obs=torch.tensor(1.0))
+
+    assert math.isfinite(HardAttentionELBO(estimator="enum", max_plate_nesting=0)
+                         .loss(plain, empty_guide))
+
+
+def test_learning_signal_transform_leaves_guide_sampled_sites_alone():
+    """With reward='zero_one' the guide's discrete site still gets dL of the log-likelihood."""
+    data = torch.tensor([0.0, 1.0, 1.0])
+
+    def model():
+        c = pyro.sample("c", dist.Bernoulli(0.5))
+        with pyro.plate("data", 3):
+            where = pyro.sample("where", dist.Categorical(logits=pyro.param("a", torch.zeros(2))))
+            logits = torch.stack([c * where, (1 - c) * where], -1) * 2.0
+            pyro.sample("y", dist.Categorical(logits=logits), obs=data.long())
+
+    def guide():
+        q = pyro.param("q", torch.tensor(0.3),
+                       constraint=torch.distributions.constraints.unit_interval)
+        pyro.sample("c", dist.Bernoulli(q))
+
+    # the guide site's gradient is the same whatever reward the attention site is trained on
+    results = []
+    for reward in ("log_likelihood", "zero_one"):
+        pyro.clear_param_store()
+        elbo = HardAttentionELBO(estimator="reinforce", reward=reward, max_plate_nesting=1)
+        pyro.set_rng_seed(3)
+        loss = elbo.differentiable_loss(model, guide)
+        results.append(torch.autograd.grad(loss, pyro.param("q").unconstrained())[0])
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_zero_one_reward_skips_deterministic_sites():
+    def model():
+        where = pyro.sample("where", dist.Categorical(logits=pyro.param("a", torch.zeros(2))))
+        pyro.deterministic("loc", where.float() * 2)
+        pyro.sample("y", dist.Categorical(logits=torch.stack([where.float(), 1 - where.float()])),
+                    obs=torch.tensor(1))
+
+    elbo = HardAttentionELBO(estimator="reinforce", reward="zero_one", max_plate_nesting=0)
+    assert math.isfinite(elbo.loss(model, empty_guide))

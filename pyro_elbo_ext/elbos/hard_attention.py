@@ -82,7 +82,10 @@ class HardAttentionELBO(JensenELBO):
         + \log p(y \mid l, I, W) \frac{\partial \log p(l \mid I, W)}{\partial W}\Big].
 
     Several attention sites in sequence (glimpses ``l_t ~ p(l_t | l_<t, I, W)``, in a Python
-    loop or under ``pyro.markov``) are supported; ``l`` above is then the whole sequence.
+    loop, or under ``pyro.markov`` with ``estimator="reinforce"``) are supported; ``l`` above
+    is then the whole sequence.  ``estimator="enum"`` refuses ``pyro.markov``'s recycled
+    enumeration dimensions (the expectation needs one dimension per site).  A reparameterized
+    model-drawn site (a continuous ``l``) contributes its pathwise gradient and no score term.
     Latents the guide *does* sample get JensenELBO's treatment (``log p(z) + H[q(z)]``), so
     F generalizes to ``E_{p(l) q(z)}[log p(y, z | l) - log q(z)]``.
 
@@ -333,10 +336,18 @@ class HardAttentionELBO(JensenELBO):
         self, name: str, model_site: dict
     ) -> tuple[list[Term], list[ScoreSite]]:
         """Prior-proposal treatment: no term of its own (plus the entropy bonus, if any);
-        the unscaled ``log p(l)`` carries the score-function term."""
+        the unscaled ``log p(l)`` carries the score-function term.
+
+        A reparameterized model-drawn site (``pyro.sample`` draws it with ``rsample``) already
+        carries the pathwise gradient of F = E_eps[log p(y | l(eps, W))] into the terms
+        downstream of it; adding a score term on top would count the gradient twice, so such
+        a site gets none.
+        """
         terms = []
         if self.entropy_weight > 0:
             terms.append(self._bonus_term(name, model_site))
+        if is_reparameterized(model_site):
+            return terms, []
         return terms, [ScoreSite(name, log_density(model_site), plate_frames(model_site))]
 
     def _bonus_term(self, name: str, model_site: dict) -> Term:
@@ -355,6 +366,10 @@ class HardAttentionELBO(JensenELBO):
         if self.estimator == "enum":
             return self._enum_particle(model_trace, guide_trace)
         self._model_trace = model_trace
+        guide_nodes = guide_trace.nodes
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"]:
+                site["_elbo_ext_guided"] = name in guide_nodes
         self._reward_shift = (
             _zero_one_shift(model_trace) if self.reward == "zero_one" else None
         )
@@ -372,6 +387,7 @@ class HardAttentionELBO(JensenELBO):
             for name, site in model_trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and name not in guide_nodes
         }
+        _check_distinct_enum_dims(attention)
         weights: dict[frozenset[Frame], torch.Tensor | float] = {}
         # with no guide latents every expectation is exact: mark the terms analytic
         exact = not any(s["type"] == "sample" for s in guide_nodes.values())
@@ -435,6 +451,11 @@ class HardAttentionELBO(JensenELBO):
         model_trace = self._model_trace
 
         def signal_fn(score_site: ScoreSite, cost: torch.Tensor):
+            model_site = model_trace.nodes.get(score_site.site) if model_trace else None
+            if model_site is None or model_site.get("_elbo_ext_guided", False):
+                # a guide-sampled (or auxiliary) site: its score meets the plain cost, as in
+                # JensenELBO; rewards, baselines and normalization are for attention sites
+                return cost.new_zeros(()) if torch.is_tensor(cost) else 0.0, 0.0
             reward = cost
             if self._reward_shift:
                 reward = reward + sum_to_frames(self._reward_shift, score_site.frames)
@@ -552,6 +573,28 @@ def _support_size(site: dict) -> int:
     return int(site["fn"].enumerate_support(expand=False).shape[0])
 
 
+def _check_distinct_enum_dims(attention: dict[str, dict]) -> None:
+    """The expectation over the enumerated sites needs one dimension per site.
+
+    ``pyro.markov`` recycles enumeration dimensions along a chain; the product of the sites'
+    probabilities is then no longer the joint p(l), and the expectation would be wrong.
+    """
+    owner: dict[int, str] = {}
+    for name, site in attention.items():
+        dim = site["infer"].get("_enumerate_dim")
+        if dim is None:
+            continue
+        if dim in owner:
+            raise ValueError(
+                f"attention sites '{owner[dim]}' and '{name}' share enumeration dimension {dim} "
+                "(pyro.markov recycles dimensions), which estimator='enum' cannot take an "
+                "expectation over; write the glimpses in a plain Python loop (or a "
+                "pyro.markov(history=T) window covering all of them), or use "
+                "estimator='reinforce'"
+            )
+        owner[dim] = name
+
+
 def _zero_one_shift(model_trace) -> dict[frozenset[Frame], torch.Tensor]:
     """Per plate set: ``R - log p(y | l)`` summed over observed sites, scaled and masked.
 
@@ -561,6 +604,8 @@ def _zero_one_shift(model_trace) -> dict[frozenset[Frame], torch.Tensor]:
     shift: dict[frozenset[Frame], torch.Tensor] = {}
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        if site["infer"].get("_deterministic"):  # pyro.deterministic: not a label
             continue
         fn = site["fn"]
         if not getattr(fn, "has_enumerate_support", False):
