@@ -3,6 +3,7 @@
 Monte Carlo assertions use ``K_SE`` (tests/mc.py) standard errors of the estimate itself.
 """
 
+import itertools
 import math
 
 import pyro
@@ -364,3 +365,42 @@ class TestBadInput:
 
         with pytest.warns(UserWarning, match="log_likelihood of site 'x'"):
             JensenELBO().loss(model, guide)
+
+
+def test_masked_discrete_site_feeding_an_unmasked_likelihood_keeps_its_score():
+    """A mask drops a site's own log-density, not its sample: dL still needs its score.
+
+    Exact dL by enumerating both binary latents; masking the score (instead of leaving it
+    unmasked, as Pyro does) would give 0 for the masked entry instead of about -0.24.
+    """
+    data = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    mask = torch.tensor([True, False])
+
+    def model():
+        with pyro.plate("d", 2):
+            with pyro.poutine.mask(mask=mask):
+                z = pyro.sample("z", dist.Bernoulli(torch.tensor(0.5, dtype=torch.float64)))
+            pyro.sample("x", dist.Normal(2 * z - 1, 1.0), obs=data)
+
+    def guide():
+        q = pyro.param("q", torch.tensor([0.3, 0.6], dtype=torch.float64),
+                       constraint=dist.constraints.unit_interval)
+        with pyro.plate("d", 2), pyro.poutine.mask(mask=mask):
+            pyro.sample("z", dist.Bernoulli(q))
+
+    guide()
+    leaf = pyro.param("q").unconstrained()
+    q = pyro.param("q")
+    exact = 0.0
+    for z in itertools.product([0.0, 1.0], repeat=2):
+        z = torch.tensor(z, dtype=torch.float64)
+        log_q = dist.Bernoulli(q).log_prob(z)
+        log_lik = dist.Normal(2 * z - 1, 1.0).log_prob(data).sum()
+        prior_minus_q = ((dist.Bernoulli(0.5).log_prob(z) - log_q) * mask).sum()
+        exact = exact + log_q.sum().exp() * (log_lik + prior_minus_q)
+    (exact_grad,) = torch.autograd.grad(exact, leaf)
+    assert abs(float(exact_grad[1])) > 0.1  # the masked entry's gradient is not zero
+    elbo = JensenELBO(num_particles=2000, vectorize_particles=True, max_plate_nesting=1)
+    draws = torch.stack([torch.autograd.grad(-elbo.differentiable_loss(model, guide), leaf)[0]
+                         for _ in range(20)])
+    assert_mean_close(draws, exact_grad, what="dL/dq with a masked guide site")

@@ -13,14 +13,14 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites
 
 from .decomposition import Decomposition
-from .engine import BaselineFn, ParticleEstimate, ScoreSite, Term, combine, plate_frames
+from .engine import BaselineFn, ParticleEstimate, ScoreSite, Term, combine
 from .treatments import (
     ENTROPY_ESTIMATORS,
     analytic_entropy_term,
     is_reparameterized,
-    log_density,
     observed_term,
     sampled_entropy_term,
+    score_site,
 )
 from .validation import (
     check_guide_sites,
@@ -123,15 +123,13 @@ class SiteTreatmentELBO(ELBO):
                 continue
             terms.extend(self._latent_terms(name, site, guide_site))
             if not is_reparameterized(guide_site):
-                score_sites.append(
-                    ScoreSite(name, log_density(guide_site), plate_frames(guide_site))
-                )
+                score_sites.append(score_site(name, guide_site))
         model_nodes = model_trace.nodes
         for name, site in guide_nodes.items():
             if site["type"] == "sample" and name not in model_nodes:
                 terms.extend(self._auxiliary_terms(name, site))
                 if not is_reparameterized(site):
-                    score_sites.append(ScoreSite(name, log_density(site), plate_frames(site)))
+                    score_sites.append(score_site(name, site))
         estimate = combine(terms, score_sites, self._baseline(update_state))
         if (
             is_validation_enabled()

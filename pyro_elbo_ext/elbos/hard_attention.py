@@ -34,12 +34,13 @@ from .engine import (
     plate_frames,
     sum_to_frames,
 )
-from .jensen import JensenELBO, _record_upstream_values
+from .jensen import JensenELBO, _has_undecided_path_site, _record_upstream_values
 from .treatments import (
     analytic_entropy,
     is_reparameterized,
     log_density,
     scaled,
+    score_site,
 )
 from .validation import (
     check_guide_sites,
@@ -291,7 +292,7 @@ class HardAttentionELBO(JensenELBO):
             guide_trace
         )
         self._check_enum_size(model_trace, guide_names)
-        if self.entropy == "path":
+        if self.entropy == "path" and _has_undecided_path_site(guide_trace, self._path_blocked):
             _record_upstream_values(guide_trace)
         return model_trace, guide_trace
 
@@ -348,7 +349,7 @@ class HardAttentionELBO(JensenELBO):
             terms.append(self._bonus_term(name, model_site))
         if is_reparameterized(model_site):
             return terms, []
-        return terms, [ScoreSite(name, log_density(model_site), plate_frames(model_site))]
+        return terms, [score_site(name, model_site)]
 
     def _bonus_term(self, name: str, model_site: dict) -> Term:
         entropy = analytic_entropy(model_site["fn"])
@@ -425,13 +426,13 @@ class HardAttentionELBO(JensenELBO):
                 terms.extend(expect(t) for t in self._latent_terms(name, site, guide_site))
                 if not is_reparameterized(guide_site):
                     score_sites.append(
-                        ScoreSite(name, log_density(guide_site), plate_frames(guide_site))
+                        score_site(name, guide_site)
                     )
         for name, site in guide_nodes.items():
             if site["type"] == "sample" and name not in model_trace.nodes:
                 terms.extend(self._auxiliary_terms(name, site))
                 if not is_reparameterized(site):
-                    score_sites.append(ScoreSite(name, log_density(site), plate_frames(site)))
+                    score_sites.append(score_site(name, site))
         estimate = combine(terms, score_sites, None)
         if is_validation_enabled() and not bool(torch.isfinite(estimate.elbo)):
             warn_nonfinite(terms, type(self).__name__)

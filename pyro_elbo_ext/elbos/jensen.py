@@ -104,13 +104,20 @@ class JensenELBO(SiteTreatmentELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        if self.entropy == "path" and len(self._path_blocked) < _count_samples(guide_trace):
+        if self.entropy == "path" and _has_undecided_path_site(guide_trace, self._path_blocked):
             _record_upstream_values(guide_trace)
         return model_trace, guide_trace
 
 
-def _count_samples(trace) -> int:
-    return sum(1 for site in trace.nodes.values() if site["type"] == "sample")
+def _has_undecided_path_site(guide_trace, decided: dict[str, bool]) -> bool:
+    """Whether a site that the path estimator applies to has not had its check yet."""
+    return any(
+        site["type"] == "sample"
+        and name not in decided
+        and is_reparameterized(site)
+        and not has_no_parameters(site["fn"])
+        for name, site in guide_trace.nodes.items()
+    )
 
 
 def _record_upstream_values(guide_trace) -> None:

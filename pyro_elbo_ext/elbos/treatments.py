@@ -12,7 +12,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import detach, scale_and_mask
 
-from .engine import Term, plate_frames
+from .engine import ScoreSite, Term, plate_frames
 
 ENTROPY_ESTIMATORS = ("analytic", "sampled", "path")
 
@@ -152,3 +152,13 @@ def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
         return None
     value = scaled(guide_site, entropy.expand(guide_site["fn"].batch_shape))
     return Term(name, "entropy", value, value, plate_frames(guide_site), analytic=True)
+
+
+def score_site(name: str, site: dict) -> ScoreSite:
+    """The score-function site of a non-reparameterized sample: ``log q(z)``.
+
+    Neither scaled (the cost it meets already carries the plate scale) nor masked: a mask
+    removes the site's own log-density factor, but the sample still exists and may feed
+    unmasked terms downstream, whose gradient needs its score.
+    """
+    return ScoreSite(name, log_density(site), plate_frames(site))
