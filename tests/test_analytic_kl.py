@@ -553,3 +553,117 @@ def test_decompose_shows_the_same_L_as_the_jensen_form_on_the_same_samples():
     assert abs(jensen.elbo - kl_form.elbo) <= K_SE * se
     kl_by_hand = _normal_kl(*(torch.tensor(v, dtype=torch.float64) for v in (m, s, mu0, tau0)))
     assert kl_form.by_site()["z"]["kl"] == pytest.approx(float(kl_by_hand), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- AutoGuides
+AUTO_DATA = torch.tensor([0.5, 1.2, -0.3], dtype=torch.float64)
+AUTO_PRIOR_SD = (2.0, 1.5)
+
+
+def _auto_model(data, two_latents=False):
+    """z1 ~ N(0, 2) [, z2 ~ N(0, 1.5)], x_j ~ N(z1 [+ z2], 1), j = 1..3."""
+    mean = pyro.sample("z1", dist.Normal(data.new_tensor(0.0), AUTO_PRIOR_SD[0]))
+    if two_latents:
+        mean = mean + pyro.sample("z2", dist.Normal(data.new_tensor(0.0), AUTO_PRIOR_SD[1]))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("obs", dist.Normal(mean, 1.0), obs=data)
+
+
+def _auto_guide_and_q(guide_class, two_latents):
+    """The autoguide, initialized, and its q = N(loc_i, scale_i) per latent, read from it."""
+    guide = guide_class(_auto_model, init_scale=0.4)
+    guide(AUTO_DATA, two_latents)
+    names = ("z1", "z2") if two_latents else ("z1",)
+    with torch.no_grad():
+        if guide_class is AutoNormal:
+            q = {
+                n: (getattr(guide.locs, n).clone(), getattr(guide.scales, n).clone())
+                for n in names
+            }
+        else:
+            q = {n: (guide.loc[i].clone(), guide.scale[i].clone()) for i, n in enumerate(names)}
+    return guide, q
+
+
+def _auto_expected_loglik_and_kls(q):
+    """E_q[log p(x | z)] (x_j - sum z has mean x_j - sum loc, var sum scale^2) and the KLs."""
+    mean = sum(loc for loc, _ in q.values())
+    var = sum(scale**2 for _, scale in q.values())
+    e_loglik = sum(_normal_expected_log_density(x - mean, var, 1.0) for x in AUTO_DATA)
+    kls = {
+        name: float(_normal_kl(loc, scale, loc.new_tensor(0.0), loc.new_tensor(sd)))
+        for (name, (loc, scale)), sd in zip(q.items(), AUTO_PRIOR_SD)
+    }
+    return float(e_loglik), kls
+
+
+def _draws_of_L(elbo, guide, two_latents, num_draws=60):
+    return torch.tensor(
+        [-elbo.loss(_auto_model, guide, AUTO_DATA, two_latents) for _ in range(num_draws)]
+    )
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.5])
+@pytest.mark.parametrize("guide_class", [AutoNormal, AutoDiagonalNormal])
+def test_autoguide_kl_weight_weights_the_whole_kl(guide_class, kl_weight):
+    """L_w = E log p(x|z) - w KL[q || p] for an AutoGuide: its auxiliary entropy is part of
+    the KL and takes the weight too (at w = 0, the expected log-likelihood alone)."""
+    guide, q = _auto_guide_and_q(guide_class, two_latents=False)
+    e_loglik, kls = _auto_expected_loglik_and_kls(q)
+    elbo = _vectorized(kl_weight=kl_weight)
+    values = _draws_of_L(elbo, guide, False)
+    assert_mean_close(values, e_loglik - kl_weight * kls["z1"],
+                      what=f"{guide_class.__name__}, w={kl_weight}")
+
+
+@pytest.mark.parametrize("guide_class", [AutoNormal, AutoDiagonalNormal])
+def test_autoguide_decomposition_labels_the_auxiliary_entropy(guide_class):
+    """The Delta site's 'kl' is not a KL by itself: 'kl' - auxiliary 'entropy' is, and a note
+    says so.  The auxiliary entropy is the analytic H[N(loc, scale)]."""
+    guide, q = _auto_guide_and_q(guide_class, two_latents=False)
+    _, kls = _auto_expected_loglik_and_kls(q)
+    elbo = _vectorized(particles=200)
+    decompositions = [elbo.decompose(_auto_model, guide, AUTO_DATA) for _ in range(40)]
+    (aux,) = [t for t in decompositions[0].terms if t.site not in ("z1", "obs")]
+    assert aux.kind == "entropy" and aux.analytic
+    scale = q["z1"][1]
+    assert aux.value == pytest.approx(float(0.5 * (LOG_2PI + 1) + torch.log(scale)), rel=1e-12)
+    kl_draws = torch.tensor([d.by_site()["z1"]["kl"] - aux.value for d in decompositions])
+    assert_mean_close(kl_draws, kls["z1"], what=f"{guide_class.__name__} KL")
+    assert any("auxiliary" in note and repr(aux.site) in note
+               for note in decompositions[0].notes)
+
+
+def test_autonormal_kl_sites_weight_only_the_named_latents_auxiliary_entropy():
+    """AutoNormal has one auxiliary site per latent: kl_sites=['z1'] with w = 0 gives
+    E log p(x|z) - KL[q(z2) || p(z2)] (z1's whole KL weighted 0, z2's kept)."""
+    guide, q = _auto_guide_and_q(AutoNormal, two_latents=True)
+    e_loglik, kls = _auto_expected_loglik_and_kls(q)
+    elbo = _vectorized(kl_weight=0.0, kl_sites=["z1"])
+    values = _draws_of_L(elbo, guide, True)
+    assert_mean_close(values, e_loglik - kls["z2"], what="AutoNormal, kl_sites=['z1']")
+    weights = elbo._plan.auxiliary_weighted
+    assert weights == {"z1_unconstrained": True, "z2_unconstrained": False}
+
+
+def test_joint_auxiliary_site_with_partial_kl_sites_raises_naming_it():
+    """AutoDiagonalNormal's one auxiliary latent feeds z1 and z2: weighting z1 only cannot be
+    split, so it raises (naming the site, advising kl_sites=None); naming both is fine."""
+    guide, q = _auto_guide_and_q(AutoDiagonalNormal, two_latents=True)
+    with pytest.raises(ValueError, match=r"'_AutoDiagonalNormal_latent'.*kl_sites=None"):
+        AnalyticKLELBO(kl_weight=0.5, kl_sites=["z1"]).loss(
+            _auto_model, guide, AUTO_DATA, True
+        )
+    e_loglik, kls = _auto_expected_loglik_and_kls(q)
+    elbo = _vectorized(kl_weight=0.5, kl_sites=["z1", "z2"])
+    values = _draws_of_L(elbo, guide, True)
+    assert_mean_close(values, e_loglik - 0.5 * (kls["z1"] + kls["z2"]),
+                      what="AutoDiagonalNormal, kl_sites=both")
+
+
+def test_unknown_kl_site_raises_with_validation_off():
+    problem = _problem("normal_normal")
+    problem.set_params()
+    with pyro.validation_enabled(False):
+        with pytest.raises(ValueError, match=r"'zz'.*\['z'\]"):
+            AnalyticKLELBO(kl_sites=["zz"]).loss(problem.model, problem.guide, *problem.args)

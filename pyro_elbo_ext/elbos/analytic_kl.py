@@ -91,7 +91,14 @@ def analytic_kl(q, p) -> torch.Tensor:
 
 
 def _same_value(a, b) -> bool:
-    """Whether two scales or masks (numbers, bools, tensors or None) are equal."""
+    """Whether two scales or masks (numbers, bools, tensors or None) are equal.
+
+    Evaluated at every step, not once per trace structure: a mask or scale is whatever tensor
+    the model and guide compute on that call (a data-dependent ``poutine.mask``, a subsample's
+    mask), so equal masks at one step say nothing about the next.  The identity check comes
+    first, so the tensor comparison (and its device sync) only happens when the model and
+    guide pass different tensor objects.
+    """
     if a is b:
         return True
     if torch.is_tensor(a) and torch.is_tensor(b):
@@ -118,6 +125,56 @@ class _TagLatentSamples(Messenger):
         if msg["is_observed"] or is_subsample_site(msg):
             return
         msg["value"] = ProvenanceTensor(detach_provenance(msg["value"]), frozenset({msg["name"]}))
+
+
+class _TagNamedSamples(Messenger):
+    """Makes the samples of the named sites ProvenanceTensors tagged with their own names."""
+
+    def __init__(self, names: frozenset[str]):
+        super().__init__()
+        self.names = names
+
+    def _pyro_post_sample(self, msg):
+        if msg["name"] in self.names:
+            msg["value"] = ProvenanceTensor(
+                detach_provenance(msg["value"]), frozenset({msg["name"]})
+            )
+
+
+def auxiliary_children(
+    guide, guide_trace, auxiliary: Iterable[str], args, kwargs
+) -> dict[str, frozenset[str]]:
+    """For each auxiliary guide site, the other guide sample sites computed from its sample.
+
+    An AutoGuide (``AutoNormal``, ``AutoDiagonalNormal``, ``AutoMultivariateNormal``, ...)
+    samples auxiliary latents (``infer={"is_auxiliary": True}``) and gives each model latent a
+    ``Delta`` site whose value is a transform of them; this finds which.  The guide is replayed
+    once against ``guide_trace`` with the auxiliary samples tracked by provenance (as in
+    :func:`model_parents`: no gradients, validation off, random state restored), and a site
+    depends on an auxiliary sample when its distribution's tensors (a Delta's value and
+    log-density) or its log-density carry that sample's name.
+    """
+    auxiliary = frozenset(auxiliary)
+    with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
+        with _TagNamedSamples(auxiliary):
+            trace = poutine.trace(poutine.replay(guide, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+    children: dict[str, set[str]] = {name: set() for name in auxiliary}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or name in auxiliary or is_subsample_site(site):
+            continue
+        provenance = frozenset()
+        for tensor in distribution_tensors(site["fn"]):
+            provenance |= get_provenance(tensor)
+        try:
+            value = detach_provenance(site["value"])
+            provenance |= get_provenance(site["fn"].log_prob(value))
+        except Exception:  # noqa: BLE001 - the tensors above are then all we know
+            pass
+        for aux in provenance & auxiliary:
+            children[aux].add(name)
+    return {name: frozenset(sites) for name, sites in children.items()}
 
 
 def model_parents(model, guide_trace, args, kwargs) -> dict[str, frozenset[str]]:
@@ -169,6 +226,10 @@ class _Plan:
 
     analytic_allowed: dict[str, bool]  # False: the model's p(z_i | ...) depends on a later sample
     violations: dict[str, tuple[str, ...]]  # site -> the later guide samples it depends on
+    #: guide sample sites the model does not have (an AutoGuide's auxiliary latents)
+    auxiliary: tuple[str, ...] = ()
+    #: auxiliary site -> whether its entropy takes the KL weight (it feeds weighted sites only)
+    auxiliary_weighted: dict[str, bool] | None = None
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -197,6 +258,30 @@ class AnalyticKLELBO(SiteTreatmentELBO):
       exact given the guide's upstream samples, and it keeps the ``log_density`` (the
       log-Jacobian of the autoguide's transform) that the registered ``KL(Delta, p)``
       leaves out.
+
+    **AutoGuides get no analytic KL; their KL is estimated by Monte Carlo.**  ``AutoNormal``,
+    ``AutoDiagonalNormal``, ``AutoMultivariateNormal`` sample an *auxiliary* latent ``u``
+    (``infer={"is_auxiliary": True}``, a site the model does not have) and give each model
+    latent a ``Delta`` site at ``z = T(u)`` with log-density :math:`\log|du/dz|`.  Since
+    :math:`\log q(z) = \log q(u) + \log|du/dz|`, the KL of the latents that ``u`` feeds is
+
+    .. math::
+
+        \mathrm{KL}[q(z) \,\|\, p(z)]
+          = \mathbb{E}_q\Big[\sum_{i \in \mathrm{fed}(u)}
+              (\log|du/dz_i| - \log p(z_i \mid \ldots))\Big] - H[q(u)]
+
+    and :meth:`decompose` shows it in two parts: each latent's ``"kl"`` term (the Monte Carlo
+    ``log q_Delta - log p``, **not** a KL by itself) and the auxiliary site's ``"entropy"``
+    term (H[q(u)], analytic where ``entropy()`` exists); a note says so.  The KL weight
+    multiplies both parts, so the weighted objective is the one stated below.  With
+    ``kl_sites`` naming some latents, the auxiliary sites are mapped to the latents they feed
+    (once per trace structure, by provenance through a replay of the guide,
+    :func:`auxiliary_children`): an auxiliary site feeding only weighted latents has its
+    entropy weighted, one feeding none of them keeps weight 1, and one feeding both kinds
+    (``AutoDiagonalNormal``'s joint latent when ``kl_sites`` names a strict subset) raises a
+    ``ValueError`` naming it, since its entropy cannot be split between the latents; use
+    ``kl_sites=None``, or ``AutoNormal`` (one auxiliary site per latent).
 
     **Validity.**  The closed form integrates :math:`z_i` out with everything it is
     conditioned on held fixed, so it is correct only when the model's parents
@@ -243,7 +328,9 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     kl_weight : float or callable
         A number >= 0, or ``kl_weight(step) -> float`` returning one (checked at each step).
     kl_sites : iterable of str, optional
-        Limit the weight to these latent sites (others keep weight 1).
+        Limit the weight to these latent sites (others keep weight 1).  A name that is not a
+        latent sampled by both model and guide raises a ``ValueError`` (validation or not);
+        so does an auxiliary guide site that feeds both named and unnamed latents.
     on_dependency_violation : {"fallback", "raise"}
         What to do with a site whose analytic KL would be biased.
     **kwargs
@@ -349,6 +436,22 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         yield from super()._estimates(model, guide, args, kwargs, update_state)
 
     def _decomposition_notes(self) -> tuple[str, ...]:
+        return self._weight_notes() + self._auxiliary_notes()
+
+    def _auxiliary_notes(self) -> tuple[str, ...]:
+        plan = self._plan
+        if plan is None or not plan.auxiliary:
+            return ()
+        names = ", ".join(repr(s) for s in plan.auxiliary)
+        return (
+            f"the guide has auxiliary sites ({names}; an AutoGuide's): the KL of the latents "
+            "they feed is split between the 'entropy' term of each auxiliary site (analytic "
+            "H[q_aux]) and the latents' 'kl' terms, which are Monte Carlo log q_Delta - log p "
+            "(the Delta's log-density is the transform's log-Jacobian) and are not KLs "
+            "themselves; the KL of those latents is sum('kl') - sum(auxiliary 'entropy')",
+        )
+
+    def _weight_notes(self) -> tuple[str, ...]:
         if not callable(self.kl_weight) and self.kl_weight == 1.0:
             return ()
         w = self._weight
@@ -371,7 +474,8 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         )
         return (
             f"kl_weight = {w:g}{schedule} multiplies the KL of {which}: the value is "
-            f"E[log p(X|Z)] - {w:g} KL, {bound}; the 'kl' terms shown are weighted",
+            f"E[log p(X|Z)] - {w:g} KL, {bound}; the 'kl' terms shown (and the 'entropy' "
+            "terms of auxiliary guide sites feeding those latents) are weighted",
         )
 
     # ------------------------------------------------------------------ the plan
@@ -388,14 +492,18 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         key = (guide_order, latents)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._make_plan(model, args, kwargs, model_trace, guide_trace, guide_order)
+            plan = self._make_plan(
+                model, guide, args, kwargs, model_trace, guide_trace, guide_order
+            )
             if len(self._plans) >= _MAX_CACHED_PLANS:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
         self._plan = plan
         return model_trace, guide_trace
 
-    def _make_plan(self, model, args, kwargs, model_trace, guide_trace, guide_order) -> _Plan:
+    def _make_plan(
+        self, model, guide, args, kwargs, model_trace, guide_trace, guide_order
+    ) -> _Plan:
         try:
             parents = model_parents(model, guide_trace, args, kwargs)
         except Exception as error:  # noqa: BLE001 - any failure: the conservative rule
@@ -439,16 +547,88 @@ class AnalyticKLELBO(SiteTreatmentELBO):
                     f"which the guide samples later; to keep the analytic KL, {advice}",
                     stacklevel=5,
                 )
-        if is_validation_enabled() and self.kl_sites is not None:
+        if self.kl_sites is not None:  # once per structure, so always (not only validating)
             unknown = sorted(self.kl_sites - set(allowed))
             if unknown:
                 raise ValueError(
-                    f"kl_sites names {unknown}, which are not latent sites sampled by both the "
-                    f"model and the guide (those are {sorted(allowed)}); fix the names"
+                    f"{type(self).__name__}: kl_sites names {unknown}, which are not latent "
+                    "sites sampled by both the model and the guide (those are "
+                    f"{sorted(allowed)}); fix the names"
                 )
-        return _Plan(analytic_allowed=allowed, violations=violations)
+        auxiliary = tuple(
+            name
+            for name, site in guide_trace.nodes.items()
+            if site["type"] == "sample" and name not in model_trace.nodes
+        )
+        return _Plan(
+            analytic_allowed=allowed,
+            violations=violations,
+            auxiliary=auxiliary,
+            auxiliary_weighted=self._weigh_auxiliary(
+                guide, guide_trace, auxiliary, set(allowed), args, kwargs
+            ),
+        )
+
+    def _weigh_auxiliary(
+        self, guide, guide_trace, auxiliary, latents, args, kwargs
+    ) -> dict[str, bool]:
+        """Which auxiliary sites' entropies take the KL weight (see the class docstring)."""
+        if not auxiliary:
+            return {}
+        if self.kl_sites is None:  # every latent is weighted: so is every auxiliary entropy
+            return {name: True for name in auxiliary}
+        try:
+            children = auxiliary_children(guide, guide_trace, auxiliary, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - conservative: it may feed every latent
+            children = {name: frozenset(latents) for name in auxiliary}
+            warnings.warn(
+                f"{type(self).__name__}: could not trace which sites the guide's auxiliary "
+                f"sites feed ({type(error).__name__}: {error}); assuming each feeds every "
+                "latent",
+                stacklevel=6,
+            )
+        weighted: dict[str, bool] = {}
+        for name in auxiliary:
+            fed = children.get(name, frozenset()) & latents
+            inside, outside = sorted(fed & self.kl_sites), sorted(fed - self.kl_sites)
+            if inside and outside:
+                raise ValueError(
+                    f"{type(self).__name__}: kl_sites weights {inside} but not {outside}, and "
+                    f"the guide's auxiliary site {name!r} feeds all of them (an AutoGuide's "
+                    "joint latent couples its sites' KL, which cannot be split between them); "
+                    "use kl_sites=None (weight every latent), list every site the auxiliary "
+                    "site feeds, or use a guide with one auxiliary site per latent "
+                    "(e.g. AutoNormal)"
+                )
+            weighted[name] = bool(inside)
+        return weighted
 
     # ------------------------------------------------------------------ the treatment
+    def _auxiliary_terms(self, name: str, guide_site: dict) -> list[Term]:
+        """The auxiliary site's entropy (kind ``"entropy"``), times the KL weight where it is
+        part of a weighted KL (with the Delta sites it feeds it makes up their KL)."""
+        terms = super()._auxiliary_terms(name, guide_site)
+        plan = self._plan
+        weighted = self.kl_sites is None or (
+            plan is not None and bool((plan.auxiliary_weighted or {}).get(name, False))
+        )
+        weight = self._weight if weighted else 1.0
+        if weight == 1.0:
+            return terms
+        out = []
+        for term in terms:
+            contribution = weight * term.contribution
+            if term.pathwise is None:
+                pathwise = None
+            elif term.pathwise is term.contribution:
+                pathwise = contribution
+            else:
+                pathwise = weight * term.pathwise
+            out.append(
+                Term(term.site, term.kind, contribution, pathwise, term.frames, term.analytic)
+            )
+        return out
+
     def _latent_terms(self, name: str, model_site: dict, guide_site: dict) -> list[Term]:
         weight = self._site_weight(name)
         kl = self._analytic_kl(name, model_site, guide_site)
