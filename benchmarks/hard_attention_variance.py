@@ -59,13 +59,9 @@ def variance_ratios(model, guide, args, leaves, num_draws: int, seed: int = 0) -
         pyro.set_rng_seed(seed)
         elbo = HardAttentionELBO(estimator="reinforce", baseline=baseline, num_particles=4,
                                  vectorize_particles=True, max_plate_nesting=1)
-        if baseline == "learned":
-            elbo.differentiable_loss(model, guide, *args)
-            optim = torch.optim.Adam(elbo.baseline_state.parameters(), lr=0.02)
+        if baseline == "learned":  # each training call takes one step of its own optimizer
             for _ in range(300):
-                optim.zero_grad()
-                elbo.differentiable_loss(model, guide, *args).backward()
-                optim.step()
+                elbo.differentiable_loss(model, guide, *args)
         elif baseline == "moving_average":
             for _ in range(50):
                 elbo.differentiable_loss(model, guide, *args)

@@ -31,17 +31,14 @@ SignalNormalizer
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
-import pyro
 import torch
 from torch import nn
 
 #: the names accepted by ``HardAttentionELBO(baseline=...)`` (besides ``None``)
 BASELINES = ("moving_average", "learned", "leave_one_out")
 
-_instance_counter = itertools.count()
 
 
 def check_decay(decay: float) -> float:
@@ -126,18 +123,20 @@ class LearnedBaseline(nn.Module):
 
     ``x_j`` is the tensor the model attaches to the attention site as
     ``infer={"baseline_input": x}`` (shape ``batch_shape + (features,)``; e.g. the coarse view
-    of the image, and for a later glimpse anything computed from earlier ones).  The penalty is
-    added to the surrogate loss only (it changes no reported value), so the network learns by
-    the same optimizer step that trains the model (Mnih et al. 2014, arXiv:1406.6247; NVIL,
-    Mnih & Gregor 2014, arXiv:1402.0030).  ``x_j`` must not depend on ``l_j`` itself.
+    of the image, and for a later glimpse anything computed from earlier ones).  ``x_j`` must
+    not depend on ``l_j`` itself (Mnih et al. 2014, arXiv:1406.6247; NVIL, Mnih & Gregor 2014,
+    arXiv:1402.0030).
 
-    How the parameters reach the optimizer: every call registers this module with
-    :func:`pyro.module` under a name unique to the instance, so the optimizer of a plain
-    :class:`pyro.infer.SVI` picks the parameters up like any model parameter.  The parameters
-    themselves live on this module (the param store only refers to the same tensors), so
-    ``state_dict()`` / ``load_state_dict()`` of the owning loss save and restore them.  With the
-    ``ELBOModule`` interface (``loss_fn = elbo(model, guide)`` and a torch optimizer), add
-    ``elbo.baseline_state.parameters()`` to the optimizer after the first call.
+    How it learns: on every training call the module first predicts the baseline for this
+    step, then takes one step of its own Adam optimizer (learning rate ``lr``) on the squared
+    error against this step's rewards.  The prediction used in the learning signal comes from
+    the parameters before that update, so it does not depend on the sample it multiplies, and
+    the estimator stays unbiased.  The network's parameters belong to this module only: not to
+    Pyro's parameter store, not to the user's optimizer.  So it trains the same way under
+    :class:`pyro.infer.SVI`, with the ``ELBOModule`` interface and a torch optimizer, and under
+    data-parallel training, and ``state_dict()`` / ``load_state_dict()`` of the owning loss save
+    and restore the network with its optimizer state.  Evaluation calls (``loss``,
+    ``decompose``) neither update the moving average nor train the network.
 
     Parameters
     ----------
@@ -149,6 +148,8 @@ class LearnedBaseline(nn.Module):
         ``net_factory(site_name, in_features) -> nn.Module`` mapping ``(..., in_features)`` to
         ``(..., 1)``; default :func:`default_baseline_net`.  With a custom factory,
         ``load_state_dict`` into a fresh loss needs the same factory.
+    lr : float
+        Learning rate of the network's own Adam optimizer.
     """
 
     def __init__(
@@ -156,16 +157,20 @@ class LearnedBaseline(nn.Module):
         hidden_dim: int = 32,
         net_factory: Callable[[str, int], nn.Module] | None = None,
         decay: float = 0.9,
+        lr: float = 1e-2,
     ):
         super().__init__()
         if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
             raise ValueError(f"baseline_hidden_dim must be an integer >= 1, got {hidden_dim!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"baseline_lr must be a number > 0, got {lr!r}")
         self.hidden_dim = hidden_dim
         self.net_factory = net_factory
+        self.lr = float(lr)
         self.nets = nn.ModuleDict()
         self.site_keys: dict[str, str] = {}  # site name -> ModuleDict key
         self.in_features: dict[str, int] = {}
-        self.pyro_name = f"elbo_ext_learned_baseline_{next(_instance_counter)}"
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}  # ModuleDict key -> its Adam
         self.center = MovingAverageBaseline(decay)
 
     def _make_net(self, site: str, in_features: int) -> nn.Module:
@@ -173,15 +178,18 @@ class LearnedBaseline(nn.Module):
             return self.net_factory(site, in_features)
         return default_baseline_net(in_features, self.hidden_dim)
 
+    def _add_net(self, site: str, key: str, in_features: int, like: torch.Tensor) -> None:
+        net = self._make_net(site, in_features).to(dtype=like.dtype, device=like.device)
+        self.nets[key] = net
+        self.site_keys[site] = key
+        self.in_features[site] = in_features
+        self.optimizers[key] = torch.optim.Adam(net.parameters(), lr=self.lr)
+
     def _net(self, site: str, in_features: int, like: torch.Tensor) -> nn.Module:
         key = self.site_keys.get(site)
         if key is None:
             key = f"site{len(self.site_keys)}"
-            self.nets[key] = self._make_net(site, in_features).to(
-                dtype=like.dtype, device=like.device
-            )
-            self.site_keys[site] = key
-            self.in_features[site] = in_features
+            self._add_net(site, key, in_features, like)
         elif self.in_features[site] != in_features:
             raise ValueError(
                 f"the baseline_input of site '{site}' has {in_features} features, but its "
@@ -198,11 +206,24 @@ class LearnedBaseline(nn.Module):
         scale: torch.Tensor | float = 1.0,
         update_state: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(baseline, penalty)`` for one site's cost (see :meth:`predict`)."""
+        """``(baseline, penalty)`` for one site's cost; trains the network when updating.
+
+        The penalty returned is 0: the network's regression step is taken here, by its own
+        optimizer, after the baseline for this step has been computed.
+        """
         center, prediction = self._parts(site, cost, baseline_input, scale, update_state)
-        target = cost.detach() / scale - center
-        penalty = 0.5 * (target - prediction).pow(2).sum()
-        return (scale * (center + prediction)).detach(), penalty
+        baseline = (scale * (center + prediction)).detach()
+        if update_state and torch.is_grad_enabled():
+            target = cost.detach() / scale - center
+            net = self.nets[self.site_keys[site]]
+            optimizer = self.optimizers[self.site_keys[site]]
+            optimizer.zero_grad(set_to_none=True)
+            loss = 0.5 * (target - prediction).pow(2).sum()
+            grads = torch.autograd.grad(loss, list(net.parameters()))
+            for param, grad in zip(net.parameters(), grads):
+                param.grad = grad
+            optimizer.step()
+        return baseline, 0.0
 
     def predict(self, site: str, baseline_input: torch.Tensor,
                 scale: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -223,24 +244,29 @@ class LearnedBaseline(nn.Module):
         if x.dim() == 0:
             x = x.reshape(1)
         net = self._net(site, x.shape[-1], cost)
-        pyro.module(self.pyro_name, self)  # so that SVI's optimizer sees the parameters
         center = self.center(site, cost.detach() / scale, update_state)
         return center, net(x).squeeze(-1)
 
     def get_extra_state(self) -> dict:
+        dtypes = {p.dtype for p in self.nets.parameters()}
         return {"site_keys": dict(self.site_keys), "in_features": dict(self.in_features),
-                "hidden_dim": self.hidden_dim}
+                "hidden_dim": self.hidden_dim, "lr": self.lr,
+                "dtype": dtypes.pop() if len(dtypes) == 1 else None,
+                "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()}}
 
     def set_extra_state(self, state: dict) -> None:
         self.hidden_dim = state["hidden_dim"]
-        like = torch.zeros(())
+        self.lr = state.get("lr", self.lr)
+        like = torch.zeros((), dtype=state.get("dtype") or torch.get_default_dtype())
         for site, key in state["site_keys"].items():
             if site not in self.site_keys:
                 if key in self.nets:
                     raise ValueError(f"cannot load baseline state: key {key!r} already in use")
-                self.site_keys[site] = key
-                self.in_features[site] = state["in_features"][site]
-                self.nets[key] = self._make_net(site, self.in_features[site]).to(like)
+                self._add_net(site, key, state["in_features"][site], like)
+        # the parameters are copied in after this (children load later), into the same
+        # tensors the optimizers hold
+        for key, optimizer_state in state.get("optimizers", {}).items():
+            self.optimizers[key].load_state_dict(optimizer_state)
 
 
 class LeaveOneOutBaseline(nn.Module):

@@ -158,6 +158,9 @@ class HardAttentionELBO(JensenELBO):
         Hidden width of the default learned baseline network.
     baseline_net_factory : callable, optional
         ``(site_name, in_features) -> nn.Module`` for ``baseline="learned"``.
+    baseline_lr : float
+        Learning rate of the learned baseline's own optimizer (it trains itself inside each
+        training call; see :class:`~pyro_elbo_ext.elbos.baselines.LearnedBaseline`).
     max_enum_size : int
         Largest number of joint configurations of the attention sites that
         ``estimator="enum"`` enumerates.
@@ -190,6 +193,7 @@ class HardAttentionELBO(JensenELBO):
         reward: str = "log_likelihood",
         baseline_hidden_dim: int = 32,
         baseline_net_factory=None,
+        baseline_lr: float = 1e-2,
         max_enum_size: int = 100_000,
         entropy: str = "analytic",
         **kwargs,
@@ -247,7 +251,8 @@ class HardAttentionELBO(JensenELBO):
         module = {
             None: None,
             "moving_average": lambda: MovingAverageBaseline(decay),
-            "learned": lambda: LearnedBaseline(baseline_hidden_dim, baseline_net_factory, decay),
+            "learned": lambda: LearnedBaseline(baseline_hidden_dim, baseline_net_factory, decay,
+                                               baseline_lr),
             "leave_one_out": LeaveOneOutBaseline,
         }[baseline]
         #: the loss's learned state (baseline and normalizer), a torch.nn.Module
