@@ -404,3 +404,21 @@ def test_masked_discrete_site_feeding_an_unmasked_likelihood_keeps_its_score():
     draws = torch.stack([torch.autograd.grad(-elbo.differentiable_loss(model, guide), leaf)[0]
                          for _ in range(20)])
     assert_mean_close(draws, exact_grad, what="dL/dq with a masked guide site")
+
+
+def test_nonfinite_gradient_is_attributed_to_its_site():
+    """L is finite (sqrt(0) = 0) but d sqrt(a)/da is infinite at a = 0: the warning names 'x'."""
+
+    def model():
+        a = pyro.param("a", torch.tensor(0.0))
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z + torch.sqrt(a), 1.0), obs=torch.tensor(1.0))
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=JensenELBO())
+    pattern = r"L is finite but its gradient is not.*log_likelihood of site 'x'"
+    with pytest.warns(UserWarning, match=pattern):
+        loss = svi.step()
+    assert math.isfinite(loss)

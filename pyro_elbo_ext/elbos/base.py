@@ -28,6 +28,7 @@ from .validation import (
     check_positive_int,
     missing_guide_site_error,
     warn_nonfinite,
+    warn_nonfinite_gradient,
 )
 
 
@@ -190,19 +191,26 @@ class SiteTreatmentELBO(ELBO):
         return compiled
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """Estimate -L and accumulate the gradient estimate into the parameters' ``.grad``."""
+        """Estimate -L and accumulate the gradient estimate into the parameters' ``.grad``.
+
+        Under validation a non-finite gradient is traced back to the first term (site) whose
+        gradient is not finite, with a warning.
+        """
         if self.jit:
             loss = self.differentiable_loss(model, guide, *args, **kwargs)
             loss.backward(retain_graph=self.retain_graph)
             return torch_item(loss)
         loss = 0.0
+        validating = is_validation_enabled()
         for est in self._estimates(model, guide, args, kwargs):
             loss -= torch_item(est.elbo) / self.num_particles
             surrogate_loss = -est.surrogate
             if self.num_particles != 1:
                 surrogate_loss = surrogate_loss / self.num_particles
             if surrogate_loss.requires_grad:
-                surrogate_loss.backward(retain_graph=self.retain_graph)
+                surrogate_loss.backward(retain_graph=self.retain_graph or validating)
+                if validating:
+                    warn_nonfinite_gradient(est, surrogate_loss, type(self).__name__)
         return loss
 
     def decompose(self, model, guide, *args, **kwargs) -> Decomposition:

@@ -11,9 +11,10 @@ import numbers
 import warnings
 from collections.abc import Sequence
 
+import torch
 from pyro.poutine.subsample_messenger import _Subsample
 
-from .engine import Term
+from .engine import ParticleEstimate, Term
 
 
 def is_subsample_site(site: dict) -> bool:
@@ -115,3 +116,56 @@ def warn_nonfinite(terms: Sequence[Term], loss_name: str) -> None:
         else "no single term is non-finite (the sum overflowed)"
     )
     warnings.warn(f"{loss_name}: the estimate of L is not finite; {where}", stacklevel=4)
+
+
+def graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors (parameters) that ``tensor`` was computed from, by an autograd walk."""
+    leaves: list[torch.Tensor] = []
+    seen: set = set()
+    stack = [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None:
+            leaves.append(variable)
+        else:
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def warn_nonfinite_gradient(
+    estimate: ParticleEstimate, surrogate: torch.Tensor, loss_name: str
+) -> None:
+    """After ``backward``: warn, naming the site, when a parameter's gradient is not finite.
+
+    L may be finite while its gradient is not (e.g. ``sqrt`` of a parameter at 0).  The
+    gradient of each term is recomputed, in trace order, on the parameters whose gradient is
+    not finite, and the first term with a non-finite gradient is named.  Needs the graph of
+    ``surrogate`` retained; runs only under validation.
+    """
+    bad = [
+        leaf for leaf in graph_leaves(surrogate)
+        if leaf.grad is not None and not bool(leaf.grad.isfinite().all())
+    ]
+    if not bad:
+        return
+    for term in estimate.terms:
+        if term.pathwise is None or not term.pathwise.requires_grad:
+            continue
+        grads = torch.autograd.grad(
+            term.pathwise.sum(), bad, retain_graph=True, allow_unused=True
+        )
+        if any(g is not None and not bool(g.isfinite().all()) for g in grads):
+            where = f"the {term.kind} of site '{term.site}'"
+            break
+    else:
+        where = "a score-function term (a non-reparameterized site's log-density or its cost)"
+    warnings.warn(
+        f"{loss_name}: L is finite but its gradient is not; the first term with a non-finite "
+        f"gradient is {where}. Check that term's parameters (e.g. a sqrt or log at 0, a scale "
+        "that reaches 0)",
+        stacklevel=4,
+    )
