@@ -26,6 +26,7 @@ from .validation import (
     check_guide_sites,
     check_plate_shapes,
     check_positive_int,
+    graph_leaves,
     missing_guide_site_error,
     warn_nonfinite,
     warn_nonfinite_gradient,
@@ -71,6 +72,7 @@ class SiteTreatmentELBO(ELBO):
             )
         self.jit = bool(jit)
         self._compiled: dict[tuple[int, int], object] = {}
+        self._leaf_cache: dict[tuple[int, int], tuple[int, list[torch.Tensor] | None]] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
     def _latent_terms(self, name: str, model_site: dict, guide_site: dict) -> list[Term]:
@@ -210,8 +212,22 @@ class SiteTreatmentELBO(ELBO):
             if surrogate_loss.requires_grad:
                 surrogate_loss.backward(retain_graph=self.retain_graph or validating)
                 if validating:
-                    warn_nonfinite_gradient(est, surrogate_loss, type(self).__name__)
+                    leaves = self._parameter_leaves(model, guide, surrogate_loss)
+                    warn_nonfinite_gradient(est, leaves, type(self).__name__)
         return loss
+
+    def _parameter_leaves(self, model, guide, surrogate: torch.Tensor) -> list[torch.Tensor]:
+        """The parameters behind ``surrogate``, found by an autograd walk every 64th call.
+
+        Parameters persist from step to step, so the walk is cached per (model, guide) pair;
+        the periodic refresh picks up parameters that a dynamic model creates later.
+        """
+        key = (id(model), id(guide))
+        calls, leaves = self._leaf_cache.get(key, (0, None))
+        if leaves is None or calls % 64 == 0:
+            leaves = graph_leaves(surrogate)
+        self._leaf_cache[key] = (calls + 1, leaves)
+        return leaves
 
     def decompose(self, model, guide, *args, **kwargs) -> Decomposition:
         """The terms of L at the current parameters, averaged over ``num_particles``.

@@ -137,17 +137,18 @@ def graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def warn_nonfinite_gradient(
-    estimate: ParticleEstimate, surrogate: torch.Tensor, loss_name: str
+    estimate: ParticleEstimate, leaves: list[torch.Tensor], loss_name: str
 ) -> None:
     """After ``backward``: warn, naming the site, when a parameter's gradient is not finite.
 
     L may be finite while its gradient is not (e.g. ``sqrt`` of a parameter at 0).  The
     gradient of each term is recomputed, in trace order, on the parameters whose gradient is
-    not finite, and the first term with a non-finite gradient is named.  Needs the graph of
-    ``surrogate`` retained; runs only under validation.
+    not finite, and the first term with a non-finite gradient is named.  ``leaves`` are the
+    parameters to check (see :func:`graph_leaves`); the estimate's graph must be retained.
+    Runs only under validation.
     """
     bad = [
-        leaf for leaf in graph_leaves(surrogate)
+        leaf for leaf in leaves
         if leaf.grad is not None and not bool(leaf.grad.isfinite().all())
     ]
     if not bad:
