@@ -8,6 +8,7 @@ import itertools
 import math
 import time
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -455,3 +456,12 @@ def test_zero_one_reward_skips_deterministic_sites():
 
     elbo = HardAttentionELBO(estimator="reinforce", reward="zero_one", max_plate_nesting=0)
     assert math.isfinite(elbo.loss(model, empty_guide))
+
+
+def test_canvases_from_glimpses_inverts_views():
+    from pyro_elbo_ext.problems.hard_attention import canvases_from_glimpses, views
+
+    canvases = np.random.default_rng(0).random((5, 16, 16)).astype(np.float32)
+    _, patches = views(canvases, 8, 4, 2)
+    torch.testing.assert_close(canvases_from_glimpses(patches, 16, 8, 4),
+                               torch.from_numpy(canvases), rtol=0, atol=0)

@@ -198,6 +198,31 @@ def glimpse_grid(canvas: int, glimpse: int, stride: int) -> list[tuple[int, int]
     return [(r, c) for r in starts for c in starts]
 
 
+def canvases_from_glimpses(
+    patches: torch.Tensor, canvas: int, glimpse: int = 8, stride: int = 4
+) -> torch.Tensor:
+    """The inverse of :func:`views` for display: paste every glimpse back at its grid corner.
+
+    Overlapping glimpses agree where they overlap; where the grid covers the whole canvas (as
+    it does by construction of :func:`glimpse_grid`) the canvas is recovered exactly.
+
+    Parameters
+    ----------
+    patches : Tensor (N, num_locations, glimpse ** 2)
+        The glimpses, as in ``problem.args[1]`` of :func:`cluttered_digits`.
+    canvas, glimpse, stride : int
+        The problem's sizes.
+
+    Returns
+    -------
+    Tensor (N, canvas, canvas)
+    """
+    out = patches.new_zeros(patches.shape[0], canvas, canvas)
+    for k, (r, c) in enumerate(glimpse_grid(canvas, glimpse, stride)):
+        out[:, r:r + glimpse, c:c + glimpse] = patches[:, k].reshape(-1, glimpse, glimpse)
+    return out
+
+
 def views(canvases: np.ndarray, glimpse: int, stride: int, coarse_factor: int):
     """The coarse view (average-pooled canvas, flattened) and every candidate glimpse.
 
