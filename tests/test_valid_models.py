@@ -216,3 +216,16 @@ def test_valid_and_invalid_pairs(case, loss_name):
 def test_invalid_hyper_parameters_name_the_argument(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make()
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+def test_duplicate_site_names_are_refused(loss_name):
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(RuntimeError, match=r"Multiple sample sites named 'z'"):
+        LOSSES[loss_name]().differentiable_loss(model, guide)

@@ -6,14 +6,13 @@ import weakref
 from collections.abc import Iterator
 
 import pyro.ops.jit
-import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
-from pyro.poutine.util import prune_subsample_sites
 
 from .decomposition import Decomposition
 from .engine import BaselineFn, ParticleEstimate, ScoreSite, Term, combine
+from .tracing import record_guide_and_model
 from .treatments import (
     ENTROPY_ESTIMATORS,
     analytic_entropy_term,
@@ -96,16 +95,13 @@ class SiteTreatmentELBO(ELBO):
 
     # ------------------------------------------------------------------ traces
     def _get_trace(self, model, guide, args, kwargs):
-        """Run the guide, replay the model against it, validate, drop subsample sites."""
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        """Run the guide, replay the model against it (sample sites only), validate."""
+        model_trace, guide_trace = record_guide_and_model(model, guide, args, kwargs)
         if is_validation_enabled():
             check_guide_sites(model_trace, guide_trace, type(self).__name__)
             check_plate_shapes(model_trace, self.max_plate_nesting)
             check_plate_shapes(guide_trace, self.max_plate_nesting)
-        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+        return model_trace, guide_trace
 
     def _particle(self, model_trace, guide_trace, update_state: bool = True) -> ParticleEstimate:
         """Apply each site's treatment and combine the terms of one particle."""
