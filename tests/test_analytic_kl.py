@@ -22,6 +22,7 @@ from pyro_elbo_ext.elbos.jensen import JensenELBO
 from pyro_elbo_ext.problems import CONJUGATE_PROBLEMS, Problem, get_problem
 
 from .mc import K_SE, assert_mean_close, draw_loss_and_grads
+from .models import local_global_guide, local_global_model
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -89,25 +90,6 @@ def test_analytic_kl_term_is_the_closed_form_kl():
 
 
 # ------------------------------------------------------------------------- Pyro's mean-field ELBO
-def _local_global_model(data):
-    z = pyro.sample("z", dist.Normal(data.new_tensor(0.0), 2.0))
-    with pyro.plate("data", data.shape[0], subsample_size=4) as idx:
-        u = pyro.sample("u", dist.Normal(z, 1.0))
-        pyro.sample("obs", dist.Normal(u, 0.5), obs=data[idx])
-
-
-def _local_global_guide(data):
-    loc = pyro.param("z_loc", lambda: data.new_tensor(0.3))
-    scale = pyro.param("z_scale", lambda: data.new_tensor(0.8), constraint=constraints.positive)
-    pyro.sample("z", dist.Normal(loc, scale))
-    u_loc = pyro.param("u_loc", lambda: torch.linspace(-1, 1, data.shape[0]).to(data))
-    u_scale = pyro.param(
-        "u_scale", lambda: data.new_full(data.shape, 0.7), constraint=constraints.positive
-    )
-    with pyro.plate("data", data.shape[0], subsample_size=4) as idx:
-        pyro.sample("u", dist.Normal(u_loc[idx], u_scale[idx]))
-
-
 def test_equals_trace_mean_field_elbo_draw_for_draw():
     """Same seed, same samples: ours and TraceMeanField_ELBO give the same L and dL, so they
     are equal in expectation (global + subsampled local latents, plate scale applied)."""
@@ -117,7 +99,7 @@ def test_equals_trace_mean_field_elbo_draw_for_draw():
         results = []
         for loss in (AnalyticKLELBO(), TraceMeanField_ELBO()):
             pyro.set_rng_seed(trial)
-            value = loss.differentiable_loss(_local_global_model, _local_global_guide, data)
+            value = loss.differentiable_loss(local_global_model, local_global_guide, data)
             params = params or [
                 pyro.param(n).unconstrained() for n in ("z_loc", "z_scale", "u_loc", "u_scale")
             ]

@@ -22,6 +22,7 @@ from pyro_elbo_ext import JensenELBO
 from pyro_elbo_ext.problems import CONJUGATE_PROBLEMS, get_problem
 
 from .mc import K_SE, assert_mean_close, draw_loss_and_grads, standard_error
+from .models import local_global_guide, local_global_model
 
 ENTROPIES = ["analytic", "sampled", "path"]
 
@@ -431,24 +432,13 @@ def test_sampled_entropy_equals_trace_elbo_draw_for_draw_with_subsampled_local_l
     """
     data = torch.linspace(-2, 3, 10, dtype=torch.float64)
 
-    def model(data):
-        z = pyro.sample("z", dist.Normal(data.new_tensor(0.0), 2.0))
-        with pyro.plate("data", data.shape[0], subsample_size=4) as idx:
-            u = pyro.sample("u", dist.Normal(z, 1.0))
-            pyro.sample("obs", dist.Normal(u, 0.5), obs=data[idx])
-
-    def guide(data):
-        pyro.sample("z", dist.Normal(pyro.param("z_loc", data.new_tensor(0.3)), 0.8))
-        u_loc = pyro.param("u_loc", torch.linspace(-1, 1, data.shape[0], dtype=data.dtype))
-        with pyro.plate("data", data.shape[0], subsample_size=4) as idx:
-            pyro.sample("u", dist.Normal(u_loc[idx], 0.7))
-
     for seed in range(3):
         results = []
         for elbo in (JensenELBO(entropy="sampled"), Trace_ELBO()):
             pyro.set_rng_seed(seed)
-            loss = elbo.differentiable_loss(model, guide, data)
-            leaves = [pyro.param(n).unconstrained() for n in ("z_loc", "u_loc")]
+            loss = elbo.differentiable_loss(local_global_model, local_global_guide, data)
+            leaves = [pyro.param(n).unconstrained()
+                      for n in ("z_loc", "z_scale", "u_loc", "u_scale")]
             results.append((loss.detach(), torch.autograd.grad(loss, leaves)))
         (ours, our_grads), (theirs, their_grads) = results
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
