@@ -12,7 +12,6 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.traceenum_elbo import TraceEnum_ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.util import prune_subsample_sites
 
 from .baselines import (
     BASELINES,
@@ -35,6 +34,7 @@ from .engine import (
     sum_to_frames,
 )
 from .jensen import JensenELBO, _has_undecided_path_site, _record_upstream_values
+from .tracing import record_guide_and_model
 from .treatments import (
     analytic_entropy,
     is_reparameterized,
@@ -281,25 +281,24 @@ class HardAttentionELBO(JensenELBO):
     def _get_trace(self, model, guide, args, kwargs):
         if self.estimator == "reinforce":
             return super()._get_trace(model, guide, args, kwargs)
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        guide_names = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
-        enum_model = poutine.enum(
-            poutine.infer_config(model, self._enum_config(guide_names)),
-            first_available_dim=-1 - self.max_plate_nesting,
-        )
-        model_trace = poutine.trace(poutine.replay(enum_model, trace=guide_trace)).get_trace(
-            *args, **kwargs
+        model_trace, guide_trace = record_guide_and_model(
+            model, guide, args, kwargs, wrap_model=self._enumerated_model
         )
         if is_validation_enabled():
             check_guide_sites(model_trace, guide_trace, type(self).__name__)
             check_plate_shapes(guide_trace, self.max_plate_nesting)
-        model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(
-            guide_trace
-        )
+        guide_names = set(guide_trace.nodes)
         self._check_enum_size(model_trace, guide_names)
         if self.entropy == "path" and _has_undecided_path_site(guide_trace, self._path_blocked):
             _record_upstream_values(guide_trace)
         return model_trace, guide_trace
+
+    def _enumerated_model(self, model, guide_trace):
+        """The model with every latent the guide does not sample enumerated in parallel."""
+        return poutine.enum(
+            poutine.infer_config(model, self._enum_config(set(guide_trace.nodes))),
+            first_available_dim=-1 - self.max_plate_nesting,
+        )
 
     def _enum_config(self, guide_names: set[str]):
         """``infer_config`` function: enumerate, in parallel, each latent the guide does not

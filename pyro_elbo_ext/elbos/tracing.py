@@ -47,9 +47,16 @@ class SampleRecorder(Messenger):
 
 
 def record_guide_and_model(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    wrap_model: Callable[[Callable, Trace], Callable] | None = None,
 ) -> tuple[Trace, Trace]:
     """One particle: the guide's sample sites, and the model's with the guide's values replayed.
+
+    ``wrap_model(model, guide_trace)``, when given, returns the model to run (e.g. with the
+    sites the guide does not sample configured for enumeration).
 
     Returns
     -------
@@ -59,6 +66,8 @@ def record_guide_and_model(
     with SampleRecorder() as guide_recorder:
         guide(*args, **kwargs)
     guide_trace = guide_recorder.trace
+    if wrap_model is not None:
+        model = wrap_model(model, guide_trace)
     with SampleRecorder() as model_recorder:
         poutine.replay(model, trace=guide_trace)(*args, **kwargs)
     model_trace = model_recorder.trace
