@@ -3,7 +3,8 @@
 The losses subclass :class:`pyro.infer.elbo.ELBO` and are passed as ``loss=`` to
 :class:`pyro.infer.SVI`.  Estimator comparison lives in :mod:`pyro_elbo_ext.compare`, ArviZ
 diagnostics in :mod:`pyro_elbo_ext.diagnostics` (imported on first use, so that importing the
-losses does not load ArviZ), and the example problems in :mod:`pyro_elbo_ext.problems`.
+losses does not load ArviZ), the example problems in :mod:`pyro_elbo_ext.problems`, and
+:class:`~pyro_elbo_ext.optim.GroupedOptim`, one torch optimizer for all of SVI's parameters.
 """
 
 from .elbos import (
@@ -15,12 +16,14 @@ from .elbos import (
     TermSummary,
     empty_guide,
 )
+from .optim import GroupedOptim
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AnalyticKLELBO",
     "Decomposition",
+    "GroupedOptim",
     "HardAttentionELBO",
     "JensenELBO",
     "SiteTreatmentELBO",

@@ -142,3 +142,50 @@ def test_checkpoint_restores_a_baseline_mid_training_and_continues_identically(
     optim.set_state(state["optim"])
     pyro.util.set_rng_state(state["rng"])
     assert [svi.step(*problem.args) for _ in range(15)] != continued
+
+
+@pytest.mark.parametrize(
+    "tensors, expected",
+    [
+        ([torch.ones(3), torch.zeros(())], True),
+        ([torch.ones(3), torch.tensor([0.0, math.nan])], False),
+        ([torch.tensor([-math.inf]), torch.ones(2)], False),
+        ([torch.ones(2, dtype=torch.float64), torch.tensor([math.inf])], False),
+        # finite entries whose norms overflow float32 when summed: the fused check says
+        # "look closer", the caller's entry-by-entry check then finds nothing
+        ([torch.full((4,), 3e38)] * 4, False),
+    ],
+)
+def test_all_finite_flags_every_nonfinite_entry(tensors, expected):
+    from pyro_elbo_ext.elbos.validation import all_finite
+
+    assert all_finite(tensors) is expected
+    if expected is False and all(bool(t.isfinite().all()) for t in tensors):
+        return  # the overflow case: a false alarm, never a missed NaN
+    assert all_finite(tensors) == all(bool(t.isfinite().all()) for t in tensors)
+
+
+def test_huge_finite_gradients_raise_no_false_warning():
+    """Gradients of 1e38 overflow the fused norm check; the site-by-site check clears them."""
+    import warnings
+
+    def model():
+        z = pyro.sample("z", pyro.distributions.Normal(0.0, 1.0))
+        pyro.sample("x", pyro.distributions.Normal(z, 1.0), obs=torch.tensor(0.0))
+
+    def guide():
+        a = pyro.param("a", torch.zeros(8))
+        pyro.sample("z", pyro.distributions.Normal(pyro.param("loc", torch.tensor(0.0))
+                                                   + (a * 3e37).sum(), 1.0))
+
+    from pyro_elbo_ext.elbos.validation import all_finite
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    elbo = JensenELBO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = elbo.loss_and_grads(model, guide)
+    grad = pyro.param("a").grad
+    assert math.isfinite(loss) and bool(grad.isfinite().all())
+    assert not all_finite([grad])  # the case the fused check cannot clear on its own

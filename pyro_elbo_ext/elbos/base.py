@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator
 
@@ -129,14 +130,7 @@ class SiteTreatmentELBO(ELBO):
                 terms.extend(self._auxiliary_terms(name, site))
                 if not is_reparameterized(site):
                     score_sites.append(score_site(name, site))
-        estimate = combine(terms, score_sites, self._baseline(update_state))
-        if (
-            is_validation_enabled()
-            and not torch._C._get_tracing_state()
-            and not bool(torch.isfinite(estimate.elbo))
-        ):
-            warn_nonfinite(terms, type(self).__name__)
-        return estimate
+        return combine(terms, score_sites, self._baseline(update_state))
 
     def _estimates(
         self, model, guide, args, kwargs, update_state: bool = True
@@ -144,14 +138,29 @@ class SiteTreatmentELBO(ELBO):
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             yield self._particle(model_trace, guide_trace, update_state)
 
+    def _check_finite(self, estimate: ParticleEstimate, value: float | None = None) -> None:
+        """Under validation, warn naming the first non-finite term when L_hat is not finite.
+
+        ``value`` is L_hat as a float where the caller has it already (no second sync).
+        """
+        if not is_validation_enabled():
+            return
+        if value is None:
+            if torch._C._get_tracing_state():
+                return
+            value = torch_item(estimate.elbo.detach())
+        if not math.isfinite(value):
+            warn_nonfinite(estimate.terms, type(self).__name__)
+
     # ------------------------------------------------------------------ the ELBO interface
     def loss(self, model, guide, *args, **kwargs) -> float:
         """An estimate of -L (a float) from ``num_particles`` samples; no gradients."""
+        total = 0.0
         with torch.no_grad():
-            total = sum(
-                torch_item(est.elbo)
-                for est in self._estimates(model, guide, args, kwargs, update_state=False)
-            )
+            for est in self._estimates(model, guide, args, kwargs, update_state=False):
+                value = torch_item(est.elbo)
+                self._check_finite(est, value)
+                total += value
         return -total / self.num_particles
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
@@ -163,6 +172,7 @@ class SiteTreatmentELBO(ELBO):
     def _eager_differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
         elbo = surrogate = None
         for est in self._estimates(model, guide, args, kwargs):
+            self._check_finite(est)
             value = est.elbo.detach()
             elbo = value if elbo is None else elbo + value
             surrogate = est.surrogate if surrogate is None else surrogate + est.surrogate
@@ -201,7 +211,9 @@ class SiteTreatmentELBO(ELBO):
         loss = 0.0
         validating = is_validation_enabled()
         for est in self._estimates(model, guide, args, kwargs):
-            loss -= torch_item(est.elbo) / self.num_particles
+            value = torch_item(est.elbo)
+            self._check_finite(est, value)
+            loss -= value / self.num_particles
             surrogate_loss = -est.surrogate
             if self.num_particles != 1:
                 surrogate_loss = surrogate_loss / self.num_particles
@@ -235,6 +247,8 @@ class SiteTreatmentELBO(ELBO):
         """
         with torch.no_grad():
             estimates = list(self._estimates(model, guide, args, kwargs, update_state=False))
+        for est in estimates:
+            self._check_finite(est)
         return Decomposition.from_estimates(
             estimates, self.num_particles, notes=self._decomposition_notes()
         )

@@ -136,6 +136,21 @@ def graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     return leaves
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite, with one synchronization.
+
+    Sums the tensors' norms (``torch._foreach_norm``): a NaN or infinite entry makes the sum
+    non-finite.  The converse can fail only by overflow (finite entries whose norms sum past
+    the dtype's range), so a ``False`` is a reason to look closer, not proof.
+    """
+    try:
+        norms = torch._foreach_norm(list(tensors))
+        total = torch.stack(norms).sum()
+    except (RuntimeError, TypeError):  # mixed devices or layouts: one by one
+        return all(bool(t.isfinite().all()) for t in tensors)
+    return math.isfinite(float(total))
+
+
 def warn_nonfinite_gradient(
     estimate: ParticleEstimate, leaves: list[torch.Tensor], loss_name: str
 ) -> None:
@@ -147,12 +162,15 @@ def warn_nonfinite_gradient(
     parameters to check (see :func:`graph_leaves`); the estimate's graph must be retained.
     Runs only under validation.
     """
+    grads = [leaf.grad for leaf in leaves if leaf.grad is not None]
+    if not grads or all_finite(grads):
+        return
     bad = [
         leaf for leaf in leaves
         if leaf.grad is not None and not bool(leaf.grad.isfinite().all())
     ]
     if not bad:
-        return
+        return  # all_finite's sum of norms overflowed: every gradient is finite
     for term in estimate.terms:
         if term.pathwise is None or not term.pathwise.requires_grad:
             continue
