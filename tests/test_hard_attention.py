@@ -215,11 +215,18 @@ def test_zero_one_reward_is_expected_accuracy_gradient():
         for loc in range(glimpses.shape[1])
     ], -1)
     (d_accuracy,) = torch.autograd.grad((probs * correct).sum(), [leaves["att_w"]])
+    # the classifier still learns F by backpropagation: E_p(l)[d log p(y | l) / d cls_w]
+    log_py = torch.stack([
+        torch.log_softmax(glimpses[:, loc] @ leaves["cls_w"][0], -1).gather(-1, y[:, None])[:, 0]
+        for loc in range(glimpses.shape[1])
+    ], -1)
+    (d_classifier,) = torch.autograd.grad((probs.detach() * log_py).sum(), [leaves["cls_w"]])
     elbo = HardAttentionELBO(estimator="reinforce", reward="zero_one", num_particles=8,
                              vectorize_particles=True, max_plate_nesting=1)
     with pyro.validation_enabled(False):
         _, grads = draw_loss_and_grads(elbo, problem, 600)
     assert_mean_close(grads["att_w"], d_accuracy, what="zero_one attention gradient")
+    assert_mean_close(grads["cls_w"], d_classifier, what="zero_one classifier gradient")
     assert any("zero_one" in n for n in elbo._decomposition_notes())
 
 

@@ -49,6 +49,8 @@ from .validation import (
 )
 
 ESTIMATORS = ("enum", "reinforce")
+#: baselines that learn from call to call (a compiled trace would freeze them)
+STATEFUL_BASELINES = ("moving_average", "learned")
 REWARDS = ("log_likelihood", "zero_one")
 
 
@@ -132,8 +134,12 @@ class HardAttentionELBO(JensenELBO):
     the attention policy), not the gradient of F.  The reported loss is -F in every case
     (plus the entropy bonus when ``entropy_weight > 0``).
 
-    ``jit=True`` is refused (the baselines update state on every call).  The baseline and
-    normalizer state is a :class:`torch.nn.Module`,
+    ``jit=True`` compiles the loss as for the other losses (:func:`pyro.ops.jit.trace`) where
+    nothing in it changes from call to call: ``estimator="enum"``, and ``"reinforce"`` with
+    ``baseline=None`` or ``"leave_one_out"`` and ``normalize=False``.  The moving-average and
+    learned baselines and the normalizer learn on every call, which a compiled trace would
+    freeze, so they refuse ``jit=True``.  The baseline and normalizer state is a
+    :class:`torch.nn.Module`,
     :attr:`baseline_state`, owned by this loss; :meth:`state_dict` / :meth:`load_state_dict`
     save and restore it.
 
@@ -177,10 +183,6 @@ class HardAttentionELBO(JensenELBO):
     >>> elbo.decompose(model, empty_guide, data)   # F, log p(y) and the gap  # doctest: +SKIP
     """
 
-    #: the baselines and the normalizer update state on every call, which a compiled trace
-    #: would freeze; ``jit=True`` is refused
-    supports_jit = False
-
     def __init__(
         self,
         estimator: str = "enum",
@@ -197,6 +199,14 @@ class HardAttentionELBO(JensenELBO):
         entropy: str = "analytic",
         **kwargs,
     ):
+        if kwargs.get("jit") and (baseline in STATEFUL_BASELINES or normalize):
+            what = f"baseline={baseline!r}" if baseline in STATEFUL_BASELINES else "normalize=True"
+            raise ValueError(
+                f"HardAttentionELBO with {what} cannot be compiled (jit=True): it updates its "
+                "state on every call, which a compiled trace would freeze. Use jit=False, or a "
+                "stateless configuration (estimator='enum', or baseline=None / 'leave_one_out' "
+                "without normalize)"
+            )
         super().__init__(num_particles=num_particles, entropy=entropy, **kwargs)
         self._base_plate_nesting = self.max_plate_nesting - (
             1 if self.vectorize_particles and self.num_particles > 1 else 0
@@ -615,8 +625,9 @@ def _zero_one_shift(model_trace) -> dict[frozenset[Frame], torch.Tensor]:
                 f"class label), but its distribution is {type(fn).__name__}; use "
                 "reward='log_likelihood'"
             )
+        # outside no_grad: log_density memoizes, and the observed term reuses this tensor
+        log_p = log_density(site).detach()
         with torch.no_grad():
-            log_p = log_density(site).detach()
             support = fn.enumerate_support(expand=False)
             best = fn.log_prob(support).max(0).values
             correct = (log_p >= best - 1e-6).to(log_p.dtype)
