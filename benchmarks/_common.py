@@ -3,6 +3,12 @@
 Every (our loss, Pyro counterpart, problem) case is a row of a table that names the modules it
 needs; a case whose module cannot be imported yet (a loss or problem still being written) is
 reported as "not available" instead of failing the run.
+
+SVI steps take an optimizer factory ``optim(lr) -> PyroOptim``: :func:`pyro_adam` (Pyro's
+``pyro.optim.Adam``, one ``torch.optim.Adam`` per parameter, the default) or
+:func:`grouped_adam` (:class:`pyro_elbo_ext.optim.GroupedOptim`, one ``torch.optim.Adam`` over
+all parameters, the optimizer of the hand-written floors).  :func:`make_bound` builds the
+benchmark-only :class:`~benchmarks._bound.LowerBoundELBO` for a problem.
 """
 
 from __future__ import annotations
@@ -368,6 +374,9 @@ class Pairing:
         Target of (our eager step) / (Pyro eager step).
     jit_ok : bool
         Whether our loss supports ``jit=True`` in this configuration.
+    bound_na : str or None
+        Why :class:`~benchmarks._bound.LowerBoundELBO` is no bound for this loss (e.g.
+        enumeration, which the bound does not do), or None when it is.
     """
 
     ours: str
@@ -379,6 +388,7 @@ class Pairing:
     problems: tuple[str, ...]
     eager_target: float = 0.8
     jit_ok: bool = True
+    bound_na: str | None = None
 
 
 _SMOOTH = ("normal_normal", "logistic", "logistic_sub", "vae")
@@ -392,7 +402,7 @@ PAIRINGS: list[Pairing] = [
     Pairing("HardAttentionELBO(enum)", "TraceEnum_ELBO", "pyro_elbo_ext.elbos.hard_attention",
             _ours("pyro_elbo_ext.elbos.hard_attention", "HardAttentionELBO", estimator="enum"),
             _pyro("TraceEnum_ELBO", "JitTraceEnum_ELBO", _enumerated_model), "enum",
-            ("hard_attention",)),
+            ("hard_attention",), bound_na="n/a (enumeration)"),
     Pairing("HardAttentionELBO(reinforce)", "TraceGraph_ELBO",
             "pyro_elbo_ext.elbos.hard_attention",
             _ours("pyro_elbo_ext.elbos.hard_attention", "HardAttentionELBO",
@@ -402,10 +412,43 @@ PAIRINGS: list[Pairing] = [
 ]
 
 
+def make_bound(problem, num_particles: int):
+    """``(LowerBoundELBO, model, guide)``: the bound on the model and guide our losses run.
+
+    The particles are vectorized as for the other contestants (:func:`_elbo_kwargs`).
+    """
+    from ._bound import LowerBoundELBO
+
+    return LowerBoundELBO(**_elbo_kwargs(problem, num_particles)), problem.model, problem.guide
+
+
 # ---------------------------------------------------------------------------- step functions
-def svi_step(elbo, model, guide, args, lr: float = 1e-3) -> StepFn:
-    """One ``pyro.infer.SVI`` step (loss, backward, Adam) as a closure."""
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss=elbo)
+def pyro_adam(lr: float):
+    """Pyro's ``pyro.optim.Adam({"lr": lr})``: one ``torch.optim.Adam`` per parameter."""
+    return pyro.optim.Adam({"lr": lr})
+
+
+def grouped_adam(lr: float):
+    """``GroupedOptim(torch.optim.Adam, {"lr": lr})``: one ``torch.optim.Adam`` for all
+    parameters (the same steps as :func:`pyro_adam`, bit for bit)."""
+    return require("pyro_elbo_ext.optim").GroupedOptim(torch.optim.Adam, {"lr": lr})
+
+
+def svi_step(elbo, model, guide, args, lr: float = 1e-3,
+             optim: Callable | None = None) -> StepFn:
+    """One ``pyro.infer.SVI`` step (loss, backward, Adam) as a closure.
+
+    Parameters
+    ----------
+    elbo, model, guide, args
+        The loss, the model and guide, and their positional arguments.
+    lr : float
+        Adam's learning rate.
+    optim : callable, optional
+        ``optim(lr) -> PyroOptim``; :func:`pyro_adam` (``pyro.optim.Adam({"lr": lr})``) when
+        None, :func:`grouped_adam` for one torch optimizer over all parameters.
+    """
+    svi = pyro.infer.SVI(model, guide, (optim or pyro_adam)(lr), loss=elbo)
     return lambda: svi.step(*args)
 
 

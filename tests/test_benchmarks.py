@@ -1,10 +1,142 @@
-"""Smoke test of the speed benchmark: it runs in quick mode and writes its files (no timings)."""
+"""The benchmarks: the speed benchmark's smoke run and report (no timings), and the bound.
+
+The bound (``benchmarks/_bound.py``'s LowerBoundELBO) only means something if it does the real
+work of a loss: its value and gradient are checked draw for draw (same seed, same draws)
+against Pyro's ``Trace_ELBO`` and, for a model-drawn attention site, ``HardAttentionELBO``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
 
 from benchmarks import speed
+from benchmarks._bound import LowerBoundELBO
+from benchmarks._common import PAIRINGS
+from pyro_elbo_ext.elbos.hard_attention import HardAttentionELBO, empty_guide
+
+DATA = torch.tensor([0.4, 1.3, -0.2, 2.1, 0.9])
+
+
+def normal_model(data):
+    z = pyro.sample("z", dist.Normal(data.new_tensor(0.0), 2.0))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=data)
+
+
+def normal_guide(data):
+    loc = pyro.param("loc", lambda: data.new_tensor(0.3))
+    scale = pyro.param("scale", lambda: data.new_tensor(0.7), constraint=constraints.positive)
+    pyro.sample("z", dist.Normal(loc, scale))
+
+
+def discrete_model(data):
+    """A global discrete component k, then a Normal z around the component's mean."""
+    k = pyro.sample("k", dist.Categorical(data.new_tensor([0.2, 0.5, 0.3])))
+    z = pyro.sample("z", dist.Normal(data.new_tensor([-1.0, 0.0, 2.0])[k], 1.0))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=data)
+
+
+def discrete_guide(data):
+    probs = pyro.param("k_probs", lambda: data.new_tensor([0.3, 0.3, 0.4]),
+                       constraint=constraints.simplex)
+    k = pyro.sample("k", dist.Categorical(probs))  # no rsample: a score-function site
+    loc = pyro.param("z_loc", lambda: data.new_tensor([0.3, 0.1, -0.2]))
+    pyro.sample("z", dist.Normal(loc[k], 0.5))
+
+
+def attention_model(y):
+    """The model draws the attention location itself (the guide samples nothing)."""
+    logits = pyro.param("attention", lambda: torch.tensor([0.1, -0.4, 0.3]))
+    means = pyro.param("means", lambda: torch.tensor([-1.0, 0.0, 2.0]))
+    where = pyro.sample("where", dist.Categorical(logits=logits))
+    pyro.sample("y", dist.Normal(means[where], 1.0), obs=y)
+
+
+def _value_and_grads(elbo, model, guide, *args, seed=1):
+    """``differentiable_loss``'s value and its gradients, after seeding the draws."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    with pyro.poutine.trace(param_only=True) as params:
+        loss = elbo.differentiable_loss(model, guide, *args)
+    names = list(params.trace.nodes)
+    leaves = [params.trace.nodes[n]["value"].unconstrained() for n in names]
+    return loss.item(), dict(zip(names, torch.autograd.grad(loss, leaves)))
+
+
+def _loss_and_grads(elbo, model, guide, *args, seed=1):
+    """``loss_and_grads``'s float and the gradients it leaves on the parameters."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    with pyro.poutine.trace(param_only=True) as params:
+        loss = elbo.loss_and_grads(model, guide, *args)
+    names = list(params.trace.nodes)
+    return loss, {n: params.trace.nodes[n]["value"].unconstrained().grad for n in names}
+
+
+PARTICLES = [
+    {},
+    {"num_particles": 3},
+    {"num_particles": 3, "vectorize_particles": True, "max_plate_nesting": 1},
+    {"num_particles": 4, "vectorize_particles": True},  # max_plate_nesting guessed
+]
+
+
+def _assert_same(ours, theirs):
+    (value, grads), (value_ref, grads_ref) = ours, theirs
+    assert value == pytest.approx(value_ref, rel=1e-6, abs=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kwargs", PARTICLES)
+@pytest.mark.parametrize("model,guide", [(normal_model, normal_guide),
+                                         (discrete_model, discrete_guide)],
+                         ids=["normal_normal", "discrete_guide_site"])
+def test_bound_equals_trace_elbo_draw_for_draw(model, guide, kwargs):
+    ours = _value_and_grads(LowerBoundELBO(**kwargs), model, guide, DATA)
+    theirs = _value_and_grads(pyro.infer.Trace_ELBO(**kwargs), model, guide, DATA)
+    assert all(g.abs().sum() > 0 for g in ours[1].values())
+    _assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("kwargs", PARTICLES[:3])
+@pytest.mark.parametrize("model,guide", [(normal_model, normal_guide),
+                                         (discrete_model, discrete_guide)],
+                         ids=["normal_normal", "discrete_guide_site"])
+def test_bound_loss_and_grads_equal_trace_elbo(model, guide, kwargs):
+    ours = _loss_and_grads(LowerBoundELBO(**kwargs), model, guide, DATA)
+    theirs = _loss_and_grads(pyro.infer.Trace_ELBO(**kwargs), model, guide, DATA)
+    _assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"num_particles": 3},
+    {"num_particles": 4, "vectorize_particles": True, "max_plate_nesting": 0},
+])
+def test_bound_equals_reinforce_on_a_model_drawn_site(kwargs):
+    """A latent the guide does not sample: no term of its own, a score term on log p(l)."""
+    y = torch.tensor(1.3)
+    ours = _value_and_grads(LowerBoundELBO(**kwargs), attention_model, empty_guide, y)
+    theirs = _value_and_grads(HardAttentionELBO(estimator="reinforce", **kwargs),
+                              attention_model, empty_guide, y)
+    assert ours[1]["attention"].abs().sum() > 0  # the score term reaches the attention
+    _assert_same(ours, theirs)
+
+
+def test_bound_loss_is_minus_the_elbo_estimate():
+    pyro.set_rng_seed(3)
+    loss = LowerBoundELBO().loss(normal_model, normal_guide, DATA)
+    pyro.set_rng_seed(3)
+    assert loss == pytest.approx(pyro.infer.Trace_ELBO().loss(normal_model, normal_guide, DATA))
 
 
 def test_speed_quick_writes_files(tmp_path):
@@ -12,8 +144,62 @@ def test_speed_quick_writes_files(tmp_path):
     assert (tmp_path / "speed.json").is_file()
     report = (tmp_path / "speed.md").read_text()
     assert "JensenELBO / Trace_ELBO" in report
+    for column in ("bound / Pyro", "eager / Pyro, both GroupedOptim",
+                   "bound / Pyro, both GroupedOptim", "jit + GroupedOptim / floor"):
+        assert f"| {column} |" in report
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved["machine"]["torch_num_threads"] == result["machine"]["torch_num_threads"]
     group = saved["groups"][0]
     timed = {c["key"] for c in group["contestants"] if c["status"] == "ok"}
-    assert {"JensenELBO", "Trace_ELBO", "floor:jensen"} <= timed
+    assert {"JensenELBO", "Trace_ELBO", "floor:jensen", "bound", "bound grouped",
+            "JensenELBO grouped", "JensenELBO jit grouped", "Trace_ELBO grouped"} <= timed
+    ratios = {r["comparison"]: r for r in group["ratios"]}
+    for name in ("bound / Trace_ELBO", "JensenELBO grouped / Trace_ELBO grouped",
+                 "bound grouped / Trace_ELBO grouped", "JensenELBO jit grouped / floor"):
+        assert ratios[name]["status"] == "ok" and math.isfinite(ratios[name]["ratio"])
+    assert ratios["JensenELBO grouped / Trace_ELBO grouped"]["target"] == 0.8
+    assert ratios["JensenELBO jit grouped / floor"]["target"] == 1.2
+
+
+def _fake(key: str, ms: float) -> speed.Contestant:
+    c = speed.Contestant(key, key, step=lambda: 0.0)
+    c.samples = [ms * 1e-3] * 3
+    return c
+
+
+def test_misses_say_whether_the_bound_is_above_the_target():
+    """Ratios and the notes of the "Targets not met" section, on made-up times."""
+    enum, reinforce = (p for p in PAIRINGS if p.problems == ("hard_attention",))
+    times = {  # ms
+        enum.ours: 7.0, enum.pyro: 10.0, f"{enum.ours} grouped": 6.0,
+        f"{enum.pyro} grouped": 9.0, f"{enum.ours} jit grouped": 5.0, "floor:enum": 4.0,
+        reinforce.ours: 4.0, reinforce.pyro: 10.0,  # 0.4 > 0.3, and the bound is at 0.35
+        f"{reinforce.ours} grouped": 3.2, f"{reinforce.pyro} grouped": 10.0,  # 0.32, bound 0.2
+        f"{reinforce.ours} jit grouped": 6.0, "floor:reinforce": 4.0,  # 1.5 > 1.2
+        "bound": 3.5, "bound grouped": 2.0,
+    }
+    contestants = [_fake(k, v) for k, v in times.items()]
+    ratios = speed._group_ratios(contestants, [enum, reinforce])
+    by_name = {r["comparison"]: r for r in ratios}
+    assert by_name[f"bound / {enum.pyro}"]["status"] == "n/a (enumeration)"
+    assert by_name[f"bound / {reinforce.pyro}"]["ratio"] == pytest.approx(0.35)
+    assert by_name[f"{reinforce.ours} / {reinforce.pyro}"]["met"] is False
+    group = {"problem": "hard_attention", "num_particles": 1, "validation": False,
+             "ratios": ratios}
+    notes = {r["comparison"]: speed._bound_note(group, r) for r in ratios if r["met"] is False}
+    assert "the bound itself is above the target" in notes[f"{reinforce.ours} / {reinforce.pyro}"]
+    assert "within the target" in notes[f"{reinforce.ours} grouped / {reinforce.pyro} grouped"]
+    assert "does not limit a compiled step" in notes[f"{reinforce.ours} jit grouped / floor"]
+    assert "n/a (enumeration)" in notes[f"{enum.ours} jit grouped / floor"]
+    table = speed.ratio_table([group])
+    assert "n/a (enumeration)" in table
+
+
+def test_a_loss_below_the_bound_is_not_called_unreachable():
+    jensen = PAIRINGS[0]
+    times = {jensen.ours: 9.0, jensen.pyro: 10.0, "bound": 9.5, "floor:jensen": 5.0}
+    ratios = speed._group_ratios([_fake(k, v) for k, v in times.items()], [jensen])
+    group = {"ratios": ratios}
+    miss = next(r for r in ratios if r["comparison"] == f"{jensen.ours} / {jensen.pyro}")
+    assert miss["met"] is False
+    assert "already below the bound" in speed._bound_note(group, miss)

@@ -1,0 +1,178 @@
+r"""A benchmark-only ELBO: the least work any loss that runs model and guide through Pyro does.
+
+:class:`LowerBoundELBO` is *not* a loss for users.  It measures the floor of loss-side work per
+SVI step for a loss that, like ours and Pyro's, runs the guide and replays the model against it
+through Pyro's effect handlers (:func:`pyro_elbo_ext.elbos.tracing.record_guide_and_model`),
+and then does nothing more than the arithmetic every such estimator needs.  For one particle,
+with :math:`s` a site's ``scale`` and :math:`m` its ``mask`` (applied by
+:func:`pyro.distributions.util.scale_and_mask`):
+
+.. math::
+
+    L = \sum_{\text{model sites } x \in \text{obs} \cup \text{guide}} s\,m \log p(x)
+        - \sum_{\text{guide sites } z} s\,m \log q(z),
+
+    \tilde L = \sum_{x \in \text{obs} \cup \text{guide}} s\,m \log p(x)
+        - \sum_{\text{reparameterized guide sites } z} s\,m \log q(z)
+        + \sum_{\text{score sites } w} \big(s\,m \log r(w) \cdot \operatorname{stop\_grad}(L)\big),
+
+where the score sites are the guide sites whose distribution has no ``rsample`` (then
+:math:`r = q`) and the model's latent sites that the guide does not sample (then :math:`r = p`,
+the model's own distribution is the proposal: the hard-attention case where the model draws
+the attention location).  A model latent the guide does not sample is its own proposal, so its
+``log p - log p = 0`` adds nothing to :math:`L`; only its score term remains (as in
+:class:`~pyro_elbo_ext.elbos.hard_attention.HardAttentionELBO`).  A non-reparameterized guide
+site enters :math:`L` but not :math:`\tilde L` directly (its pathwise term has mean zero; Pyro's
+``score_parts`` drop it too).  With vectorized particles (``vectorize_particles=True``) every
+site's term is reduced to the particle dimension, so that each particle's score meets its own
+:math:`L` (the independence of the particles, nothing finer: no Rao-Blackwellization by plates
+or dependency graph, no baseline, no shape or support checks, no validation warnings).
+
+"Least" is for a loss that evaluates the log-density of every site.  A loss that replaces
+:math:`-\log q(z)` of a reparameterized guide site by the closed-form entropy
+:math:`H[q]` (or :math:`\log p(z) - \log q(z)` by :math:`-\mathrm{KL}`) has a smaller
+autograd graph (no ``log q`` through the sample's path) and can come in a few percent below
+this bound; JensenELBO (``entropy="analytic"``) and AnalyticKLELBO do.
+
+``loss_and_grads`` backpropagates :math:`-\tilde L / P` (both summed over the ``P`` particles)
+once and returns the float :math:`-L / P`.  Value and gradient equal Pyro's ``Trace_ELBO``'s
+draw for draw (same seed, same draws) when the guide's sites are reparameterized or global,
+and ``HardAttentionELBO(estimator="reinforce")``'s for a single model-drawn attention site
+without plates (``tests/test_benchmarks.py``): the bound does the real work of a loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.elbo import ELBO
+
+from pyro_elbo_ext.elbos.tracing import record_guide_and_model
+
+__all__ = ["LowerBoundELBO"]
+
+
+def _log_prob(site: dict) -> torch.Tensor:
+    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
+
+
+def _item(value) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+def _per_particle(log_prob: torch.Tensor, nesting: int) -> torch.Tensor:
+    """Sum a batch-shaped log-prob to the particle dimension (``dim=-nesting``)."""
+    if log_prob.dim() < nesting:  # no particle dimension: the same for every particle
+        return log_prob.sum()
+    axis = log_prob.dim() - nesting
+    out = log_prob.reshape(log_prob.shape[: axis + 1] + (-1,)).sum(-1)
+    return out.reshape(-1, out.shape[-1]).sum(0) if axis else out
+
+
+class LowerBoundELBO(ELBO):
+    """The floor of loss-side work of a loss run through Pyro's handlers (benchmarks only).
+
+    See the module docstring for the estimator.  No checks, no validation, no jit.
+
+    Parameters
+    ----------
+    num_particles : int
+        Particles per step.
+    vectorize_particles : bool
+        Run all particles as one batch under an outermost ``pyro.plate`` (Pyro's
+        ``_vectorized_num_particles``) instead of a Python loop.
+    max_plate_nesting : int
+        As for :class:`pyro.infer.elbo.ELBO` (guessed from one run when not given and the
+        particles are vectorized).
+    **kwargs
+        The other arguments of :class:`pyro.infer.elbo.ELBO` (``retain_graph``, ...).
+    """
+
+    def _traces(self, model, guide, args, kwargs):
+        """``(model_trace, guide_trace, particle_nesting)`` for each (batch of) particle(s)."""
+        if self.vectorize_particles:
+            if self.max_plate_nesting == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            model_trace, guide_trace = record_guide_and_model(
+                self._vectorized_num_particles(model), self._vectorized_num_particles(guide),
+                args, kwargs,
+            )
+            yield model_trace, guide_trace, (
+                int(self.max_plate_nesting) if self.num_particles > 1 else None)
+        else:
+            for _ in range(self.num_particles):
+                model_trace, guide_trace = record_guide_and_model(model, guide, args, kwargs)
+                yield model_trace, guide_trace, None
+
+    def _get_trace(self, model, guide, args, kwargs):  # abstract in ELBO; unused here
+        return record_guide_and_model(model, guide, args, kwargs)
+
+    @staticmethod
+    def _particle(model_trace, guide_trace, nesting: int | None):
+        """``(L, surrogate)`` of one (batch of) particle(s), each a scalar tensor."""
+        guide_nodes = guide_trace.nodes
+        plus: list[torch.Tensor] = []  # in L and in the surrogate
+        minus: list[torch.Tensor] = []  # subtracted from both
+        minus_value: list[torch.Tensor] = []  # subtracted from L only (detached)
+        scored: list[torch.Tensor] = []  # log r of the score sites
+        for name, site in model_trace.nodes.items():
+            if site["is_observed"] or name in guide_nodes:
+                plus.append(_log_prob(site))
+            elif not site["fn"].has_rsample:
+                scored.append(_log_prob(site))
+        for site in guide_nodes.values():
+            log_q = _log_prob(site)
+            if site["fn"].has_rsample:
+                minus.append(log_q)
+            else:
+                minus_value.append(log_q.detach())
+                scored.append(log_q)
+        if scored and nesting is not None:
+            def reduce(t):
+                return _per_particle(t, nesting)
+        else:
+            def reduce(t):
+                return t.sum()
+        surrogate = 0.0
+        for t in plus:
+            surrogate = surrogate + reduce(t)
+        for t in minus:
+            surrogate = surrogate - reduce(t)
+        if not scored:
+            return surrogate, surrogate
+        elbo = surrogate
+        for t in minus_value:
+            elbo = elbo - reduce(t)
+        weight = elbo.detach() if isinstance(elbo, torch.Tensor) else elbo
+        for t in scored:
+            surrogate = surrogate + reduce(t) * weight
+        return elbo.sum() if isinstance(elbo, torch.Tensor) else elbo, surrogate.sum()
+
+    def _estimate(self, model, guide, args, kwargs):
+        elbo, surrogate = 0.0, 0.0
+        for model_trace, guide_trace, nesting in self._traces(model, guide, args, kwargs):
+            elbo_particle, surrogate_particle = self._particle(model_trace, guide_trace, nesting)
+            elbo = elbo + elbo_particle
+            surrogate = surrogate + surrogate_particle
+        return elbo, surrogate
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The float -L (averaged over particles)."""
+        with torch.no_grad():
+            elbo, _ = self._estimate(model, guide, args, kwargs)
+        return -_item(elbo) / self.num_particles
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """A tensor with the value of -L and the gradient of -surrogate (per particle)."""
+        elbo, surrogate = self._estimate(model, guide, args, kwargs)
+        loss = -torch.as_tensor(elbo).detach() / self.num_particles
+        surrogate_loss = -surrogate / self.num_particles
+        return loss + (surrogate_loss - surrogate_loss.detach())
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Backpropagate -surrogate / P once; return the float -L / P."""
+        elbo, surrogate = self._estimate(model, guide, args, kwargs)
+        if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:
+            (-surrogate / self.num_particles).backward(retain_graph=self.retain_graph)
+        return -_item(elbo) / self.num_particles
+
