@@ -28,11 +28,14 @@ site's term is reduced to the particle dimension, so that each particle's score 
 :math:`L` (the independence of the particles, nothing finer: no Rao-Blackwellization by plates
 or dependency graph, no baseline, no shape or support checks, no validation warnings).
 
-"Least" is for a loss that evaluates the log-density of every site.  A loss that replaces
-:math:`-\log q(z)` of a reparameterized guide site by the closed-form entropy
-:math:`H[q]` (or :math:`\log p(z) - \log q(z)` by :math:`-\mathrm{KL}`) has a smaller
-autograd graph (no ``log q`` through the sample's path) and can come in a few percent below
-this bound; JensenELBO (``entropy="analytic"``) and AnalyticKLELBO do.
+With ``entropy="sampled"`` (the default) every site's log-density is evaluated, as in
+``Trace_ELBO``.  A loss that replaces :math:`-\log q(z)` of a reparameterized guide site by
+the closed-form entropy :math:`H[q]` (or :math:`\log p(z) - \log q(z)` by
+:math:`-\mathrm{KL}`) has a smaller autograd graph and comes in a few percent below that;
+``entropy="analytic"`` is the bound for those losses: :math:`s\,m\,H[q(z)]` in place of
+:math:`-s\,m \log q(z)` at every guide site where ``fn.entropy()`` has a closed form (a
+non-reparameterized one keeps its score term, whose cost then includes :math:`H`): JensenELBO's
+default estimator, draw for draw.
 
 ``loss_and_grads`` backpropagates :math:`-\tilde L / P` (both summed over the ``P`` particles)
 once and returns the float :math:`-L / P`.  Value and gradient equal Pyro's ``Trace_ELBO``'s
@@ -54,6 +57,16 @@ __all__ = ["LowerBoundELBO"]
 
 def _log_prob(site: dict) -> torch.Tensor:
     return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
+
+
+def _entropy(site: dict) -> torch.Tensor | None:
+    """The site's closed-form entropy over its batch shape, scaled and masked, or None."""
+    fn = site["fn"]
+    try:
+        entropy = fn.entropy()
+    except NotImplementedError:
+        return None
+    return scale_and_mask(entropy.expand(fn.batch_shape), site["scale"], site["mask"])
 
 
 def _item(value) -> float:
@@ -84,9 +97,18 @@ class LowerBoundELBO(ELBO):
     max_plate_nesting : int
         As for :class:`pyro.infer.elbo.ELBO` (guessed from one run when not given and the
         particles are vectorized).
+    entropy : {"sampled", "analytic"}
+        ``-log q(z)`` at every reparameterized guide site, or its closed-form entropy where
+        the distribution has one.
     **kwargs
         The other arguments of :class:`pyro.infer.elbo.ELBO` (``retain_graph``, ...).
     """
+
+    def __init__(self, *args, entropy: str = "sampled", **kwargs):
+        super().__init__(*args, **kwargs)
+        if entropy not in ("sampled", "analytic"):
+            raise ValueError(f"entropy must be 'sampled' or 'analytic', got {entropy!r}")
+        self.analytic_entropy = entropy == "analytic"
 
     def _traces(self, model, guide, args, kwargs):
         """``(model_trace, guide_trace, particle_nesting)`` for each (batch of) particle(s)."""
@@ -107,8 +129,7 @@ class LowerBoundELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs):  # abstract in ELBO; unused here
         return record_guide_and_model(model, guide, args, kwargs)
 
-    @staticmethod
-    def _particle(model_trace, guide_trace, nesting: int | None):
+    def _particle(self, model_trace, guide_trace, nesting: int | None):
         """``(L, surrogate)`` of one (batch of) particle(s), each a scalar tensor."""
         guide_nodes = guide_trace.nodes
         plus: list[torch.Tensor] = []  # in L and in the surrogate
@@ -121,12 +142,19 @@ class LowerBoundELBO(ELBO):
             elif not site["fn"].has_rsample:
                 scored.append(_log_prob(site))
         for site in guide_nodes.values():
-            log_q = _log_prob(site)
+            entropy = _entropy(site) if self.analytic_entropy else None
             if site["fn"].has_rsample:
-                minus.append(log_q)
+                if entropy is not None:
+                    plus.append(entropy)
+                else:
+                    minus.append(_log_prob(site))
+                continue
+            log_q = _log_prob(site)
+            scored.append(log_q)
+            if entropy is not None:  # H[q] enters L and its gradient; the score meets L
+                plus.append(entropy)
             else:
                 minus_value.append(log_q.detach())
-                scored.append(log_q)
         if scored and nesting is not None:
             def reduce(t):
                 return _per_particle(t, nesting)

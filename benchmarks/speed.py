@@ -11,10 +11,12 @@ times one optimization step (loss, backward, Adam) of
   eager and compiled, the Pyro ELBO eager;
 - the bound, :class:`benchmarks._bound.LowerBoundELBO`, with either optimizer: it runs the
   guide and replays the model through Pyro's handlers
-  (:func:`pyro_elbo_ext.elbos.tracing.record_guide_and_model`), sums every sample site's
-  scaled and masked ``log_prob`` (model +, guide -), adds ``log r(w) * stop_grad(L)`` per
-  non-reparameterized site and backpropagates once: the least loss-side work any loss run
-  through Pyro's handlers does per step.  One bound per group (every loss runs the problem's
+  (:func:`pyro_elbo_ext.elbos.tracing.record_guide_and_model`), sums every model site's
+  scaled and masked ``log_prob`` and every guide site's closed-form entropy (``-log q`` where
+  there is none), adds ``log r(w) * stop_grad(L)`` per non-reparameterized site and
+  backpropagates once: the least loss-side work any loss run through Pyro's handlers does
+  per step (``LowerBoundELBO(entropy="analytic")``, JensenELBO's default estimator draw for
+  draw).  One bound per group (every loss runs the problem's
   own model and guide); none for enumeration (``HardAttentionELBO(enum)``);
 - a hand-written PyTorch loss computing the same estimator on the same problem (the "floor":
   torch.distributions, no poutine, the same data, guide parameterization and Adam leaves,
@@ -27,19 +29,19 @@ Ratios (per pairing of our loss with a Pyro ELBO; :math:`t_x` the time per step 
   against ``TraceGraph_ELBO``); jit / floor :math:`= t_\text{ours jit} / t_\text{floor}`,
   target 1.2; jit / Pyro Jit* < 1; peak memory / Pyro <= 1; jit / NumPyro reported;
 - bound / Pyro :math:`= t_\text{bound} / t_\text{Pyro}` (no target): what any loss that runs
-  model and guide through Pyro's handlers can reach.  The bound evaluates ``log q`` at every
-  guide site; a loss that uses a closed-form entropy or KL instead (JensenELBO's default
-  ``entropy="analytic"``, AnalyticKLELBO) has a smaller autograd graph and can come in a few
-  percent below it;
+  model and guide through Pyro's handlers can reach (AnalyticKLELBO's closed-form KL is
+  about as much arithmetic as the closed-form entropy plus ``log p(z)``, so it can land a
+  little either side of it);
 - eager / Pyro, both GroupedOptim (target as eager / Pyro), and bound / Pyro, both
   GroupedOptim: the same with the optimizer's per-parameter cost removed on both sides;
 - jit + GroupedOptim / floor (target 1.2): the optimizer is then the floor's own, so the ratio
   isolates the loss and SVI.
 
-A missed target is reported with the bound's ratio against the same denominator: above the
-target (and our loss not already below the bound), the target is unreachable for a loss run
-through Pyro's handlers that evaluates every site's log-density; a compiled step does not run
-the handlers, so for jit targets the bound is given for reference only.
+A missed target is reported with the bound's ratio against the same denominator: when the
+bound itself is above the target, the target is unreachable for a loss run through Pyro's
+handlers (the bound is measured, not derived: our loss can land a hair below it, and
+AnalyticKLELBO's closed-form KL differs a little from the bound's arithmetic); a compiled step
+does not run the handlers, so for jit targets the bound is given for reference only.
 
 Protocol: every contestant of a group (problem, particles, validation) is built and warmed up
 (compilation included), then timed in ``--rounds`` interleaved rounds, in a shuffled order in
@@ -414,11 +416,11 @@ def markdown(result: dict) -> str:
         "Unless a column says GroupedOptim, every SVI step uses `pyro.optim.Adam` (one "
         "`torch.optim.Adam` per parameter) and the floor one `torch.optim.Adam` over its "
         "leaves. **bound / Pyro**: `benchmarks/_bound.py`'s LowerBoundELBO (run guide and "
-        "model through Pyro's handlers, sum scaled and masked log-probs, one score term per "
-        "non-reparameterized site weighted by the particle's ELBO, one backward) against the "
-        "same Pyro ELBO: what any loss that runs model and guide through Pyro's handlers can "
-        "reach (one that evaluates every site's log-density: a closed-form entropy or KL in "
-        "place of log q saves a little more); no target of its own. **both GroupedOptim**: "
+        "model through Pyro's handlers, sum the model's scaled and masked log-probs and the "
+        "guide's closed-form entropies, one score term per non-reparameterized site weighted "
+        "by the particle's ELBO, one backward) against the same Pyro ELBO: what any loss that "
+        "runs model and guide through Pyro's handlers can reach; no target of its own. "
+        "**both GroupedOptim**: "
         "the same ratio with `pyro_elbo_ext.optim.GroupedOptim(torch.optim.Adam, ...)` (one "
         "torch optimizer for all parameters, the same steps) on both sides; targets as for "
         "eager / Pyro. "
@@ -450,10 +452,8 @@ def markdown(result: dict) -> str:
     lines += ["## Targets not met", "",
               "For each miss, the bound (LowerBoundELBO, same optimizer as the miss) against "
               "the same denominator: above the target, the target is unreachable for a loss "
-              "that runs model and guide through Pyro's handlers on every step and evaluates "
-              "every site's log-density; a loss that replaces log q by a closed-form entropy "
-              "or KL can come in below the bound; a compiled (jit) step does not run the "
-              "handlers, so the eager bound does not limit it.", ""]
+              "that runs model and guide through Pyro's handlers on every step; a compiled "
+              "(jit) step does not run the handlers, so the eager bound does not limit it.", ""]
     if not missed:
         lines.append("None of the measured targets was missed.")
     for g, r in missed:
@@ -478,14 +478,11 @@ def _bound_note(group: dict, r: dict) -> str:
     if ref["compiled"]:
         return ("; the bound does not limit a compiled step (it runs the handlers every step, "
                 f"a compiled loss does not); for reference {value}")
-    if r["ratio"] < b["ratio"]:
-        return (f"; our loss is already below the bound ({value}): it skips part of the "
-                "bound's work (a closed-form entropy or KL instead of log q at a guide site), "
-                "so the bound does not decide this miss")
     if b["ratio"] > r["target"]:
-        return (f"; **the bound itself is above the target** ({value}): unreachable for a "
-                "loss that runs model and guide through Pyro's handlers and evaluates every "
-                "site's log-density")
+        where = ("our loss is at or below the bound" if r["ratio"] <= b["ratio"] else
+                 f"our loss is {r['ratio'] / b['ratio']:.2f}x the bound's ratio")
+        return (f"; **the bound itself is above the target** ({value}; {where}): unreachable "
+                "for a loss that runs model and guide through Pyro's handlers")
     return (f"; the bound is within the target ({value}): reachable in principle, "
             f"{r['ratio'] / b['ratio']:.2f}x the bound's ratio")
 
