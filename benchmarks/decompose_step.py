@@ -9,7 +9,13 @@ For each problem, in process CPU time (validation off, one particle, JensenELBO 
 - ``floor + one Adam``: the speed benchmark's floor step (one ``torch.optim.Adam`` over all
   leaves);
 - ``floor + Adam per leaf``: the floor with one ``torch.optim.Adam`` per leaf, which is what
-  ``pyro.optim.Adam`` builds.
+  ``pyro.optim.Adam`` builds;
+- ``svi.step (jit, GroupedOptim)``: the SVI step with
+  :class:`pyro_elbo_ext.optim.GroupedOptim` (one ``torch.optim.Adam`` over all parameters,
+  the floor's own optimizer).
+
+``loss gap`` is jit loss+backward / floor loss+backward; ``step gap`` is svi.step (jit) /
+(floor + one Adam); ``step gap, GroupedOptim`` the same with GroupedOptim.
 
 Run: ``python -m benchmarks.decompose_step``; writes ``benchmarks/results/decompose_step.md``.
 """
@@ -26,6 +32,8 @@ from pathlib import Path
 
 import pyro
 import torch
+
+from pyro_elbo_ext.optim import GroupedOptim
 
 from ._common import PAIRINGS, PROBLEMS, machine_info
 
@@ -46,12 +54,15 @@ def cpu_ms(fn: Callable[[], object], calls: int = 300, reps: int = 7) -> float:
 
 
 def decompose(name: str, calls: int) -> dict[str, float]:
-    """The five timings of the module docstring for problem ``name``."""
+    """The six timings of the module docstring for problem ``name``."""
     spec = PROBLEMS[name]
     problem = spec.build(**spec.options)
     problem.set_params()
     elbo, model, guide = PAIRINGS[0].make_ours(problem, 1, True)
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=elbo)
+    grouped_elbo, _, _ = PAIRINGS[0].make_ours(problem, 1, True)
+    grouped_svi = pyro.infer.SVI(model, guide, GroupedOptim(torch.optim.Adam, {"lr": 1e-3}),
+                                 loss=grouped_elbo)
     loss_fn, leaves = spec.floor(problem, "jensen", 1)
     one = torch.optim.Adam(leaves, lr=1e-3)
     per_leaf = [torch.optim.Adam([leaf], lr=1e-3) for leaf in leaves]
@@ -80,6 +91,7 @@ def decompose(name: str, calls: int) -> dict[str, float]:
         "floor loss+backward": cpu_ms(floor_loss_backward, calls),
         "floor + one Adam": cpu_ms(floor_one_adam, calls),
         "floor + Adam per leaf": cpu_ms(floor_adam_per_leaf, calls),
+        "svi.step (jit, GroupedOptim)": cpu_ms(lambda: grouped_svi.step(*problem.args), calls),
     }
 
 
@@ -116,14 +128,15 @@ def main(argv: Sequence[str] | None = None) -> str:
         "torch.set_num_threads(1); validation off; 1 particle; JensenELBO(jit=True); "
         f"load average {info.get('load_average')}",
         "",
-        "| problem | " + " | ".join(keys) + " | loss gap | step gap |",
-        "|---|" + "---|" * (len(keys) + 2),
+        "| problem | " + " | ".join(keys) + " | loss gap | step gap | step gap, GroupedOptim |",
+        "|---|" + "---|" * (len(keys) + 3),
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
             + f" | {r['jit loss+backward'] / r['floor loss+backward']:.2f}x"
-            + f" | {r['svi.step (jit)'] / r['floor + one Adam']:.2f}x |")
+            + f" | {r['svi.step (jit)'] / r['floor + one Adam']:.2f}x"
+            + f" | {r['svi.step (jit, GroupedOptim)'] / r['floor + one Adam']:.2f}x |")
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decompose_step.md").write_text(text)

@@ -218,3 +218,15 @@ def test_a_miss_at_the_bound_says_how_close_our_loss_is(ours_ms, where):
     assert miss["met"] is False
     note = speed._bound_note(group, miss)
     assert "the bound itself is above the target" in note and where in note
+
+
+def test_decompose_step_writes_its_table(tmp_path):
+    """Smoke test of ``python -m benchmarks.decompose_step`` (no timing assertions)."""
+    from benchmarks import decompose_step
+
+    text = decompose_step.main(["--problems", "normal_normal", "--calls", "2",
+                                "--out", str(tmp_path)])
+    assert (tmp_path / "decompose_step.md").read_text() == text
+    header = next(line for line in text.splitlines() if line.startswith("| problem"))
+    assert "svi.step (jit, GroupedOptim)" in header and "step gap, GroupedOptim" in header
+    assert text.count("| normal_normal |") == 1

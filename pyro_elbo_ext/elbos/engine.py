@@ -44,21 +44,13 @@ class Frame(NamedTuple):
     dim: int
 
 
-_FRAMES_BY_STACK: dict[tuple, frozenset[Frame]] = {}
-
-
 def plate_frames(site: dict) -> frozenset[Frame]:
     """The vectorized plates of a trace site, as hashable :class:`Frame` s.
 
-    Memoized by the site's plate stack, which repeats from step to step.
+    Built directly each time: hashing Pyro's ``CondIndepStackFrame`` s (to memoize by the
+    stack) costs three times as much as building the set.
     """
-    stack = site["cond_indep_stack"]
-    frames = _FRAMES_BY_STACK.get(stack)
-    if frames is None:
-        frames = frozenset(Frame(f.name, f.dim) for f in stack if f.vectorized)
-        if len(_FRAMES_BY_STACK) < 4096:
-            _FRAMES_BY_STACK[stack] = frames
-    return frames
+    return frozenset([Frame(f.name, f.dim) for f in site["cond_indep_stack"] if f.dim is not None])
 
 
 @dataclass
