@@ -1,7 +1,7 @@
 """Where the compiled loss's gap to the floor comes from: the loss, the optimizer or SVI.
 
 For each problem, in process CPU time (validation off, one particle, JensenELBO with
-``jit=True``), this times
+``jit=True``; rounds interleave the six, medians over rounds), this times
 
 - ``svi.step (jit)``: the full SVI step the speed benchmark times;
 - ``jit loss+backward``: our compiled ``differentiable_loss`` and ``backward`` only;
@@ -40,17 +40,22 @@ from ._common import PAIRINGS, PROBLEMS, machine_info
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cpu_ms(fn: Callable[[], object], calls: int = 300, reps: int = 7) -> float:
-    """Median over ``reps`` of the mean process CPU time (ms) of ``calls`` calls of ``fn``."""
-    for _ in range(20):
-        fn()
-    out = []
-    for _ in range(reps):
-        start = time.process_time()
-        for _ in range(calls):
+def interleaved_ms(fns: dict[str, Callable[[], object]], calls: int = 300,
+                   reps: int = 11) -> dict[str, float]:
+    """Per function, the median over ``reps`` rounds of its mean process CPU time (ms) over
+    ``calls`` calls; the rounds interleave the functions, so that a change of load on the
+    machine falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(20):
             fn()
-        out.append((time.process_time() - start) / calls * 1e3)
-    return statistics.median(out)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.process_time()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.process_time() - start) / calls * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def decompose(name: str, calls: int) -> dict[str, float]:
@@ -85,14 +90,14 @@ def decompose(name: str, calls: int) -> dict[str, float]:
         for opt in per_leaf:
             opt.step()
 
-    return {
-        "svi.step (jit)": cpu_ms(lambda: svi.step(*problem.args), calls),
-        "jit loss+backward": cpu_ms(jit_loss_backward, calls),
-        "floor loss+backward": cpu_ms(floor_loss_backward, calls),
-        "floor + one Adam": cpu_ms(floor_one_adam, calls),
-        "floor + Adam per leaf": cpu_ms(floor_adam_per_leaf, calls),
-        "svi.step (jit, GroupedOptim)": cpu_ms(lambda: grouped_svi.step(*problem.args), calls),
-    }
+    return interleaved_ms({
+        "svi.step (jit)": lambda: svi.step(*problem.args),
+        "jit loss+backward": jit_loss_backward,
+        "floor loss+backward": floor_loss_backward,
+        "floor + one Adam": floor_one_adam,
+        "floor + Adam per leaf": floor_adam_per_leaf,
+        "svi.step (jit, GroupedOptim)": lambda: grouped_svi.step(*problem.args),
+    }, calls)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -106,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", nargs="+", default=["normal_normal", "logistic", "vae"],
                         choices=[k for k in PROBLEMS if k != "hard_attention"])
-    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     previous = torch.get_num_threads()
