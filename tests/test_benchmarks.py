@@ -61,25 +61,21 @@ def attention_model(y):
     pyro.sample("y", dist.Normal(means[where], 1.0), obs=y)
 
 
-def _value_and_grads(elbo, model, guide, *args, seed=1):
-    """``differentiable_loss``'s value and its gradients, after seeding the draws."""
+def _value_and_grads(elbo, model, guide, *args, seed=1, via="differentiable_loss"):
+    """-L and its gradients per parameter name, after seeding the draws.
+
+    ``via="differentiable_loss"``: the tensor's value and ``autograd.grad``; ``"loss_and_grads"``:
+    the float it returns and the gradients it leaves in ``.grad``.
+    """
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     with pyro.poutine.trace(param_only=True) as params:
-        loss = elbo.differentiable_loss(model, guide, *args)
+        loss = getattr(elbo, via)(model, guide, *args)
     names = list(params.trace.nodes)
     leaves = [params.trace.nodes[n]["value"].unconstrained() for n in names]
+    if via == "loss_and_grads":
+        return loss, {n: leaf.grad for n, leaf in zip(names, leaves)}
     return loss.item(), dict(zip(names, torch.autograd.grad(loss, leaves)))
-
-
-def _loss_and_grads(elbo, model, guide, *args, seed=1):
-    """``loss_and_grads``'s float and the gradients it leaves on the parameters."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    with pyro.poutine.trace(param_only=True) as params:
-        loss = elbo.loss_and_grads(model, guide, *args)
-    names = list(params.trace.nodes)
-    return loss, {n: params.trace.nodes[n]["value"].unconstrained().grad for n in names}
 
 
 PARTICLES = [
@@ -125,8 +121,9 @@ def test_analytic_bound_equals_jensen_elbo_draw_for_draw(model, guide, kwargs):
                                          (discrete_model, discrete_guide)],
                          ids=["normal_normal", "discrete_guide_site"])
 def test_bound_loss_and_grads_equal_trace_elbo(model, guide, kwargs):
-    ours = _loss_and_grads(LowerBoundELBO(**kwargs), model, guide, DATA)
-    theirs = _loss_and_grads(pyro.infer.Trace_ELBO(**kwargs), model, guide, DATA)
+    ours = _value_and_grads(LowerBoundELBO(**kwargs), model, guide, DATA, via="loss_and_grads")
+    theirs = _value_and_grads(pyro.infer.Trace_ELBO(**kwargs), model, guide, DATA,
+                              via="loss_and_grads")
     _assert_same(ours, theirs)
 
 
