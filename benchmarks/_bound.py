@@ -49,8 +49,10 @@ from __future__ import annotations
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
+from pyro.infer.util import torch_item
 
 from pyro_elbo_ext.elbos.tracing import record_guide_and_model
+from pyro_elbo_ext.elbos.treatments import analytic_entropy
 
 __all__ = ["LowerBoundELBO"]
 
@@ -61,16 +63,10 @@ def _log_prob(site: dict) -> torch.Tensor:
 
 def _entropy(site: dict) -> torch.Tensor | None:
     """The site's closed-form entropy over its batch shape, scaled and masked, or None."""
-    fn = site["fn"]
-    try:
-        entropy = fn.entropy()
-    except NotImplementedError:
+    entropy = analytic_entropy(site["fn"])  # a masked distribution: zero where masked
+    if entropy is None:
         return None
-    return scale_and_mask(entropy.expand(fn.batch_shape), site["scale"], site["mask"])
-
-
-def _item(value) -> float:
-    return value.item() if isinstance(value, torch.Tensor) else float(value)
+    return scale_and_mask(entropy.expand(site["fn"].batch_shape), site["scale"], site["mask"])
 
 
 def _per_particle(log_prob: torch.Tensor, nesting: int) -> torch.Tensor:
@@ -188,7 +184,7 @@ class LowerBoundELBO(ELBO):
         """The float -L (averaged over particles)."""
         with torch.no_grad():
             elbo, _ = self._estimate(model, guide, args, kwargs)
-        return -_item(elbo) / self.num_particles
+        return -torch_item(elbo) / self.num_particles
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """A tensor with the value of -L and the gradient of -surrogate (per particle)."""
@@ -202,5 +198,5 @@ class LowerBoundELBO(ELBO):
         elbo, surrogate = self._estimate(model, guide, args, kwargs)
         if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:
             (-surrogate / self.num_particles).backward(retain_graph=self.retain_graph)
-        return -_item(elbo) / self.num_particles
+        return -torch_item(elbo) / self.num_particles
 

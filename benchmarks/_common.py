@@ -372,8 +372,6 @@ class Pairing:
         Problem keys this pairing runs on.
     eager_target : float
         Target of (our eager step) / (Pyro eager step).
-    jit_ok : bool
-        Whether our loss supports ``jit=True`` in this configuration.
     bound_na : str or None
         Why :class:`~benchmarks._bound.LowerBoundELBO` is no bound for this loss (e.g.
         enumeration, which the bound does not do), or None when it is.
@@ -387,7 +385,6 @@ class Pairing:
     floor: str
     problems: tuple[str, ...]
     eager_target: float = 0.8
-    jit_ok: bool = True
     bound_na: str | None = None
 
 

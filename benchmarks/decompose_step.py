@@ -72,8 +72,11 @@ def decompose(name: str, calls: int) -> dict[str, float]:
     one = torch.optim.Adam(leaves, lr=1e-3)
     per_leaf = [torch.optim.Adam([leaf], lr=1e-3) for leaf in leaves]
 
-    def jit_loss_backward():
-        elbo.differentiable_loss(model, guide, *problem.args).backward()
+    leaves = [pyro.param(name).unconstrained() for name in pyro.get_param_store().keys()]
+
+    def jit_loss_backward():  # gradients returned, not accumulated into the SVI steps' params
+        torch.autograd.grad(elbo.differentiable_loss(model, guide, *problem.args), leaves,
+                            allow_unused=True)
 
     def floor_loss_backward():
         loss_fn().backward()

@@ -35,7 +35,15 @@ class GroupedOptim(PyroOptim):
     parameters the optimizer already holds but that this step did not use keep their values
     and their moment estimates.  New parameters join the optimizer when first seen.
     :meth:`get_state` writes the per-parameter format of :class:`~pyro.optim.PyroOptim`, so a
-    checkpoint moves between the two in either direction.
+    checkpoint moves between the two in either direction.  What is restored is each
+    parameter's optimizer *state* (moments, step count); the hyper-parameters are this
+    object's ``optim_args`` (a ``pyro.optim`` checkpoint saved with another ``lr`` continues
+    at this one's).
+
+    An optimizer that changes its own hyper-parameters on every step, such as Pyro's
+    ``ClippedAdam`` with ``lrd < 1``, changes them once per step for all parameters here, but
+    once per step *of each parameter* under :class:`~pyro.optim.PyroOptim`: the two part ways
+    as soon as some parameter sits a step out.
 
     Parameters
     ----------
@@ -78,6 +86,8 @@ class GroupedOptim(PyroOptim):
     def __call__(self, params: Iterable[torch.Tensor], *args, **kwargs) -> None:
         """One optimizer step for ``params`` (SVI passes the unconstrained parameters)."""
         params = params if isinstance(params, (set, frozenset)) else set(params)
+        if not params:
+            return  # a step without parameters (as pyro.optim: nothing to do)
         new = [p for p in params if p not in self._members]
         if new:
             self._add(new)

@@ -97,6 +97,7 @@ def test_hard_attention_compiled_equals_eager(name, options):
                                  max_plate_nesting=problem.max_plate_nesting, **options)
         if jit:  # compile first: tracing draws random numbers of its own
             elbo.differentiable_loss(problem.model, problem.guide, *problem.args)
+            assert elbo._compiled  # the compiled path, not the eager one, is under test
         for seed in (1, 2):
             pyro.set_rng_seed(seed)
             results.append(_loss_and_grads_by_name(elbo, problem))

@@ -367,6 +367,32 @@ class TestBadInput:
         with pytest.warns(UserWarning, match="log_likelihood of site 'x'"):
             JensenELBO().loss(model, guide)
 
+    @pytest.mark.parametrize("method", ["differentiable_loss", "loss_and_grads", "decompose"])
+    def test_nan_log_density_is_attributed_through_every_method(self, method):
+        def model():
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0, validate_args=False),
+                        obs=torch.tensor(float("nan")))
+
+        def guide():
+            pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+        with pytest.warns(UserWarning, match="log_likelihood of site 'x'"):
+            getattr(JensenELBO(), method)(model, guide)
+
+    def test_compiled_loss_warns_on_a_nonfinite_estimate(self):
+        def model(data):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0, validate_args=False), obs=data)
+
+        def guide(data):
+            pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+        elbo = JensenELBO(jit=True, ignore_jit_warnings=True)
+        elbo.loss_and_grads(model, guide, torch.tensor(0.5))  # compiles on finite data
+        with pytest.warns(UserWarning, match=r"jit=True.*not finite.*jit=False"):
+            elbo.loss_and_grads(model, guide, torch.tensor(float("nan")))
+
 
 def test_masked_discrete_site_feeding_an_unmasked_likelihood_keeps_its_score():
     """A mask drops a site's own log-density, not its sample: dL still needs its score.

@@ -30,7 +30,8 @@ def guide(data, use_extra):
 
 
 DATA = torch.linspace(-1.0, 2.0, 7, dtype=torch.float64)
-SCHEDULE = [True, False, False, True, False, True, True, False, True, False] * 3
+# 'u_loc' joins at the second step (add_param_group) and then sits some steps out
+SCHEDULE = [False, True, False, True, False, True, True, False, True, False] * 3
 
 
 def run(optim, steps=SCHEDULE, seed=0, restart=True):
@@ -119,3 +120,24 @@ def test_state_is_empty_before_the_first_step():
 def test_invalid_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GroupedOptim(torch.optim.Adam, **kwargs)
+
+
+def test_a_step_without_parameters_is_a_no_op():
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.tensor(0.3))
+
+    svi = SVI(model, lambda: None, GroupedOptim(torch.optim.Adam, {"lr": 0.1}), loss=Trace_ELBO())
+    assert svi.step() == pytest.approx(-float(dist.Normal(0.0, 1.0).log_prob(torch.tensor(0.3))))
+
+
+def test_a_checkpoint_restores_state_but_not_hyper_parameters(tmp_path):
+    """Documented: the moments come from the checkpoint, the lr from this optimizer."""
+    pyro_optim = pyro.optim.Adam({"lr": 0.05})
+    run(pyro_optim, SCHEDULE[:4], seed=2)
+    pyro_optim.save(tmp_path / "optim.pt")
+    grouped = GroupedOptim(torch.optim.Adam, {"lr": 0.01})
+    grouped.load(tmp_path / "optim.pt")
+    run(grouped, SCHEDULE[4:5], seed=3, restart=False)
+    state = grouped.get_state()["loc"]
+    assert state["param_groups"][0]["lr"] == 0.01
+    assert int(state["state"][0]["step"]) == 5  # 4 restored steps + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Iterator
 
@@ -59,17 +60,8 @@ class SiteTreatmentELBO(ELBO):
         ``vectorize_particles``, ``retain_graph``, ``ignore_jit_warnings``, ``jit_options``).
     """
 
-    #: whether the loss may be compiled (stateful estimators that update buffers per call
-    #: cannot be, since a trace would freeze their state)
-    supports_jit: bool = True
-
     def __init__(self, num_particles: int = 1, jit: bool = False, **kwargs):
         super().__init__(num_particles=check_positive_int("num_particles", num_particles), **kwargs)
-        if jit and not self.supports_jit:
-            raise ValueError(
-                f"{type(self).__name__} cannot be compiled (jit=True): it updates state on "
-                "every call; use jit=False"
-            )
         self.jit = bool(jit)
         self._compiled: dict[tuple[int, int], object] = {}
         self._leaf_cache: dict[tuple[int, int], tuple[int, list[torch.Tensor] | None]] = {}
@@ -207,7 +199,15 @@ class SiteTreatmentELBO(ELBO):
         if self.jit:
             loss = self.differentiable_loss(model, guide, *args, **kwargs)
             loss.backward(retain_graph=self.retain_graph)
-            return torch_item(loss)
+            value = torch_item(loss)
+            if is_validation_enabled() and not math.isfinite(value):
+                warnings.warn(
+                    f"{type(self).__name__}(jit=True): the estimate of L is not finite; a "
+                    "compiled loss cannot say which site made it so: run a step with "
+                    "jit=False to have the site named",
+                    stacklevel=2,
+                )
+            return value
         loss = 0.0
         validating = is_validation_enabled()
         for est in self._estimates(model, guide, args, kwargs):
