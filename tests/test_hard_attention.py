@@ -141,6 +141,35 @@ def test_log_evidence_gap_is_kl(num_glimpses):
         assert "log p(y)" in str(d)
 
 
+@pytest.mark.parametrize("estimator", ["enum", "reinforce"])
+def test_decompose_computes_everything_on_one_minibatch(estimator):
+    """With a subsampling plate, the estimate and the exact F, log p(y) and gap of one
+    ``decompose`` call all use the same minibatch; for ``enum`` the estimate then equals the
+    exact F."""
+    x = torch.randn(12, 2)
+    y = torch.randn(12)
+    seen = []
+
+    def model(x, y):
+        w = pyro.param("w", torch.tensor([[0.5, -1.0, 0.2], [0.3, 0.8, -0.6]]))
+        means = pyro.param("means", torch.tensor([-1.0, 0.0, 2.0]))
+        with pyro.plate("data", 12, subsample_size=4) as idx:
+            seen.append(idx.clone())
+            where = pyro.sample("where", dist.Categorical(logits=x[idx] @ w))
+            pyro.sample("y", dist.Normal(means[where], 1.0), obs=y[idx])
+
+    elbo = HardAttentionELBO(estimator=estimator, max_plate_nesting=1)
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        seen.clear()
+        d = elbo.decompose(model, empty_guide, x, y)
+        assert len(seen) == 3  # the estimate, the exact F and log p(y)
+        assert all(torch.equal(idx, seen[0]) for idx in seen)
+        assert d.log_evidence >= d.exact_bound
+        if estimator == "enum":
+            assert math.isclose(d.elbo, d.exact_bound, rel_tol=1e-6)
+
+
 # ---------------------------------------------------------------------------- reinforce
 def _train_learned_baseline(elbo, problem, steps=300):
     """Let the baseline network regress on the reward (the model's parameters stay fixed):

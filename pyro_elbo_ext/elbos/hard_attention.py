@@ -518,9 +518,12 @@ class HardAttentionELBO(JensenELBO):
             attention sites cannot be enumerated (continuous, or more than
             ``max_enum_size`` configurations), and when the guide samples latents (the bound
             then also has a guide gap and is not computed exactly).  With a subsampling plate
-            each of these computations draws its own minibatch.
+            every one of these is computed on the same minibatch (that of the first particle
+            when the particles are not vectorized): each pass starts from the same random
+            state, so ``pyro.plate`` draws the same indices.
         """
-        base = super().decompose(model, guide, *args, **kwargs)
+        with torch.random.fork_rng():  # the exact values below replay these random draws
+            base = super().decompose(model, guide, *args, **kwargs)
         values = {f.name: getattr(base, f.name) for f in fields(Decomposition)}
         exact = self.exact_values(model, guide, *args, **kwargs)
         return HardAttentionDecomposition(**values, **exact)
@@ -533,13 +536,14 @@ class HardAttentionELBO(JensenELBO):
         out: dict[str, float | None] = {"exact_bound": None, "log_evidence": None, "gap": None}
         nesting = self._base_plate_nesting
         options = {} if nesting == float("inf") else {"max_plate_nesting": nesting}
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        with torch.random.fork_rng():  # each pass sees the same minibatch (see decompose)
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         if any(s["type"] == "sample" for s in guide_trace.nodes.values()):
             return out  # the bound then also depends on q: nothing here is exact
         exact = HardAttentionELBO(estimator="enum", max_enum_size=self.max_enum_size,
                                   entropy=self.entropy, **options)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng():
                 out["exact_bound"] = -exact.loss(model, guide, *args, **kwargs)
         except ValueError as error:
             if "estimator='enum'" not in str(error):
