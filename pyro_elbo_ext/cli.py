@@ -240,6 +240,12 @@ def _run_compare(args) -> int:
         size = sum(p.grad_mean.size for p in comparison.records[0].params)
         print(f"max |bias|/SE is taken over {size} gradient element(s): an unbiased estimator "
               f"stays below {_max_z_under_null(size):.2f} in 99% of runs (independent elements)")
+        for record in comparison.records:
+            if record.bias_unassessed:
+                print(f"note: {record.estimator}: {record.bias_unassessed} element(s) took one "
+                      f"value in all {record.num_repeats} draws while the reference differs "
+                      "(a rare event not drawn): left out of max |bias|/SE; raise --repeats "
+                      "to assess them")
     biased = summary.loc[summary["objective"] != "L", ["estimator", "objective"]]
     for _, r in biased.iterrows():
         print(f"note: {r['estimator']} estimates the gradient of the {r['objective']}, not of L")

@@ -28,6 +28,7 @@ from pyro_elbo_ext.compare.statistics import (
     mean_and_se,
     parameter_statistics,
     signal_to_noise,
+    standardized_bias,
     total_variance_and_se,
     variance_and_se,
 )
@@ -346,3 +347,31 @@ def test_hard_attention_estimators_against_the_exact_bound():
     assert enum.grad_var_total < 1e-20 and enum.bias_max_z <= K_SE
     assert enum.elbo_mean == pytest.approx(enum.exact_elbo, rel=1e-10)
     assert reinforce.grad_var_total > 0 and reinforce.bias_max_z <= K_SE
+
+
+def test_standardized_bias_leaves_out_elements_a_stochastic_estimator_never_varied():
+    """Element 2 took one value in every draw but sits 0.5 from the reference: its SE of 0 is
+    no evidence, so it is counted, not standardized; a deterministic estimator keeps it."""
+    bias = np.array([0.1, -0.2, 0.5, 0.0])
+    bias_se = np.array([0.1, 0.1, 0.0, 0.0])
+    var = np.array([1.0, 1.0, 0.0, 0.0])  # element 3: no variation and no bias: assessable
+    z, unassessed = standardized_bias(bias, bias_se, var, 1e-12, stochastic=True)
+    assert (z, unassessed) == (pytest.approx(2.0), 1)
+    z, unassessed = standardized_bias(bias, bias_se, var, 1e-12, stochastic=False)
+    assert unassessed == 0 and z > 1e10  # exactness claimed, and refuted by element 2
+
+
+def test_cluttered_digits_gradients_are_measured():
+    """The networks' weights are the param store's leaves: compare sees every one of them."""
+    pytest.importorskip("pyro_elbo_ext.problems.hard_attention")
+    problem = build_problem("cluttered_digits", num_train=64, num_test=16)
+    names = {name for name in problem.init_params}
+    assert {n.split("$$$")[0] for n in names} == {"attention", "classifier"}
+    comparison = compare_estimators(
+        problem, ["hard_attention_enum", "hard_attention_reinforce_loo"], num_repeats=30)
+    enum = comparison.record("hard_attention_enum")
+    loo = comparison.record("hard_attention_reinforce_loo")
+    assert {p.name for p in enum.params} == names == {p.name for p in loo.params}
+    # the batch is the whole training set: enumeration is exact, leave-one-out is not
+    assert enum.grad_var_total < 1e-9 * loo.grad_var_total
+    assert loo.grad_var_total > 0 and math.isfinite(loo.bias_max_z)

@@ -81,7 +81,12 @@ class EstimatorRecord:
     bias_norm : float or None
         Euclidean norm of (mean gradient - reference gradient) over all elements.
     bias_max_z : float or None
-        Largest |bias| / bias_se over the elements (about N(0,1)-sized when unbiased).
+        Largest |bias| / bias_se over the elements (about N(0,1)-sized when unbiased), leaving
+        out the unassessed ones.
+    bias_unassessed : int
+        Elements of a stochastic estimator that took one value in all R draws while the
+        reference differs (a rare event not drawn): their bias cannot be standardized
+        (:func:`~pyro_elbo_ext.compare.statistics.standardized_bias`).
     reference : str
         The reference gradient's label (``"exact"``, ``"estimate: ..."`` or ``"none"``).
     time_per_eval_s : float
@@ -110,6 +115,7 @@ class EstimatorRecord:
     snr_median: float
     bias_norm: float | None
     bias_max_z: float | None
+    bias_unassessed: int
     reference: str
     time_per_eval_s: float
     efficiency: float
@@ -131,7 +137,7 @@ class EstimatorRecord:
 SUMMARY_COLUMNS = [
     "problem", "estimator", "family", "objective", "at", "num_repeats", "num_particles",
     "elbo_mean", "elbo_se", "exact_elbo", "log_evidence", "gap", "grad_var_total",
-    "grad_var_total_se", "snr_median", "bias_norm", "bias_max_z", "reference",
+    "grad_var_total_se", "snr_median", "bias_norm", "bias_max_z", "bias_unassessed", "reference",
     "time_per_eval_s", "efficiency", "description", "seed",
 ]
 

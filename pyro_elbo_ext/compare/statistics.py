@@ -157,6 +157,29 @@ def max_abs_z(bias: np.ndarray, bias_se: np.ndarray, floor: np.ndarray | float =
     return float(np.max(z))
 
 
+def standardized_bias(
+    bias: np.ndarray, bias_se: np.ndarray, var: np.ndarray, floor: np.ndarray | float,
+    stochastic: bool,
+) -> tuple[float, int]:
+    """``(max |bias| / SE, unassessed)`` over a gradient's elements.
+
+    An element of a *stochastic* estimator that took one value in every draw (sample variance
+    exactly 0) while its bias exceeds the rounding ``floor`` cannot be standardized: whatever
+    makes it vary (a ReLU unit active only for a rarely drawn glimpse, say) did not occur in the
+    R draws, so its SE of 0 says nothing.  Such elements are left out of the maximum and
+    counted (``unassessed``; more draws assess them).  For a deterministic estimator (all
+    variances 0, e.g. enumeration) every element counts, against the rounding floor.
+    """
+    bias = np.asarray(bias, float)
+    keep = np.ones(bias.shape, bool)
+    if stochastic:
+        flat = np.asarray(var, float) == 0
+        keep = ~(flat & (np.abs(bias) > np.broadcast_to(floor, bias.shape)))
+    floor = np.broadcast_to(floor, bias.shape)
+    z = max_abs_z(bias[keep], np.asarray(bias_se, float)[keep], floor[keep])
+    return z, int((~keep).sum())
+
+
 def rounding_floor(eps: float, *magnitudes: np.ndarray) -> np.ndarray:
     """``64 eps (1 + sum |m|)``: the rounding allowance of a gradient computed in a dtype with
     machine epsilon ``eps`` (sums of tens of terms of the magnitudes given)."""
@@ -305,13 +328,16 @@ def summarize(
     snr = np.concatenate([p.snr for p in params])
     snr = snr[~np.isnan(snr)]
     bias_norm = bias_max_z = None
+    bias_unassessed = 0
     if reference.kind != "none":
         bias = np.concatenate([p.bias for p in params])
         bias_se = np.concatenate([p.bias_se for p in params])
         bias_norm = float(np.linalg.norm(bias))
         ref_grad = np.concatenate([p.reference for p in params])
         mean = np.concatenate([p.grad_mean for p in params])
-        bias_max_z = max_abs_z(bias, bias_se, rounding_floor(draws.eps, ref_grad, mean))
+        bias_max_z, bias_unassessed = standardized_bias(
+            bias, bias_se, np.concatenate([p.grad_var for p in params]),
+            rounding_floor(draws.eps, ref_grad, mean), stochastic=total_var > 0)
     exact = None
     if problem.exact_elbo is not None and reference.kind == "exact":
         exact = reference.elbo
@@ -335,6 +361,7 @@ def summarize(
         snr_median=float(np.median(snr)) if snr.size else math.nan,
         bias_norm=bias_norm,
         bias_max_z=bias_max_z,
+        bias_unassessed=bias_unassessed,
         reference=reference.label,
         time_per_eval_s=seconds,
         efficiency=efficiency(total_var, seconds),

@@ -22,6 +22,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.params.param_store import param_with_module_name
 from torch import nn
 
 from ..elbos.hard_attention import HardAttentionELBO, empty_guide
@@ -269,8 +270,11 @@ def cluttered_digits(
 
     ``coarse(I)`` is the canvas average-pooled by ``coarse_factor``, ``glimpse(I, l)`` the
     ``glimpse x glimpse`` crop at grid location l (grid stride ``stride``); ``a_W`` and
-    ``c_W`` are one-hidden-layer MLPs registered with ``pyro.module`` as ``"attention"`` and
-    ``"classifier"``.  The plate subsamples ``batch_size`` examples per step.  The guide is
+    ``c_W`` are one-hidden-layer MLPs registered with ``pyro.module(...,
+    update_module_params=True)`` as ``"attention"`` and ``"classifier"``, so their weights are the
+    param store's leaves and ``init_params`` holds their starting values
+    (``Problem.set_params`` resets them; gradient statistics see them).  The plate subsamples
+    ``batch_size`` examples per step.  The guide is
     :func:`~pyro_elbo_ext.elbos.hard_attention.empty_guide`; the attention site ``"where"``
     carries ``infer={"baseline_input": coarse}`` for a learned baseline.
 
@@ -318,8 +322,8 @@ def cluttered_digits(
         attention[-1].bias.zero_()
 
     def model(coarse, patches, labels):
-        pyro.module("attention", attention)
-        pyro.module("classifier", classifier)
+        pyro.module("attention", attention, update_module_params=True)
+        pyro.module("classifier", classifier, update_module_params=True)
         with pyro.plate("data", coarse.shape[0], subsample_size=min(batch_size, coarse.shape[0])
                         ) as idx:
             view = coarse[idx]
@@ -341,6 +345,11 @@ def cluttered_digits(
         model=model,
         guide=empty_guide,
         args=data["train"],
+        init_params={
+            param_with_module_name(module_name, name): value.detach().clone()
+            for module_name, net in (("attention", attention), ("classifier", classifier))
+            for name, value in net.named_parameters()
+        },
         max_plate_nesting=1,
         notes={"test_args": data["test"], "networks": {"attention": attention,
                                                       "classifier": classifier},
