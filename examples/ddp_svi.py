@@ -96,6 +96,11 @@ def worker(rank: int, world_size: int, port: int, steps: int, result_path: str |
         if rank == 0 and steps:
             median = float(loss_module.guide.median(data, shard)["z"])
             print(f"after {steps} steps on {world_size} ranks: median of q(z) = {median:.4f}")
+        # release DDP's reducer and wait for every rank before the group goes away: a rank that
+        # tears gloo down while another still talks to it can abort ("terminate called
+        # without an active exception")
+        del ddp, optimizer
+        torch_dist.barrier()
     finally:
         torch_dist.destroy_process_group()
 
