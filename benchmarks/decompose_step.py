@@ -15,7 +15,8 @@ For each problem, in process CPU time (validation off, one particle, JensenELBO 
   the floor's own optimizer).
 
 ``loss gap`` is jit loss+backward / floor loss+backward; ``step gap`` is svi.step (jit) /
-(floor + one Adam); ``step gap, GroupedOptim`` the same with GroupedOptim.
+(floor + one Adam); ``step gap, GroupedOptim`` the same with GroupedOptim: each the median over
+rounds of the per-round ratio (times: medians over rounds).
 
 Run: ``python -m benchmarks.decompose_step``; writes ``benchmarks/results/decompose_step.md``.
 """
@@ -40,11 +41,19 @@ from ._common import PAIRINGS, PROBLEMS, machine_info
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], calls: int = 300,
-                   reps: int = 11) -> dict[str, float]:
-    """Per function, the median over ``reps`` rounds of its mean process CPU time (ms) over
-    ``calls`` calls; the rounds interleave the functions, so that a change of load on the
-    machine falls on all of them alike."""
+#: the gaps of the table: (label, numerator, denominator), each the median over rounds of the
+#: per-round ratio (paired, so that a change of load on the machine cancels)
+GAPS = (
+    ("loss gap", "jit loss+backward", "floor loss+backward"),
+    ("step gap", "svi.step (jit)", "floor + one Adam"),
+    ("step gap, GroupedOptim", "svi.step (jit, GroupedOptim)", "floor + one Adam"),
+)
+
+
+def interleaved_samples(fns: dict[str, Callable[[], object]], calls: int = 300,
+                        reps: int = 31) -> dict[str, list[float]]:
+    """Per function, ``reps`` samples of its mean process CPU time (ms) over ``calls`` calls;
+    each round runs every function once, so that a change of load falls on all alike."""
     for fn in fns.values():
         for _ in range(20):
             fn()
@@ -55,11 +64,11 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], calls: int = 300,
             for _ in range(calls):
                 fn()
             samples[name].append((time.process_time() - start) / calls * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
-def decompose(name: str, calls: int) -> dict[str, float]:
-    """The six timings of the module docstring for problem ``name``."""
+def decompose(name: str, calls: int) -> dict[str, list[float]]:
+    """Samples of the six timings of the module docstring for problem ``name``."""
     spec = PROBLEMS[name]
     problem = spec.build(**spec.options)
     problem.set_params()
@@ -93,7 +102,7 @@ def decompose(name: str, calls: int) -> dict[str, float]:
         for opt in per_leaf:
             opt.step()
 
-    return interleaved_ms({
+    return interleaved_samples({
         "svi.step (jit)": lambda: svi.step(*problem.args),
         "jit loss+backward": jit_loss_backward,
         "floor loss+backward": floor_loss_backward,
@@ -114,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", nargs="+", default=["normal_normal", "logistic", "vae"],
                         choices=[k for k in PROBLEMS if k != "hard_attention"])
-    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     previous = torch.get_num_threads()
@@ -136,15 +145,15 @@ def main(argv: Sequence[str] | None = None) -> str:
         "torch.set_num_threads(1); validation off; 1 particle; JensenELBO(jit=True); "
         f"load average {info.get('load_average')}",
         "",
-        "| problem | " + " | ".join(keys) + " | loss gap | step gap | step gap, GroupedOptim |",
+        "| problem | " + " | ".join(keys) + "".join(f" | {label}" for label, _, _ in GAPS) + " |",
         "|---|" + "---|" * (len(keys) + 3),
     ]
-    for name, r in rows.items():
+    for name, samples in rows.items():
+        gaps = [statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+                for _, num, den in GAPS]
         lines.append(
-            f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
-            + f" | {r['jit loss+backward'] / r['floor loss+backward']:.2f}x"
-            + f" | {r['svi.step (jit)'] / r['floor + one Adam']:.2f}x"
-            + f" | {r['svi.step (jit, GroupedOptim)'] / r['floor + one Adam']:.2f}x |")
+            f"| {name} | " + " | ".join(f"{statistics.median(samples[k]):.3f}" for k in keys)
+            + "".join(f" | {gap:.2f}x" for gap in gaps) + " |")
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decompose_step.md").write_text(text)
