@@ -76,6 +76,43 @@ def test_path_gradient_is_zero_for_every_draw_at_exact_posterior():
     assert grads["loc"].abs().max() > 1e-3
 
 
+def _stop_gradient_cases():
+    loc = torch.tensor([0.3, -1.0, 0.5], requires_grad=True)
+    scale = torch.tensor([0.7, 1.2, 0.9], requires_grad=True)
+    tril = (torch.tril(torch.full((3, 3), 0.2)) + torch.eye(3)).requires_grad_(True)
+    return (loc, scale, tril), {
+        "normal": dist.Normal(loc, scale),
+        "independent": dist.Normal(loc, scale).to_event(1),
+        "masked": dist.Normal(loc, scale).mask(torch.tensor([True, False, True])),
+        "mvn": dist.MultivariateNormal(loc, scale_tril=tril),
+        "expanded": dist.Normal(loc[0], scale[0]).expand([4]),
+        "gamma": dist.Gamma(scale, scale + 1.0),
+        "lognormal (transformed: deep-copy fallback)": dist.LogNormal(loc, scale),
+    }
+
+
+@pytest.mark.parametrize("case", list(_stop_gradient_cases()[1]))
+def test_stop_gradient_copy_has_the_value_and_only_the_sample_path(case):
+    """The path estimator's frozen q: same log q(z), gradient through z only (as Pyro's deep
+    copy), and the original distribution untouched."""
+    from pyro.distributions.util import detach
+
+    from pyro_elbo_ext.elbos.treatments import stop_gradient
+
+    params, cases = _stop_gradient_cases()
+    fn = cases[case]
+    z = fn.rsample().detach().requires_grad_(True)
+    frozen = stop_gradient(fn).log_prob(z)
+    assert torch.equal(frozen, detach(fn).log_prob(z))
+    assert torch.equal(frozen, fn.log_prob(z))
+    assert all(g is None for g in torch.autograd.grad(frozen.sum(), params, allow_unused=True))
+    (dz,) = torch.autograd.grad(frozen.sum(), [z])
+    (dz_reference,) = torch.autograd.grad(detach(fn).log_prob(z).sum(), [z])
+    assert torch.equal(dz, dz_reference)
+    live = torch.autograd.grad(fn.log_prob(z).sum(), params, allow_unused=True)
+    assert any(g is not None for g in live)  # the original still depends on its parameters
+
+
 def test_path_falls_back_to_sampled_when_parameters_depend_on_a_latent():
     """q(z2 | z1) with loc = z1: detaching q's parameters would drop a pathwise term."""
 

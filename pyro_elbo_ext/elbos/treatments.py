@@ -6,6 +6,7 @@ choose which ones a site gets (its treatment).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import torch
@@ -108,6 +109,46 @@ def distribution_tensors(fn) -> list[torch.Tensor]:
     return found
 
 
+#: values a distribution may hold that :func:`stop_gradient` copies by reference
+_INERT = (bool, int, float, str, type(None), torch.Size)
+
+
+def stop_gradient(fn):
+    """A copy of distribution ``fn`` whose parameter tensors are detached.
+
+    For distributions made of tensors, plain values and nested distributions (``Normal``,
+    ``Independent``, ``MaskedDistribution``, ``MultivariateNormal`` with its cached factors,
+    ...) this is a shallow copy with every tensor detached and every nested distribution
+    copied the same way: about 5 µs, against about 25-50 µs for the deep copy of
+    :func:`pyro.distributions.util.detach`, which is used for anything else (transforms and
+    other objects that may hold parameters).  Either way ``stop_gradient(fn).log_prob(z)``
+    has the value of ``fn.log_prob(z)`` and no gradient path to ``fn``'s parameters.
+    """
+    copied = _shallow_stop_gradient(fn)
+    return detach(fn) if copied is None else copied
+
+
+def _shallow_stop_gradient(fn):
+    """:func:`stop_gradient` by shallow copies, or ``None`` where an attribute is not a tensor,
+    a plain value or a distribution."""
+    state = {}
+    for key, value in vars(fn).items():
+        if torch.is_tensor(value):
+            state[key] = value.detach()
+        elif isinstance(value, _INERT):
+            state[key] = value
+        elif isinstance(value, torch.distributions.Distribution):
+            inner = _shallow_stop_gradient(value)
+            if inner is None:
+                return None
+            state[key] = inner
+        else:
+            return None
+    copied = copy.copy(fn)
+    copied.__dict__ = state
+    return copied
+
+
 def observed_term(name: str, site: dict) -> Term:
     """log p(x | ...) of an observed site."""
     value = scaled(site, log_density(site))
@@ -140,7 +181,7 @@ def path_entropy_term(name: str, guide_site: dict) -> Term:
     estimator stays unbiased, and at q = p(z | x) the gradient is exactly zero
     (Roeder, Wu & Duvenaud 2017, arXiv:1703.09194).
     """
-    frozen = detach(guide_site["fn"])
+    frozen = stop_gradient(guide_site["fn"])
     value = scaled(guide_site, -frozen.log_prob(guide_site["value"]))
     return Term(name, "entropy", value, value, plate_frames(guide_site))
 
