@@ -47,18 +47,17 @@ without plates (``tests/test_benchmarks.py``): the bound does the real work of a
 from __future__ import annotations
 
 import torch
-from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import torch_item
 
 from pyro_elbo_ext.elbos.tracing import record_guide_and_model
-from pyro_elbo_ext.elbos.treatments import analytic_entropy
+from pyro_elbo_ext.elbos.treatments import analytic_entropy, scaled
 
 __all__ = ["LowerBoundELBO"]
 
 
 def _log_prob(site: dict) -> torch.Tensor:
-    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
+    return scaled(site, site["fn"].log_prob(site["value"]))
 
 
 def _entropy(site: dict) -> torch.Tensor | None:
@@ -66,7 +65,7 @@ def _entropy(site: dict) -> torch.Tensor | None:
     entropy = analytic_entropy(site["fn"])  # a masked distribution: zero where masked
     if entropy is None:
         return None
-    return scale_and_mask(entropy.expand(site["fn"].batch_shape), site["scale"], site["mask"])
+    return scaled(site, entropy.expand(site["fn"].batch_shape))
 
 
 def _per_particle(log_prob: torch.Tensor, nesting: int) -> torch.Tensor:

@@ -171,11 +171,10 @@ def standardized_bias(
     variances 0, e.g. enumeration) every element counts, against the rounding floor.
     """
     bias = np.asarray(bias, float)
+    floor = np.broadcast_to(floor, bias.shape)
     keep = np.ones(bias.shape, bool)
     if stochastic:
-        flat = np.asarray(var, float) == 0
-        keep = ~(flat & (np.abs(bias) > np.broadcast_to(floor, bias.shape)))
-    floor = np.broadcast_to(floor, bias.shape)
+        keep = ~((np.asarray(var, float) == 0) & (np.abs(bias) > floor))
     z = max_abs_z(bias[keep], np.asarray(bias_se, float)[keep], floor[keep])
     return z, int((~keep).sum())
 
