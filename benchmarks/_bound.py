@@ -2,7 +2,7 @@ r"""A benchmark-only ELBO: the least work any loss that runs model and guide thr
 
 :class:`LowerBoundELBO` is *not* a loss for users.  It measures the floor of loss-side work per
 SVI step for a loss that, like ours and Pyro's, runs the guide and replays the model against it
-through Pyro's effect handlers (:func:`pyro_elbo_ext.elbos.tracing.record_guide_and_model`),
+through Pyro's effect handlers (:func:`record_guide_and_model`: ``poutine.trace`` and ``replay``),
 and then does nothing more than the arithmetic every such estimator needs.  For one particle,
 with :math:`s` a site's ``scale`` and :math:`m` its ``mask`` (applied by
 :func:`pyro.distributions.util.scale_and_mask`):
@@ -46,12 +46,23 @@ without plates (``tests/test_benchmarks.py``): the bound does the real work of a
 
 from __future__ import annotations
 
+import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import torch_item
+from pyro.poutine.util import prune_subsample_sites
 
-from pyro_elbo_ext.elbos.tracing import record_guide_and_model
-from pyro_elbo_ext.elbos.treatments import analytic_entropy, scaled
+from pyro_elbo_ext.elbos.densities import scaled
+from pyro_elbo_ext.elbos.treatments import analytic_entropy
+
+
+def record_guide_and_model(model, guide, args, kwargs):
+    """Pyro's tracing, as every loss here records it (``poutine.trace`` of the guide, the
+    model replayed against it, subsample sites pruned), without any check."""
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        *args, **kwargs)
+    return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
 
 __all__ = ["LowerBoundELBO"]
 
@@ -132,11 +143,15 @@ class LowerBoundELBO(ELBO):
         minus_value: list[torch.Tensor] = []  # subtracted from L only (detached)
         scored: list[torch.Tensor] = []  # log r of the score sites
         for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
             if site["is_observed"] or name in guide_nodes:
                 plus.append(_log_prob(site))
             elif not site["fn"].has_rsample:
                 scored.append(_log_prob(site))
         for site in guide_nodes.values():
+            if site["type"] != "sample":
+                continue
             entropy = _entropy(site) if self.analytic_entropy else None
             if site["fn"].has_rsample:
                 if entropy is not None:

@@ -424,7 +424,8 @@ def test_kl_weight_one_equals_the_plain_loss():
         assert value == out[0][0]
         for g, g0 in zip(grads, out[0][1]):
             assert torch.equal(g, g0)
-    assert AnalyticKLELBO(kl_weight=1.0)._decomposition_notes() == ()
+    assert AnalyticKLELBO(kl_weight=1.0).decompose(
+        problem.model, problem.guide, *problem.args).notes == ()
 
 
 def test_kl_sites_limit_the_weight():
@@ -624,7 +625,8 @@ def test_autonormal_kl_sites_weight_only_the_named_latents_auxiliary_entropy():
     elbo = _vectorized(kl_weight=0.0, kl_sites=["z1"])
     values = _draws_of_L(elbo, guide, True)
     assert_mean_close(values, e_loglik - kls["z2"], what="AutoNormal, kl_sites=['z1']")
-    weights = elbo._plan.auxiliary_weighted
+    (plan,) = elbo._plans._plans.values()
+    weights = plan.facts["auxiliary_weighted"]
     assert weights == {"z1_unconstrained": True, "z2_unconstrained": False}
 
 

@@ -43,19 +43,23 @@ def test_combine_value_pathwise_and_score_terms():
     assert float(grad) == pytest.approx(-2.0 + float((torch.tensor([-1.0, -2.0]) * cost).sum()))
 
 
-def test_baseline_is_subtracted_and_its_penalty_reaches_only_the_surrogate():
+def test_learning_signal_replaces_the_cost_only_where_marked():
     theta = torch.tensor(1.0, requires_grad=True)
     terms = [Term("x", "log_likelihood", torch.tensor(3.0), None, frozenset())]
 
-    def baseline(site, cost):
-        return torch.tensor(2.0), (theta - 5.0) ** 2
+    def signal(site, cost):
+        return cost - 2.0
 
-    est = combine(terms, [ScoreSite("s", theta * 1.0, frozenset())], baseline)
+    sites = [ScoreSite("attended", theta * 1.0, frozenset(), learning_signal=True),
+             ScoreSite("guided", theta * 10.0, frozenset())]
+    est = combine(terms, sites, signal)
     assert float(est.elbo) == 3.0
     (grad,) = torch.autograd.grad(est.surrogate, theta)
-    assert float(grad) == pytest.approx((3.0 - 2.0) - 2 * (1.0 - 5.0))
+    # the marked site meets the signal 3 - 2, the other the plain cost 3
+    assert float(grad) == pytest.approx(1.0 * (3.0 - 2.0) + 10.0 * 3.0)
 
 
-def test_no_terms_is_an_error():
-    with pytest.raises(ValueError, match="no sample sites"):
-        combine([])
+def test_empty_program_has_zero_bound():
+    """Pyro's ELBOs give 0 for a model and guide with no sample sites; so does the engine."""
+    est = combine([])
+    assert float(est.elbo) == 0.0 and float(est.surrogate) == 0.0

@@ -256,7 +256,8 @@ def test_zero_one_reward_is_expected_accuracy_gradient():
         _, grads = draw_loss_and_grads(elbo, problem, 600)
     assert_mean_close(grads["att_w"], d_accuracy, what="zero_one attention gradient")
     assert_mean_close(grads["cls_w"], d_classifier, what="zero_one classifier gradient")
-    assert any("zero_one" in n for n in elbo._decomposition_notes())
+    assert any("zero_one" in n for n in elbo.decompose(problem.model, problem.guide,
+                                                       *problem.args).notes)
 
 
 # ---------------------------------------------------------------------------- state
@@ -267,20 +268,20 @@ def test_moving_average_state_round_trip():
     for _ in range(5):
         elbo.differentiable_loss(problem.model, problem.guide, *problem.args)
     state = elbo.state_dict()
-    fresh = HardAttentionELBO(estimator="reinforce", baseline="moving_average",
+    fresh = HardAttentionELBO(estimator="reinforce", baseline="moving_average", decay=0.8,
                               normalize=True, max_plate_nesting=1)
     fresh.load_state_dict(state)
     like = torch.zeros(())
     for site in ("l0", "l1"):
-        assert float(fresh.baseline_state.baseline.value(site, like)) == float(
-            elbo.baseline_state.baseline.value(site, like)) != 0.0
-    assert fresh.baseline_state.baseline.decay == 0.8
-    assert set(fresh.baseline_state.normalizer.variances) == {"l0", "l1"}
+        assert float(fresh.learning_signal.baseline.value(site, like)) == float(
+            elbo.learning_signal.baseline.value(site, like)) != 0.0
+    assert fresh.learning_signal.baseline.decay == 0.8
+    assert set(fresh.learning_signal.normalizer.variances) == {"l0", "l1"}
     # evaluation does not move the average
-    before = float(elbo.baseline_state.baseline.value("l0", like))
+    before = float(elbo.learning_signal.baseline.value("l0", like))
     elbo.loss(problem.model, problem.guide, *problem.args)
     elbo.decompose(problem.model, problem.guide, *problem.args)
-    assert float(elbo.baseline_state.baseline.value("l0", like)) == before
+    assert float(elbo.learning_signal.baseline.value("l0", like)) == before
     # nothing of the moving average lives in the param store
     assert all(name in problem.init_params for name in pyro.get_param_store().keys())
 
@@ -292,7 +293,7 @@ def test_learned_baseline_trains_under_plain_svi_and_round_trips():
                              vectorize_particles=True, max_plate_nesting=1)
     svi = pyro.infer.SVI(problem.model, problem.guide, pyro.optim.Adam({"lr": 0.02}), elbo)
     svi.step(*problem.args)
-    net = elbo.baseline_state.baseline
+    net = elbo.learning_signal.baseline
     x = problem.args[0]
 
     def regression_error():
@@ -316,7 +317,7 @@ def test_learned_baseline_trains_under_plain_svi_and_round_trips():
     fresh = HardAttentionELBO(estimator="reinforce", baseline="learned", num_particles=4,
                               vectorize_particles=True, max_plate_nesting=1)
     fresh.load_state_dict(elbo.state_dict())
-    assert torch.equal(fresh.baseline_state.baseline.predict("l0", x), net.predict("l0", x))
+    assert torch.equal(fresh.learning_signal.baseline.predict("l0", x), net.predict("l0", x))
 
 
 # ---------------------------------------------------------------------------- errors

@@ -1,235 +1,34 @@
-"""AnalyticKLELBO: L = E_q[log p(X | Z)] - KL[q(Z) || p(Z)], with a closed-form KL where valid."""
+"""AnalyticKLELBO: L = E_q[log p(X | Z)] - KL[q(Z) || p(Z)], with a closed-form KL where valid.
+
+The closed forms are in :mod:`.kl`, the dependency analysis that decides where they are valid in
+:mod:`.dependencies`; this module is the loss: its treatment of a site and its KL weight.
+"""
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.util import is_validation_enabled
-from pyro.ops.provenance import ProvenanceTensor, detach_provenance, get_provenance
-from pyro.poutine.messenger import Messenger
-from torch.distributions import Independent, kl_divergence
 
 from .base import SiteTreatmentELBO
-from .engine import Term, plate_frames
-from .treatments import distribution_tensors, is_reparameterized, log_density, scaled
-from .validation import is_subsample_site
+from .densities import PATHWISE, entropy_term, estimator_kind, log_density, scaled
+from .dependencies import auxiliary_children, model_parents, preceding_latents
+from .engine import Term
+from .kl import analytic_kl, same_value
+from .plan import AUXILIARY, GUIDED, Planning, SiteView, Treatment
+from .sites import is_latent_site, plate_frames
+from .treatments import is_delta
+from .validation import check_choice, check_number
 
 #: what to do with a site whose analytic KL would be biased (see ``AnalyticKLELBO``)
 DEPENDENCY_VIOLATION_ACTIONS = ("fallback", "raise")
 
-#: how many trace structures (site names and guide order) keep a cached plan
-_MAX_CACHED_PLANS = 32
-
 KLWeight = float | Callable[[int], float]
-
-
-# ---------------------------------------------------------------------------- closed-form KL
-def analytic_kl(q, p) -> torch.Tensor:
-    """KL[q || p] element by element over the broadcast batch shape of ``q`` and ``p``.
-
-    Looks through the wrappers Pyro puts around distributions before asking
-    :func:`torch.distributions.kl_divergence` (which holds torch's and Pyro's registrations):
-
-    - ``MaskedDistribution`` (``fn.mask(m)``): allowed only when both sides carry the same
-      mask; the KL is zero where the mask is false (where both log-densities are zero);
-    - ``ExpandedDistribution`` (``fn.expand(shape)``): the KL of the base, broadcast;
-    - ``Independent`` (``fn.to_event(n)``) on both sides: the shared reinterpreted
-      dimensions are summed, the rest handled recursively.
-
-    Parameters
-    ----------
-    q, p : torch.distributions.Distribution
-        The guide's and the model's distribution of one site.
-
-    Returns
-    -------
-    torch.Tensor
-        Shaped ``torch.broadcast_shapes(q.batch_shape, p.batch_shape)``.
-
-    Raises
-    ------
-    NotImplementedError
-        When no closed form is registered for the pair (or the masks differ).
-    """
-    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
-    q_masked, p_masked = isinstance(q, MaskedDistribution), isinstance(p, MaskedDistribution)
-    if q_masked or p_masked:
-        if not (q_masked and p_masked) or not _same_value(q._mask, p._mask):
-            raise NotImplementedError("guide and model distributions carry different masks")
-        kl = analytic_kl(q.base_dist, p.base_dist)
-        mask = q._mask
-        if mask is False:
-            kl = torch.zeros_like(kl)
-        elif mask is not True:
-            kl = torch.where(mask, kl, kl.new_zeros(()))
-    elif isinstance(q, ExpandedDistribution):
-        kl = analytic_kl(q.base_dist, p)
-    elif isinstance(p, ExpandedDistribution):
-        kl = analytic_kl(q, p.base_dist)
-    elif isinstance(q, Independent) and isinstance(p, Independent):
-        nq, np_ = q.reinterpreted_batch_ndims, p.reinterpreted_batch_ndims
-        shared = min(nq, np_)
-        q_inner = Independent(q.base_dist, nq - shared) if nq > shared else q.base_dist
-        p_inner = Independent(p.base_dist, np_ - shared) if np_ > shared else p.base_dist
-        kl = analytic_kl(q_inner, p_inner)
-        if shared:
-            kl = kl.sum(tuple(range(-shared, 0)))
-    else:
-        kl = kl_divergence(q, p)
-        if not torch.is_tensor(kl):
-            kl = torch.as_tensor(kl)
-    return kl if kl.shape == shape else kl.expand(shape)
-
-
-def _same_value(a, b) -> bool:
-    """Whether two scales or masks (numbers, bools, tensors or None) are equal.
-
-    Evaluated at every step, not once per trace structure: a mask or scale is whatever tensor
-    the model and guide compute on that call (a data-dependent ``poutine.mask``, a subsample's
-    mask), so equal masks at one step say nothing about the next.  The identity check comes
-    first, so the tensor comparison (and its device sync) only happens when the model and
-    guide pass different tensor objects.
-    """
-    if a is b:
-        return True
-    if torch.is_tensor(a) and torch.is_tensor(b):
-        return a.shape == b.shape and bool((a == b).all())
-    if torch.is_tensor(a) or torch.is_tensor(b) or a is None or b is None:
-        return False
-    return a == b
-
-
-def _structure(fn) -> tuple:
-    """The wrapper/base types of a distribution: what decides whether a KL is registered."""
-    types = []
-    while fn is not None:
-        types.append(type(fn))
-        fn = getattr(fn, "base_dist", None)
-    return tuple(types)
-
-
-# ---------------------------------------------------------------------------- dependencies
-class _TagLatentSamples(Messenger):
-    """Makes every latent sample a ProvenanceTensor tagged with its own site name."""
-
-    def _pyro_post_sample(self, msg):
-        if msg["is_observed"] or is_subsample_site(msg):
-            return
-        msg["value"] = ProvenanceTensor(detach_provenance(msg["value"]), frozenset({msg["name"]}))
-
-
-class _TagNamedSamples(Messenger):
-    """Makes the samples of the named sites ProvenanceTensors tagged with their own names."""
-
-    def __init__(self, names: frozenset[str]):
-        super().__init__()
-        self.names = names
-
-    def _pyro_post_sample(self, msg):
-        if msg["name"] in self.names:
-            msg["value"] = ProvenanceTensor(
-                detach_provenance(msg["value"]), frozenset({msg["name"]})
-            )
-
-
-def auxiliary_children(
-    guide, guide_trace, auxiliary: Iterable[str], args, kwargs
-) -> dict[str, frozenset[str]]:
-    """For each auxiliary guide site, the other guide sample sites computed from its sample.
-
-    An AutoGuide (``AutoNormal``, ``AutoDiagonalNormal``, ``AutoMultivariateNormal``, ...)
-    samples auxiliary latents (``infer={"is_auxiliary": True}``) and gives each model latent a
-    ``Delta`` site whose value is a transform of them; this finds which.  The guide is replayed
-    once against ``guide_trace`` with the auxiliary samples tracked by provenance (as in
-    :func:`model_parents`: no gradients, validation off, random state restored), and a site
-    depends on an auxiliary sample when its distribution's tensors (a Delta's value and
-    log-density) or its log-density carry that sample's name.
-    """
-    auxiliary = frozenset(auxiliary)
-    with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
-        with _TagNamedSamples(auxiliary):
-            trace = poutine.trace(poutine.replay(guide, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
-    children: dict[str, set[str]] = {name: set() for name in auxiliary}
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or name in auxiliary or is_subsample_site(site):
-            continue
-        provenance = frozenset()
-        for tensor in distribution_tensors(site["fn"]):
-            provenance |= get_provenance(tensor)
-        try:
-            value = detach_provenance(site["value"])
-            provenance |= get_provenance(site["fn"].log_prob(value))
-        except Exception:  # noqa: BLE001 - the tensors above are then all we know
-            pass
-        for aux in provenance & auxiliary:
-            children[aux].add(name)
-    return {name: frozenset(sites) for name, sites in children.items()}
-
-
-def model_parents(model, guide_trace, args, kwargs) -> dict[str, frozenset[str]]:
-    """For each model latent, the latent sites its distribution's parameters are computed from.
-
-    The model is replayed once against ``guide_trace`` with each latent sample wrapped in a
-    :class:`pyro.ops.provenance.ProvenanceTensor` (provenance tracking: Wingate et al. 2011,
-    "Nonstandard interpretations of probabilistic programs"), so that every tensor computed
-    from a sample carries that sample's name.  Runs without gradients, with validation off and
-    with the random state restored afterwards (it consumes no randomness of the caller).
-
-    Dependencies through Python control flow or ``.item()`` are not seen.
-    """
-    with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
-        with _TagLatentSamples():
-            trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
-    parents: dict[str, frozenset[str]] = {}
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or is_subsample_site(site):
-            continue
-        provenance = frozenset()
-        for tensor in distribution_tensors(site["fn"]):
-            provenance |= get_provenance(tensor)
-        try:  # parameters a distribution computes lazily show up in its log-density
-            value = detach_provenance(site["value"])
-            provenance |= get_provenance(site["fn"].log_prob(value))
-        except Exception:  # noqa: BLE001 - the tensors above are then all we know
-            pass
-        parents[name] = provenance - {name}
-    return parents
-
-
-def _preceding_latents(model_trace) -> dict[str, frozenset[str]]:
-    """The conservative parent sets: every latent that precedes a site in the model."""
-    seen: list[str] = []
-    out: dict[str, frozenset[str]] = {}
-    for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
-            out[name] = frozenset(seen)
-            seen.append(name)
-    return out
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Per-site decisions for one trace structure."""
-
-    analytic_allowed: dict[str, bool]  # False: the model's p(z_i | ...) depends on a later sample
-    violations: dict[str, tuple[str, ...]]  # site -> the later guide samples it depends on
-    #: guide sample sites the model does not have (an AutoGuide's auxiliary latents)
-    auxiliary: tuple[str, ...] = ()
-    #: auxiliary site -> whether its entropy takes the KL weight (it feeds weighted sites only)
-    auxiliary_weighted: dict[str, bool] | None = None
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -276,7 +75,7 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     term (H[q(u)], analytic where ``entropy()`` exists); a note says so.  The KL weight
     multiplies both parts, so the weighted objective is the one stated below.  With
     ``kl_sites`` naming some latents, the auxiliary sites are mapped to the latents they feed
-    (once per trace structure, by provenance through a replay of the guide,
+    (once per plan, by provenance through a replay of the guide,
     :func:`auxiliary_children`): an auxiliary site feeding only weighted latents has its
     entropy weighted, one feeding none of them keeps weight 1, and one feeding both kinds
     (``AutoDiagonalNormal``'s joint latent when ``kl_sites`` names a strict subset) raises a
@@ -288,8 +87,12 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     :math:`\mathrm{pa}(z_i)` are sampled *before* :math:`z_i` in the guide.  That condition is
     checked from the actual dependencies, not from site order: the model is replayed once
     against a guide trace with every latent sample tracked by provenance
-    (:func:`model_parents`), and each site is decided once per trace structure (site names and
-    guide order; the plan is cached).  A guide such as ``q(z1) q(z2 | z1)`` for
+    (:func:`~pyro_elbo_ext.elbos.dependencies.model_parents`), and each site is decided once
+    per plan.  A plan is keyed by the model and guide objects, the signature of their
+    arguments (tensor shapes and dtypes, plain values) and the trace structure, so a
+    decision made for one model or one argument value is never reused for another (a
+    dependency that depends on tensor *values* through Python control flow is not seen).
+    A guide such as ``q(z1) q(z2 | z1)`` for
     ``p(z1) p(z2 | z1)`` keeps the analytic path; one that samples ``z2`` before ``z1``
     violates it for ``z2``.  A violating site **falls back to the Monte Carlo term** (which is
     unbiased for any guide) and, under ``pyro.infer.util.is_validation_enabled()``, a
@@ -356,40 +159,28 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     ):
         super().__init__(num_particles=num_particles, **kwargs)
         if not callable(kl_weight):
-            kl_weight = _check_weight(kl_weight)
-        elif getattr(self, "jit", False):
+            kl_weight = check_number("kl_weight", kl_weight, low=0.0)
+        elif self.jit:
             raise ValueError(
                 "kl_weight is a schedule (a callable), which a compiled loss (jit=True) would "
                 "freeze at its first value; use jit=False, or a constant kl_weight"
             )
         self.kl_weight = kl_weight
-        if isinstance(kl_sites, str):
-            kl_sites = (kl_sites,)
-        self.kl_sites = None if kl_sites is None else frozenset(kl_sites)
-        if on_dependency_violation not in DEPENDENCY_VIOLATION_ACTIONS:
-            raise ValueError(
-                f"on_dependency_violation must be one of {DEPENDENCY_VIOLATION_ACTIONS}, "
-                f"got {on_dependency_violation!r}"
-            )
-        self.on_dependency_violation = on_dependency_violation
-        #: optimization steps taken (calls of differentiable_loss / loss_and_grads)
-        self.step_count = 0
-        self._step_depth = 0
-        self._weight = self._weight_at(0) if callable(kl_weight) else kl_weight
-        self._plans: dict[tuple, _Plan] = {}
-        self._plan: _Plan | None = None
-        self._kl_registered: dict[tuple, bool] = {}
+        self.kl_sites = _check_kl_sites(kl_sites)
+        self.on_dependency_violation = check_choice(
+            "on_dependency_violation", on_dependency_violation, DEPENDENCY_VIOLATION_ACTIONS
+        )
 
     # ------------------------------------------------------------------ the weight and its state
     def _weight_at(self, step: int) -> float:
         if not callable(self.kl_weight):
             return self.kl_weight
-        return _check_weight(self.kl_weight(step), step)
+        return check_number(f"kl_weight({step})", self.kl_weight(step), low=0.0)
 
-    def _site_weight(self, name: str) -> float:
-        if self.kl_sites is None or name in self.kl_sites:
-            return self._weight
-        return 1.0
+    def _step_settings(self, training: bool) -> KLStep:
+        """This call's KL weight: that of the current step (the count advances after a
+        training call)."""
+        return KLStep(self._weight_at(self.step_count), self.step_count)
 
     def state_dict(self) -> dict:
         """The estimator's state: ``{"step_count": int}`` (the schedule position)."""
@@ -405,187 +196,110 @@ class AnalyticKLELBO(SiteTreatmentELBO):
             )
         self.step_count = int(step)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """-L_w as a tensor (see the class docstring); one step of the KL-weight schedule."""
-        with self._one_step():
-            return super().differentiable_loss(model, guide, *args, **kwargs)
+    # ------------------------------------------------------------------ the treatment
+    def _treat(self, site: SiteView, planning: Planning) -> Treatment:
+        if site.role == AUXILIARY:
+            planning.memo.setdefault("auxiliary", []).append(site.name)
+            weighted = self.kl_sites is None or planning.fact(
+                "auxiliary_weighted", lambda: self._weigh_auxiliary(planning)
+            ).get(site.name, False)
+            return WeightedTreatment(super()._treat(site, planning), weighted)
+        if site.role != GUIDED:
+            return super()._treat(site, planning)
+        planning.fact("kl_sites_checked", lambda: self._check_kl_sites_exist(planning))
+        violations = planning.fact("violations", lambda: self._violations(planning))
+        model_fn, guide_fn = site.model_site["fn"], site.guide_site["fn"]
+        return KLTreatment(
+            analytic=site.name not in violations and not is_delta(guide_fn)
+            and _kl_registered(guide_fn, model_fn),
+            weighted=self.kl_sites is None or site.name in self.kl_sites,
+            guide_estimator=estimator_kind(guide_fn),
+        )
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """-L_w, with its gradient accumulated into ``.grad``; one step of the schedule."""
-        with self._one_step():
-            return super().loss_and_grads(model, guide, *args, **kwargs)
-
-    @contextmanager
-    def _one_step(self):
-        """Fix the weight for this step and advance the count after it (re-entrant: the
-        compiled ``loss_and_grads`` calls ``differentiable_loss``)."""
-        outermost = self._step_depth == 0
-        if outermost:
-            self._weight = self._weight_at(self.step_count)
-        self._step_depth += 1
+    # ------------------------------------------------------------------ planning facts
+    def _violations(self, planning: Planning) -> dict[str, tuple[str, ...]]:
+        """The sites whose model distribution depends on a later guide sample (raise or warn)."""
+        model_trace, guide_trace = planning.model_trace, planning.guide_trace
         try:
-            yield
-        finally:
-            self._step_depth -= 1
-        if outermost:
-            self.step_count += 1
-
-    def _estimates(self, model, guide, args, kwargs, update_state: bool = True):
-        if self._step_depth == 0:  # loss() and decompose(): the weight of the current step
-            self._weight = self._weight_at(self.step_count)
-        yield from super()._estimates(model, guide, args, kwargs, update_state)
-
-    def _decomposition_notes(self) -> tuple[str, ...]:
-        return self._weight_notes() + self._auxiliary_notes()
-
-    def _auxiliary_notes(self) -> tuple[str, ...]:
-        plan = self._plan
-        if plan is None or not plan.auxiliary:
-            return ()
-        names = ", ".join(repr(s) for s in plan.auxiliary)
-        return (
-            f"the guide has auxiliary sites ({names}; an AutoGuide's): the KL of the latents "
-            "they feed is split between the 'entropy' term of each auxiliary site (analytic "
-            "H[q_aux]) and the latents' 'kl' terms, which are Monte Carlo log q_Delta - log p "
-            "(the Delta's log-density is the transform's log-Jacobian) and are not KLs "
-            "themselves; the KL of those latents is sum('kl') - sum(auxiliary 'entropy')",
-        )
-
-    def _weight_notes(self) -> tuple[str, ...]:
-        if not callable(self.kl_weight) and self.kl_weight == 1.0:
-            return ()
-        w = self._weight
-        which = (
-            "every latent site"
-            if self.kl_sites is None
-            else "sites " + ", ".join(repr(s) for s in sorted(self.kl_sites))
-        )
-        schedule = f" (a schedule, at step {self.step_count})" if callable(self.kl_weight) else ""
-        if w == 1.0:
-            return (
-                f"kl_weight{schedule} is 1 here, so this is L; at other steps the objective "
-                "is E[log p(X|Z)] - w KL, which is not L and, for w < 1, not a lower bound "
-                "on log p(X)",
-            )
-        bound = (
-            "NOT a lower bound on log p(X) in general (it can exceed it)"
-            if w < 1
-            else "a looser lower bound than L"
-        )
-        return (
-            f"kl_weight = {w:g}{schedule} multiplies the KL of {which}: the value is "
-            f"E[log p(X|Z)] - {w:g} KL, {bound}; the 'kl' terms shown (and the 'entropy' "
-            "terms of auxiliary guide sites feeding those latents) are weighted",
-        )
-
-    # ------------------------------------------------------------------ the plan
-    def _get_trace(self, model, guide, args, kwargs):
-        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        guide_order = tuple(
-            name for name, site in guide_trace.nodes.items() if site["type"] == "sample"
-        )
-        latents = tuple(
-            name
-            for name, site in model_trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"]
-        )
-        key = (guide_order, latents)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._make_plan(
-                model, guide, args, kwargs, model_trace, guide_trace, guide_order
-            )
-            if len(self._plans) >= _MAX_CACHED_PLANS:
-                self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = plan
-        self._plan = plan
-        return model_trace, guide_trace
-
-    def _make_plan(
-        self, model, guide, args, kwargs, model_trace, guide_trace, guide_order
-    ) -> _Plan:
-        try:
-            parents = model_parents(model, guide_trace, args, kwargs)
+            parents = model_parents(planning.model, guide_trace, planning.args, planning.kwargs)
         except Exception as error:  # noqa: BLE001 - any failure: the conservative rule
-            parents = _preceding_latents(model_trace)
+            parents = preceding_latents(model_trace)
             warnings.warn(
                 f"{type(self).__name__}: could not trace the model's dependencies "
                 f"({type(error).__name__}: {error}); treating every latent that precedes a "
                 "site in the model as its parent",
-                stacklevel=5,
+                stacklevel=2,
             )
-        position = {name: i for i, name in enumerate(guide_order)}
-        allowed: dict[str, bool] = {}
+        order = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"]
+        position = {name: i for i, name in enumerate(order)}
         violations: dict[str, tuple[str, ...]] = {}
         for name, site in model_trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"] or name not in position:
+            if not is_latent_site(site) or name not in position:
                 continue
-            late = tuple(
-                sorted(p for p in parents.get(name, ()) if position.get(p, -1) > position[name])
-            )
-            allowed[name] = not late
+            late = tuple(sorted(p for p in parents.get(name, ())
+                                if position.get(p, -1) > position[name]))
             if late:
                 violations[name] = late
         if violations:
-            listing = "; ".join(
-                f"'{name}' (its model distribution depends on {', '.join(map(repr, late))})"
-                for name, late in violations.items()
-            )
-            advice = (
-                "sample those latents before the site in the guide (or condition the guide the "
-                "same way the model is ordered)"
-            )
-            if self.on_dependency_violation == "raise":
-                raise ValueError(
-                    f"{type(self).__name__}: the analytic KL is invalid for {listing}, which the "
-                    f"guide samples later; {advice}, or pass "
-                    "on_dependency_violation='fallback' to use the Monte Carlo term there"
-                )
-            if is_validation_enabled():
-                warnings.warn(
-                    f"{type(self).__name__}: using the Monte Carlo KL term for {listing}, "
-                    f"which the guide samples later; to keep the analytic KL, {advice}",
-                    stacklevel=5,
-                )
-        if self.kl_sites is not None:  # once per structure, so always (not only validating)
-            unknown = sorted(self.kl_sites - set(allowed))
-            if unknown:
-                raise ValueError(
-                    f"{type(self).__name__}: kl_sites names {unknown}, which are not latent "
-                    "sites sampled by both the model and the guide (those are "
-                    f"{sorted(allowed)}); fix the names"
-                )
-        auxiliary = tuple(
-            name
-            for name, site in guide_trace.nodes.items()
-            if site["type"] == "sample" and name not in model_trace.nodes
-        )
-        return _Plan(
-            analytic_allowed=allowed,
-            violations=violations,
-            auxiliary=auxiliary,
-            auxiliary_weighted=self._weigh_auxiliary(
-                guide, guide_trace, auxiliary, set(allowed), args, kwargs
-            ),
-        )
+            self._report_violations(violations)
+        return violations
 
-    def _weigh_auxiliary(
-        self, guide, guide_trace, auxiliary, latents, args, kwargs
-    ) -> dict[str, bool]:
+    def _report_violations(self, violations: dict[str, tuple[str, ...]]) -> None:
+        listing = "; ".join(
+            f"'{name}' (its model distribution depends on {', '.join(map(repr, late))})"
+            for name, late in violations.items()
+        )
+        advice = (
+            "sample those latents before the site in the guide (or condition the guide the "
+            "same way the model is ordered)"
+        )
+        if self.on_dependency_violation == "raise":
+            raise ValueError(
+                f"{type(self).__name__}: the analytic KL is invalid for {listing}, which the "
+                f"guide samples later; {advice}, or pass "
+                "on_dependency_violation='fallback' to use the Monte Carlo term there"
+            )
+        if is_validation_enabled():
+            warnings.warn(
+                f"{type(self).__name__}: using the Monte Carlo KL term for {listing}, "
+                f"which the guide samples later; to keep the analytic KL, {advice}",
+                stacklevel=2,
+            )
+
+    def _guided_latents(self, planning: Planning) -> set[str]:
+        guide_nodes = planning.guide_trace.nodes
+        return {name for name, site in planning.model_trace.nodes.items()
+                if is_latent_site(site) and name in guide_nodes}
+
+    def _check_kl_sites_exist(self, planning: Planning) -> None:
+        """Once per plan, validation or not: every name in ``kl_sites`` is a guided latent."""
+        if self.kl_sites is None:
+            return
+        latents = self._guided_latents(planning)
+        unknown = sorted(self.kl_sites - latents)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: kl_sites names {unknown}, which are not latent "
+                f"sites sampled by both the model and the guide (those are {sorted(latents)}); "
+                "fix the names"
+            )
+
+    def _weigh_auxiliary(self, planning: Planning) -> dict[str, bool]:
         """Which auxiliary sites' entropies take the KL weight (see the class docstring)."""
-        if not auxiliary:
-            return {}
-        if self.kl_sites is None:  # every latent is weighted: so is every auxiliary entropy
-            return {name: True for name in auxiliary}
+        guide_trace = planning.guide_trace
+        auxiliary = [name for name, site in guide_trace.nodes.items()
+                     if site["type"] == "sample" and name not in planning.model_trace.nodes]
+        latents = self._guided_latents(planning)
         try:
-            children = auxiliary_children(guide, guide_trace, auxiliary, args, kwargs)
+            children = auxiliary_children(planning.guide, guide_trace, auxiliary,
+                                          planning.args, planning.kwargs)
         except Exception as error:  # noqa: BLE001 - conservative: it may feed every latent
             children = {name: frozenset(latents) for name in auxiliary}
             warnings.warn(
                 f"{type(self).__name__}: could not trace which sites the guide's auxiliary "
                 f"sites feed ({type(error).__name__}: {error}); assuming each feeds every "
                 "latent",
-                stacklevel=6,
+                stacklevel=2,
             )
         weighted: dict[str, bool] = {}
         for name in auxiliary:
@@ -603,16 +317,96 @@ class AnalyticKLELBO(SiteTreatmentELBO):
             weighted[name] = bool(inside)
         return weighted
 
-    # ------------------------------------------------------------------ the treatment
-    def _auxiliary_terms(self, name: str, guide_site: dict) -> list[Term]:
-        """The auxiliary site's entropy (kind ``"entropy"``), times the KL weight where it is
-        part of a weighted KL (with the Delta sites it feeds it makes up their KL)."""
-        terms = super()._auxiliary_terms(name, guide_site)
-        plan = self._plan
-        weighted = self.kl_sites is None or (
-            plan is not None and bool((plan.auxiliary_weighted or {}).get(name, False))
+    # ------------------------------------------------------------------ decomposition notes
+    def _decomposition_notes(self, settings: KLStep, plans) -> tuple[str, ...]:
+        facts = plans[0].facts if plans else {}
+        return self._weight_notes(settings, plans) + _auxiliary_notes(facts.get("auxiliary"))
+
+    def _weight_notes(self, settings: KLStep, plans) -> tuple[str, ...]:
+        if not callable(self.kl_weight) and self.kl_weight == 1.0:
+            return ()
+        if not any(isinstance(site.treatment, (KLTreatment, WeightedTreatment))
+                   and site.treatment.weighted for plan in plans for site in plan.sites):
+            return ()  # kl_sites names no site of this model: L itself
+        w = settings.weight
+        which = (
+            "every latent site"
+            if self.kl_sites is None
+            else "sites " + ", ".join(repr(s) for s in sorted(self.kl_sites))
         )
-        weight = self._weight if weighted else 1.0
+        schedule = (f" (a schedule, at step {settings.step})" if callable(self.kl_weight)
+                    else "")
+        if w == 1.0:
+            return (
+                f"kl_weight{schedule} is 1 here, so this is L; at other steps the objective "
+                "is E[log p(X|Z)] - w KL, which is not L and, for w < 1, not a lower bound "
+                "on log p(X)",
+            )
+        bound = (
+            "NOT a lower bound on log p(X) in general (it can exceed it)"
+            if w < 1
+            else "a looser lower bound than L"
+        )
+        return (
+            f"kl_weight = {w:g}{schedule} multiplies the KL of {which}: the value is "
+            f"E[log p(X|Z)] - {w:g} KL, {bound}; the 'kl' terms shown (and the 'entropy' "
+            "terms of auxiliary guide sites feeding those latents) are weighted",
+        )
+
+
+@dataclass(frozen=True)
+class KLStep:
+    """AnalyticKLELBO's settings for one call: the KL weight and the step it belongs to."""
+
+    weight: float
+    step: int
+
+
+@dataclass(frozen=True)
+class KLTreatment(Treatment):
+    """``-w KL[q(z | ...) || p(z | parents)]``: closed form where ``analytic`` and the model and
+    guide sites share scale and mask at this step, else the Monte Carlo ``log p - log q``."""
+
+    analytic: bool
+    weighted: bool
+    guide_estimator: str
+
+    def terms(self, ctx, model_site, guide_site):
+        name = model_site["name"]
+        weight = ctx.settings.weight if self.weighted else 1.0
+        frames = plate_frames(model_site)
+        kl = _closed_form_kl(model_site, guide_site) if self.analytic else None
+        if kl is not None:
+            value = scaled(guide_site, kl)
+            contribution = -value if weight == 1.0 else -weight * value
+            return [Term(name, "kl", contribution, contribution, frames, analytic=True)]
+        log_p = scaled(model_site, log_density(model_site))
+        log_q = scaled(guide_site, log_density(guide_site))
+        contribution = log_p - log_q
+        # the pathwise part of -log q is Pyro's entropy_term (none for a score-function
+        # site, whose E_q[-log q] gradient comes from the score term alone)
+        pathwise_q = entropy_term(guide_site, self.guide_estimator)
+        if pathwise_q is None:
+            pathwise = log_p
+        elif self.guide_estimator == PATHWISE:
+            pathwise = contribution
+        else:
+            pathwise = log_p - pathwise_q
+        if weight != 1.0:
+            contribution, pathwise = weight * contribution, weight * pathwise
+        return [Term(name, "kl", contribution, pathwise, frames, analytic=False)]
+
+
+@dataclass(frozen=True)
+class WeightedTreatment(Treatment):
+    """Another treatment's terms times this step's KL weight, where ``weighted``."""
+
+    inner: Treatment
+    weighted: bool
+
+    def terms(self, ctx, model_site, guide_site):
+        terms = self.inner.terms(ctx, model_site, guide_site)
+        weight = ctx.settings.weight if self.weighted else 1.0
         if weight == 1.0:
             return terms
         out = []
@@ -624,72 +418,60 @@ class AnalyticKLELBO(SiteTreatmentELBO):
                 pathwise = contribution
             else:
                 pathwise = weight * term.pathwise
-            out.append(
-                Term(term.site, term.kind, contribution, pathwise, term.frames, term.analytic)
-            )
+            out.append(Term(term.site, term.kind, contribution, pathwise, term.frames,
+                            term.analytic))
         return out
 
-    def _latent_terms(self, name: str, model_site: dict, guide_site: dict) -> list[Term]:
-        weight = self._site_weight(name)
-        kl = self._analytic_kl(name, model_site, guide_site)
-        frames = plate_frames(model_site)
-        if kl is not None:
-            value = scaled(guide_site, kl)
-            contribution = -value if weight == 1.0 else -weight * value
-            return [Term(name, "kl", contribution, contribution, frames, analytic=True)]
-        log_p = scaled(model_site, log_density(model_site))
-        log_q = scaled(guide_site, log_density(guide_site))
-        contribution = log_p - log_q
-        # for a sample without rsample the gradient of E_q[-log q] comes from the score term;
-        # the direct part (zero mean) is left out, as in the engine's sampled entropy
-        pathwise = contribution if is_reparameterized(guide_site) else log_p
-        if weight != 1.0:
-            contribution, pathwise = weight * contribution, weight * pathwise
-        return [Term(name, "kl", contribution, pathwise, frames, analytic=False)]
 
-    def _analytic_kl(self, name: str, model_site: dict, guide_site: dict) -> torch.Tensor | None:
-        """The closed-form KL of a site (unscaled), or None where the Monte Carlo term is used."""
-        plan = self._plan
-        if plan is not None and not plan.analytic_allowed.get(name, True):
-            return None
-        if not (
-            _same_value(model_site["scale"], guide_site["scale"])
-            and _same_value(model_site["mask"], guide_site["mask"])
-        ):
-            return None
-        q, p = guide_site["fn"], model_site["fn"]
-        key = (_structure(q), _structure(p))
-        registered = self._kl_registered.get(key)
-        if registered is False:
-            return None
-        if registered is None and any(t.__name__ == "Delta" for t in key[0]):
-            # a Delta guide site (AutoNormal, AutoDiagonalNormal, AutoDelta, ...) carries the
-            # log-Jacobian of its transform in ``log_density``, which Pyro's registered
-            # KL(Delta, p) = -log p(v) drops; its MC term log q - log p is exact anyway
-            self._kl_registered[key] = False
-            return None
-        try:
-            kl = analytic_kl(q, p)
-        except NotImplementedError:
-            if not isinstance(q, MaskedDistribution) and not isinstance(p, MaskedDistribution):
-                self._kl_registered[key] = False
-            return None
-        self._kl_registered[key] = True
-        return kl
-
-
-def _check_weight(value, step: int | None = None) -> float:
-    """A KL weight as a float, or a ValueError naming ``kl_weight`` (and the step)."""
-    where = "kl_weight" if step is None else f"kl_weight({step})"
+def _closed_form_kl(model_site: dict, guide_site: dict) -> torch.Tensor | None:
+    """The site's unscaled closed-form KL, or None where scale or mask differ at this step
+    (or the masks make the pair unregistered)."""
+    if not (same_value(model_site["scale"], guide_site["scale"])
+            and same_value(model_site["mask"], guide_site["mask"])):
+        return None
     try:
-        weight = float(value)
-    except (TypeError, ValueError):
+        return analytic_kl(guide_site["fn"], model_site["fn"])
+    except NotImplementedError:
+        return None
+
+
+def _kl_registered(q, p) -> bool:
+    """Whether a closed-form KL exists for the pair's types (masked pairs: tried per step)."""
+    if isinstance(q, MaskedDistribution) or isinstance(p, MaskedDistribution):
+        return True
+    try:
+        analytic_kl(q, p)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _auxiliary_notes(auxiliary) -> tuple[str, ...]:
+    if not auxiliary:
+        return ()
+    names = ", ".join(repr(s) for s in auxiliary)
+    return (
+        f"the guide has auxiliary sites ({names}; an AutoGuide's): the KL of the latents "
+        "they feed is split between the 'entropy' term of each auxiliary site (analytic "
+        "H[q_aux]) and the latents' 'kl' terms, which are Monte Carlo log q_Delta - log p "
+        "(the Delta's log-density is the transform's log-Jacobian) and are not KLs "
+        "themselves; the KL of those latents is sum('kl') - sum(auxiliary 'entropy')",
+    )
+
+
+def _check_kl_sites(kl_sites) -> frozenset[str] | None:
+    """``kl_sites`` as a frozenset of names (a single name allowed), or a ValueError."""
+    if kl_sites is None:
+        return None
+    if isinstance(kl_sites, str):
+        kl_sites = (kl_sites,)
+    try:
+        names = frozenset(kl_sites)
+    except TypeError:
         raise ValueError(
-            f"{where} must be a number >= 0 (or a callable of the step count returning one), "
-            f"got {value!r}"
+            f"kl_sites must be None or an iterable of site names, got {kl_sites!r}"
         ) from None
-    if isinstance(value, bool) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(
-            f"{where} must be a finite number >= 0 (1 gives the ELBO itself), got {value!r}"
-        )
-    return weight
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise ValueError(f"kl_sites must name sites by their (string) names, got {bad!r}")
+    return names

@@ -1,4 +1,12 @@
-"""The base class of every loss here: Pyro's ``ELBO`` interface over the shared engine."""
+"""The base class of every loss here: Pyro's ``ELBO`` interface over the shared engine.
+
+:class:`SiteTreatmentELBO` owns the particle loop, trace recording (:mod:`.tracing`), the plan
+per trace structure (:mod:`.plan`), combining (:mod:`.engine`), learning-signal updates and
+``decompose``.  A loss implements one hook, :meth:`SiteTreatmentELBO._treat` (how a site
+contributes to L), and may give per-call settings (:meth:`SiteTreatmentELBO._step_settings`),
+a learning signal (:attr:`SiteTreatmentELBO.learning_signal`) and, for enumeration, a model
+wrapper (:meth:`SiteTreatmentELBO._model_wrapper`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,8 @@ import math
 import warnings
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pyro.ops.jit
 import torch
@@ -13,19 +23,26 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 
 from .decomposition import Decomposition
-from .engine import BaselineFn, ParticleEstimate, ScoreSite, Term, combine
-from .tracing import record_guide_and_model
-from .treatments import (
-    ENTROPY_ESTIMATORS,
-    analytic_entropy_term,
-    is_reparameterized,
-    observed_term,
-    sampled_entropy_term,
-    score_site,
+from .densities import PATHWISE, estimator_kind, score_function
+from .engine import ParticleEstimate, ScoreSite, combine, expect_over_enumerated
+from .plan import (
+    AUXILIARY,
+    OBSERVED,
+    UNGUIDED,
+    Plan,
+    PlanCache,
+    Planning,
+    SiteView,
+    StepContext,
+    Treatment,
+    argument_signature,
+    make_plan,
+    site_views,
+    structure_key,
 )
+from .tracing import ModelWrapper, trace_model_and_guide
+from .treatments import EntropyTreatment, Observed
 from .validation import (
-    check_guide_sites,
-    check_plate_shapes,
     check_positive_int,
     graph_leaves,
     missing_guide_site_error,
@@ -33,102 +50,147 @@ from .validation import (
     warn_nonfinite_gradient,
 )
 
+#: how many trace structures keep a plan
+MAX_CACHED_PLANS = 32
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of the loss: what it was called with and its settings (passed, not stored)."""
+
+    model: Any
+    guide: Any
+    args: tuple
+    kwargs: dict
+    settings: Any
+    training: bool
+    key: tuple
+
 
 class SiteTreatmentELBO(ELBO):
     """An :class:`~pyro.infer.elbo.ELBO` whose estimate is assembled site by site.
 
-    Subclasses say how a latent site contributes (:meth:`_latent_terms`, and
-    :meth:`_unguided_latent_terms` for latents the guide does not sample); this class runs the
-    traces, applies the treatments, adds score-function terms for non-reparameterized guide
-    sites and exposes the whole ELBO interface: :meth:`loss`, :meth:`differentiable_loss`,
-    :meth:`loss_and_grads`, ``__call__`` (an :class:`~pyro.infer.elbo.ELBOModule`) and
-    :meth:`decompose`.
+    Subclasses say how a site contributes (:meth:`_treat`); this class runs the traces with
+    Pyro's machinery, plans each trace structure once, applies the treatments, adds
+    score-function terms where Pyro's ``score_parts`` has one, and exposes the whole ELBO
+    interface: :meth:`loss`, :meth:`differentiable_loss`, :meth:`loss_and_grads`, ``__call__``
+    (an :class:`~pyro.infer.elbo.ELBOModule`) and :meth:`decompose`.
 
     Parameters
     ----------
     num_particles : int
         Number of samples per estimate (>= 1).
     jit : bool
-        Compile :meth:`differentiable_loss` (and so :meth:`loss_and_grads`) with
-        :func:`pyro.ops.jit.trace`, as Pyro's ``Jit*`` losses do.  The same restrictions apply:
-        static model structure, tensor inputs passed positionally, non-tensor inputs as
-        keyword arguments (one compilation per distinct value), and every parameter created
-        with ``pyro.param`` (or ``pyro.module``) on the first call.  The compiled loss gives
-        the same values and gradients as the eager one for the same random draws.
+        Compile :meth:`differentiable_loss` (and so :meth:`loss_and_grads`).  The same
+        restrictions as Pyro's ``Jit*`` losses apply: static model structure, tensor inputs
+        passed positionally, non-tensor inputs as keyword arguments, and every parameter
+        created on the first call.
     **kwargs
         Forwarded to :class:`pyro.infer.elbo.ELBO` (``max_plate_nesting``,
         ``vectorize_particles``, ``retain_graph``, ``ignore_jit_warnings``, ``jit_options``).
     """
 
+    #: the loss's learning signal (hard attention's baselines), or ``None``
+    learning_signal = None
+
     def __init__(self, num_particles: int = 1, jit: bool = False, **kwargs):
-        super().__init__(num_particles=check_positive_int("num_particles", num_particles), **kwargs)
+        super().__init__(num_particles=check_positive_int("num_particles", num_particles),
+                         **kwargs)
         self.jit = bool(jit)
+        #: training calls taken (``differentiable_loss`` / ``loss_and_grads``)
+        self.step_count = 0
+        self._plans = PlanCache(MAX_CACHED_PLANS)
         self._compiled: dict[tuple[int, int], object] = {}
         self._leaf_cache: dict[tuple[int, int], tuple[int, list[torch.Tensor] | None]] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
-    def _latent_terms(self, name: str, model_site: dict, guide_site: dict) -> list[Term]:
-        """Terms of a latent site that the guide samples (its treatment)."""
-        raise NotImplementedError
+    def _treat(self, site: SiteView, planning: Planning) -> Treatment:
+        """How ``site`` contributes to L (asked once per trace structure).
 
-    def _unguided_latent_terms(
-        self, name: str, model_site: dict
-    ) -> tuple[list[Term], list[ScoreSite]]:
-        """Terms of a model latent that the guide does not sample; an error by default."""
-        raise missing_guide_site_error(name, type(self).__name__)
+        The defaults, which a loss's override falls back to for the roles it leaves alone:
+        an observed site, its log-likelihood; an auxiliary guide site, its entropy (analytic
+        where available); a model latent that the guide does not sample, an error naming it
+        (only a loss that draws latents from the model accepts one).
+        """
+        if site.role == OBSERVED:
+            return Observed()
+        if site.role == AUXILIARY:
+            return EntropyTreatment("analytic", estimator_kind(site.guide_site["fn"]),
+                                    log_prior=False)
+        if site.role == UNGUIDED:
+            raise missing_guide_site_error(site.name, type(self).__name__)
+        raise NotImplementedError(f"{type(self).__name__} does not treat {site.role} sites")
 
-    def _auxiliary_terms(self, name: str, guide_site: dict) -> list[Term]:
-        """An auxiliary guide site contributes its entropy, analytic where available."""
-        term = analytic_entropy_term(name, guide_site)
-        return [term if term is not None else sampled_entropy_term(name, guide_site)]
-
-    def _baseline(self, update_state: bool) -> BaselineFn | None:
-        """Variance-reduction hook for score-function terms; none by default."""
+    def _step_settings(self, training: bool) -> Any:
+        """The loss's settings for this call (e.g. a scheduled weight); none by default."""
         return None
 
-    # ------------------------------------------------------------------ traces
+    def _model_wrapper(self) -> ModelWrapper | None:
+        """A wrapper applied to the model before replay (enumeration); none by default."""
+        return None
+
+    def _decomposition_notes(self, settings: Any, plans: list[Plan]) -> tuple[str, ...]:
+        """Caveats that ``decompose`` should print (e.g. a KL weight other than 1)."""
+        return ()
+
+    # ------------------------------------------------------------------ traces and plans
     def _get_trace(self, model, guide, args, kwargs):
-        """Run the guide, replay the model against it (sample sites only), validate."""
-        model_trace, guide_trace = record_guide_and_model(model, guide, args, kwargs)
-        if is_validation_enabled():
-            check_guide_sites(model_trace, guide_trace, type(self).__name__)
-            check_plate_shapes(model_trace, self.max_plate_nesting)
-            check_plate_shapes(guide_trace, self.max_plate_nesting)
-        return model_trace, guide_trace
+        """One particle's traces (Pyro's hook, called by ``ELBO._get_traces``)."""
+        return trace_model_and_guide(model, guide, args, kwargs, self.max_plate_nesting,
+                                     wrap_model=self._model_wrapper())
 
-    def _particle(self, model_trace, guide_trace, update_state: bool = True) -> ParticleEstimate:
+    def _begin(self, model, guide, args, kwargs, training: bool) -> Call:
+        key = (model, guide, argument_signature(args), argument_signature(kwargs))
+        return Call(model, guide, args, kwargs, self._step_settings(training), training, key)
+
+    def _plan_for(self, call: Call, model_trace, guide_trace) -> Plan:
+        key = (call.key, structure_key(model_trace, guide_trace))
+        plan = self._plans.get(key)
+        if plan is None:
+            planning = Planning(call.model, call.guide, call.args, call.kwargs, model_trace,
+                                guide_trace)
+            plan = make_plan(site_views(model_trace, guide_trace), self._treat, planning)
+            if not planning.memo.get("provisional"):
+                self._plans.put(key, plan)
+        return plan
+
+    # ------------------------------------------------------------------ the engine loop
+    def _estimates(self, call: Call) -> Iterator[ParticleEstimate]:
+        if self.max_plate_nesting == float("inf") and self._model_wrapper() is not None:
+            # enumeration allocates dimensions left of the plates: it needs their number
+            self._guess_max_plate_nesting(call.model, call.guide, call.args, call.kwargs)
+        for model_trace, guide_trace in self._get_traces(call.model, call.guide, call.args,
+                                                         call.kwargs):
+            plan = self._plan_for(call, model_trace, guide_trace)
+            ctx = StepContext(model_trace, guide_trace, plan, call.settings)
+            yield self._estimate(ctx, call.training)
+
+    def _estimate(self, ctx: StepContext, training: bool) -> ParticleEstimate:
         """Apply each site's treatment and combine the terms of one particle."""
-        terms: list[Term] = []
-        score_sites: list[ScoreSite] = []
-        guide_nodes = guide_trace.nodes
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                terms.append(observed_term(name, site))
-                continue
-            guide_site = guide_nodes.get(name)
-            if guide_site is None or guide_site["type"] != "sample":
-                extra_terms, extra_scores = self._unguided_latent_terms(name, site)
-                terms.extend(extra_terms)
-                score_sites.extend(extra_scores)
-                continue
-            terms.extend(self._latent_terms(name, site, guide_site))
-            if not is_reparameterized(guide_site):
-                score_sites.append(score_site(name, guide_site))
-        model_nodes = model_trace.nodes
-        for name, site in guide_nodes.items():
-            if site["type"] == "sample" and name not in model_nodes:
-                terms.extend(self._auxiliary_terms(name, site))
-                if not is_reparameterized(site):
-                    score_sites.append(score_site(name, site))
-        return combine(terms, score_sites, self._baseline(update_state))
-
-    def _estimates(
-        self, model, guide, args, kwargs, update_state: bool = True
-    ) -> Iterator[ParticleEstimate]:
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            yield self._particle(model_trace, guide_trace, update_state)
+        terms = []
+        score_sites = []
+        model_nodes, guide_nodes = ctx.model_trace.nodes, ctx.guide_trace.nodes
+        for site in ctx.plan.sites:
+            model_site = model_nodes.get(site.name)
+            guide_site = guide_nodes.get(site.name)
+            terms.extend(site.treatment.terms(ctx, model_site, guide_site))
+            if site.estimator != PATHWISE:
+                sampled = model_site if site.treatment.sampled_by == "model" else guide_site
+                function = score_function(sampled, site.estimator)
+                if function is not None:
+                    score_sites.append(ScoreSite(site.name, function, site.frames,
+                                                 site.treatment.learning_signal))
+        if ctx.plan.enumerated:
+            enumerated = [model_nodes[name] for name in ctx.plan.enumerated]
+            exact = not any(s["type"] == "sample" for s in guide_nodes.values())
+            terms = expect_over_enumerated(terms, enumerated, self.max_plate_nesting, exact)
+        signal = None
+        if self.learning_signal is not None and any(s.learning_signal for s in score_sites):
+            signal = self.learning_signal.bind(ctx, training, -self.max_plate_nesting)
+        estimate = combine(terms, score_sites, signal)
+        estimate.plan = ctx.plan
+        estimate.signal = signal
+        return estimate
 
     def _check_finite(self, estimate: ParticleEstimate, value: float | None = None) -> None:
         """Under validation, warn naming the first non-finite term when L_hat is not finite.
@@ -144,27 +206,44 @@ class SiteTreatmentELBO(ELBO):
         if not math.isfinite(value):
             warn_nonfinite(estimate.terms, type(self).__name__)
 
+    @staticmethod
+    def _update_signal(estimate: ParticleEstimate) -> None:
+        """The learning signal's explicit state update, after this particle's gradient."""
+        signal = getattr(estimate, "signal", None)
+        if signal is not None:
+            signal.update()
+
     # ------------------------------------------------------------------ the ELBO interface
     def loss(self, model, guide, *args, **kwargs) -> float:
         """An estimate of -L (a float) from ``num_particles`` samples; no gradients."""
+        call = self._begin(model, guide, args, kwargs, training=False)
         total = 0.0
         with torch.no_grad():
-            for est in self._estimates(model, guide, args, kwargs, update_state=False):
+            for est in self._estimates(call):
                 value = torch_item(est.elbo)
                 self._check_finite(est, value)
                 total += value
         return -total / self.num_particles
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """-L as a tensor whose value is the estimate of -L and whose gradient estimates -dL."""
-        if self.jit:
-            return self._compiled_loss(model, guide)(*args, **kwargs)
-        return self._eager_differentiable_loss(model, guide, args, kwargs)
+        """-L as a tensor whose value is the estimate of -L and whose gradient estimates -dL.
 
-    def _eager_differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
+        One training step: a learning signal takes its state update once this particle's
+        surrogate is built (its values are detached, so the gradient is unaffected).
+        """
+        if self.jit:
+            loss = self._compiled_loss(model, guide)(*args, **kwargs)
+        else:
+            call = self._begin(model, guide, args, kwargs, training=True)
+            loss = self._eager_differentiable_loss(call)
+        self.step_count += 1
+        return loss
+
+    def _eager_differentiable_loss(self, call: Call) -> torch.Tensor:
         elbo = surrogate = None
-        for est in self._estimates(model, guide, args, kwargs):
+        for est in self._estimates(call):
             self._check_finite(est)
+            self._update_signal(est)
             value = est.elbo.detach()
             elbo = value if elbo is None else elbo + value
             surrogate = est.surrogate if surrogate is None else surrogate + est.surrogate
@@ -182,7 +261,9 @@ class SiteTreatmentELBO(ELBO):
             weak_self = weakref.ref(self)
 
             def loss_fn(*args, **kwargs):
-                return weak_self()._eager_differentiable_loss(model, guide, args, kwargs)
+                elbo = weak_self()
+                call = elbo._begin(model, guide, args, kwargs, training=True)
+                return elbo._eager_differentiable_loss(call)
 
             compiled = pyro.ops.jit.trace(
                 loss_fn, ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
@@ -208,9 +289,10 @@ class SiteTreatmentELBO(ELBO):
                     stacklevel=2,
                 )
             return value
+        call = self._begin(model, guide, args, kwargs, training=True)
         loss = 0.0
         validating = is_validation_enabled()
-        for est in self._estimates(model, guide, args, kwargs):
+        for est in self._estimates(call):
             value = torch_item(est.elbo)
             self._check_finite(est, value)
             loss -= value / self.num_particles
@@ -222,6 +304,8 @@ class SiteTreatmentELBO(ELBO):
                 if validating:
                     leaves = self._parameter_leaves(model, guide, surrogate_loss)
                     warn_nonfinite_gradient(est, leaves, type(self).__name__)
+            self._update_signal(est)
+        self.step_count += 1
         return loss
 
     def _parameter_leaves(self, model, guide, surrogate: torch.Tensor) -> list[torch.Tensor]:
@@ -245,17 +329,16 @@ class SiteTreatmentELBO(ELBO):
         Decomposition
             L and its terms per site and per kind, with the analytic/Monte Carlo flag of each.
         """
+        call = self._begin(model, guide, args, kwargs, training=False)
         with torch.no_grad():
-            estimates = list(self._estimates(model, guide, args, kwargs, update_state=False))
+            estimates = list(self._estimates(call))
         for est in estimates:
             self._check_finite(est)
+        plans = [est.plan for est in estimates]
         return Decomposition.from_estimates(
-            estimates, self.num_particles, notes=self._decomposition_notes()
+            estimates, self.num_particles,
+            notes=self._decomposition_notes(call.settings, plans),
         )
-
-    def _decomposition_notes(self) -> tuple[str, ...]:
-        """Caveats that ``decompose`` should print (e.g. a KL weight other than 1)."""
-        return ()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -272,10 +355,3 @@ class SiteTreatmentELBO(ELBO):
             raise ValueError(
                 f"{type(self).__name__} has no state to restore, got keys {sorted(state)}"
             )
-
-
-def check_entropy_estimator(entropy: str) -> str:
-    """The ``entropy=`` option, or a ValueError listing the valid ones."""
-    if entropy not in ENTROPY_ESTIMATORS:
-        raise ValueError(f"entropy must be one of {ENTROPY_ESTIMATORS}, got {entropy!r}")
-    return entropy

@@ -74,8 +74,9 @@ class Decomposition:
             TermSummary(
                 site=site,
                 kind=kind,
-                value=TERM_SIGNS[kind] * total / num_particles,
-                contribution=total / num_particles,
+                # "+ 0.0" turns a negated zero (a KL of exactly 0) into 0.0, not -0.0
+                value=TERM_SIGNS[kind] * total / num_particles + 0.0,
+                contribution=total / num_particles + 0.0,
                 analytic=analytic[(site, kind)],
             )
             for (site, kind), total in totals.items()

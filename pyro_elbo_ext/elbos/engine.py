@@ -1,19 +1,23 @@
 """The shared estimator engine: from per-site terms to the value of L and a surrogate.
 
+Contents: :class:`Term`, :class:`ScoreSite`, :class:`ParticleEstimate`, :data:`SignalFn`,
+:func:`sum_to_frames`, :func:`combine` and :func:`expect_over_enumerated`.
+
 Every loss in :mod:`pyro_elbo_ext.elbos` turns one particle's (model trace, guide trace) pair
 into a list of :class:`Term` s (the site contributions to L, each with the tensor whose gradient
 is its pathwise gradient) and a list of :class:`ScoreSite` s (sites whose samples are not
 reparameterized). :func:`combine` then forms
 
     L_hat       = sum_t contribution_t
-    surrogate   = sum_t pathwise_t + sum_j sum(score_j * stop_grad(cost_j - baseline_j))
+    surrogate   = sum_t pathwise_t + sum_j sum(score_j * stop_grad(signal_j))
 
 where ``cost_j`` is the part of L_hat that may depend on the sample at site j,
-Rao-Blackwellized by :class:`pyro.plate` independence: terms in plates that site j is not in are
-summed, terms that share j's plates are kept element by element, so that the i-th element of
-``score_j`` only meets the costs of data point i (and the global terms).  The gradient of the
-surrogate is then an unbiased estimate of dL for any baseline that does not depend on the
-sample at site j (Williams 1992; Ranganath, Gerrish & Blei 2014, arXiv:1401.0118;
+Rao-Blackwellized by :class:`pyro.plate` independence (and ``signal_j = cost_j`` unless a
+learning signal, e.g. ``cost_j - baseline_j``, replaces it): terms in plates that site j is
+not in are summed, terms that share j's plates are kept element by element, so that the i-th
+element of ``score_j`` only meets the costs of data point i (and the global terms).  The
+gradient of the surrogate is then an unbiased estimate of dL for any baseline that does not
+depend on the sample at site j (Williams 1992; Ranganath, Gerrish & Blei 2014, arXiv:1401.0118;
 Schulman et al. 2015, arXiv:1506.05254).
 
 The engine knows nothing of which loss it serves; the losses decide each site's treatment.
@@ -23,9 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any
 
 import torch
+
+from .densities import log_density
+from .sites import Frame, plate_frames
 
 #: kinds of term and the sign with which each enters L
 TERM_SIGNS: dict[str, float] = {
@@ -35,22 +42,6 @@ TERM_SIGNS: dict[str, float] = {
     "kl": -1.0,  # KL[q(z | ...) || p(z | parents)], analytic or log q(z) - log p(z)
     "bonus": 1.0,  # anything a loss adds on purpose (e.g. an entropy bonus); documented there
 }
-
-
-class Frame(NamedTuple):
-    """A vectorized plate a term lives in: its name and its (negative) batch dimension."""
-
-    name: str
-    dim: int
-
-
-def plate_frames(site: dict) -> frozenset[Frame]:
-    """The vectorized plates of a trace site, as hashable :class:`Frame` s.
-
-    Built directly each time: hashing Pyro's ``CondIndepStackFrame`` s (to memoize by the
-    stack) costs three times as much as building the set.
-    """
-    return frozenset([Frame(f.name, f.dim) for f in site["cond_indep_stack"] if f.dim is not None])
 
 
 @dataclass
@@ -94,19 +85,33 @@ class Term:
 class ScoreSite:
     """A site whose sample carries a score-function gradient.
 
-    ``score`` is ``log q(z)`` (unscaled: the score function is not multiplied by the plate
-    scale, the cost it meets already is), shaped like the site's batch.
+    Attributes
+    ----------
+    site : str
+        The sample site.
+    score_function : torch.Tensor
+        Pyro's ``score_parts(...).score_function`` of the site (``log q(z)`` for a plain
+        non-reparameterized distribution), shaped like the site's batch; unscaled (the cost
+        it meets already carries the plate scale) and unmasked.
+    frames : frozenset of Frame
+        The vectorized plates of the site.
+    learning_signal : bool
+        Whether the loss's learning signal (baseline, reward transform, normalizer) replaces
+        the plain cost for this site (hard-attention sites); otherwise the score meets the
+        Rao-Blackwellized cost itself.
     """
 
     site: str
-    score: torch.Tensor
+    score_function: torch.Tensor
     frames: frozenset[Frame]
+    learning_signal: bool = False
 
 
-#: ``baseline(score_site, cost) -> (baseline, penalty)``: ``baseline`` is subtracted from the
-#: detached cost; ``penalty`` (a scalar, or 0) is added to the surrogate *loss* only, e.g. the
-#: squared-error regression loss of a learned baseline.
-BaselineFn = Callable[[ScoreSite, torch.Tensor], tuple[torch.Tensor, torch.Tensor | float]]
+#: ``signal(score_site, cost) -> learning signal``: what the score function of a site marked
+#: ``learning_signal`` meets instead of its detached, Rao-Blackwellized cost (e.g. the cost
+#: minus a baseline); it must not depend on that site's sample for the estimate to stay
+#: unbiased.
+SignalFn = Callable[[ScoreSite, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -121,6 +126,10 @@ class ParticleEstimate:
     elbo: torch.Tensor
     surrogate: torch.Tensor
     terms: Sequence[Term]
+    #: the plan the particle was combined under (set by the loss)
+    plan: Any = None
+    #: the learning signal bound to this particle, whose update follows its gradient
+    signal: Any = None
 
 
 def sum_to_frames(
@@ -155,7 +164,7 @@ def sum_to_frames(
 def combine(
     terms: Sequence[Term],
     score_sites: Sequence[ScoreSite] = (),
-    baseline: BaselineFn | None = None,
+    signal: SignalFn | None = None,
 ) -> ParticleEstimate:
     """Sum the terms of one particle into L_hat and its gradient surrogate.
 
@@ -167,15 +176,17 @@ def combine(
         The sites that need a score-function term.  The cost each one meets is the sum of
         all term contributions, detached and Rao-Blackwellized by plates
         (:func:`sum_to_frames`).
-    baseline : BaselineFn, optional
-        Variance-reduction hook; see :data:`BaselineFn`.
+    signal : SignalFn, optional
+        The learning signal of sites marked ``learning_signal`` (see :data:`SignalFn`).
 
     Returns
     -------
     ParticleEstimate
+
+    Notes
+    -----
+    An empty model and guide give L = 0 (as Pyro's ELBOs do): the bound of an empty program.
     """
-    if not terms:
-        raise ValueError("the model and guide produced no sample sites: there is nothing to bound")
     elbo = surrogate = None
     for term in terms:
         total = term.contribution.sum()
@@ -185,6 +196,8 @@ def combine(
         elif term.pathwise is not None:
             total = term.pathwise.sum()
             surrogate = total if surrogate is None else surrogate + total
+    if elbo is None:
+        elbo = torch.zeros(())
     if score_sites:
         costs: dict[frozenset[Frame], torch.Tensor] = {}
         for term in terms:
@@ -192,11 +205,43 @@ def combine(
             costs[term.frames] = costs[term.frames] + value if term.frames in costs else value
         for site in score_sites:
             cost = sum_to_frames(costs, site.frames)
-            score_term = (site.score * cost).sum()
-            if baseline is not None:
-                baseline_value, penalty = baseline(site, cost)
-                score_term = (site.score * (cost - baseline_value)).sum() - penalty
+            if signal is not None and site.learning_signal:
+                cost = signal(site, cost)
+            score_term = (site.score_function * cost).sum()
             surrogate = score_term if surrogate is None else surrogate + score_term
     if surrogate is None:  # nothing differentiable at all
         surrogate = torch.zeros_like(elbo)
     return ParticleEstimate(elbo=elbo, surrogate=surrogate, terms=terms)
+
+
+def expect_over_enumerated(
+    terms: Sequence[Term], enumerated: Sequence[dict], max_plate_nesting: int, exact: bool
+) -> list[Term]:
+    r"""Each term's exact expectation over sites enumerated in parallel.
+
+    With enumerated sites :math:`l_1, \dots, l_T` drawn from the model (``poutine.enum``, one
+    dimension each, left of the plates), a term :math:`f` living in plates :math:`P` becomes
+
+    .. math::
+
+        \mathbb{E}_{p(l)}[f] = \sum_{l} \prod_{t:\ \mathrm{plates}(l_t) \subseteq P}
+        p(l_t \mid l_{<t})\, f(l)
+
+    (sites outside ``P`` sum to one and are left out); the enumeration dimensions are summed.
+    ``exact`` marks the results analytic (no other Monte Carlo in the particle).
+    """
+    weights: dict[frozenset[Frame], torch.Tensor | float] = {}
+    frames_of = [(site, plate_frames(site)) for site in enumerated]
+    out = []
+    for term in terms:
+        weight = weights.get(term.frames)
+        if weight is None:
+            log_w = sum((log_density(site) for site, frames in frames_of
+                         if frames <= term.frames), 0.0)
+            weight = log_w.exp() if torch.is_tensor(log_w) else 1.0
+            weights[term.frames] = weight
+        value = term.contribution * weight
+        if torch.is_tensor(value) and value.dim() > max_plate_nesting:
+            value = value.sum(tuple(range(value.dim() - max_plate_nesting)))
+        out.append(Term(term.site, term.kind, value, value, term.frames, exact or term.analytic))
+    return out

@@ -11,42 +11,25 @@ from dataclasses import dataclass, fields
 import pyro.poutine as poutine
 import torch
 from pyro.infer.traceenum_elbo import TraceEnum_ELBO
-from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
 
 from .baselines import (
     BASELINES,
     LearnedBaseline,
+    LearningSignal,
     LeaveOneOutBaseline,
     MovingAverageBaseline,
     SignalNormalizer,
-    SignalState,
     check_decay,
 )
 from .decomposition import Decomposition
-from .engine import (
-    BaselineFn,
-    Frame,
-    ParticleEstimate,
-    ScoreSite,
-    Term,
-    combine,
-    plate_frames,
-    sum_to_frames,
-)
-from .jensen import JensenELBO, _has_undecided_path_site, _record_upstream_values
-from .tracing import record_guide_and_model
-from .treatments import (
-    analytic_entropy,
-    is_reparameterized,
-    log_density,
-    scaled,
-    score_site,
-)
-from .validation import (
-    check_guide_sites,
-    check_plate_shapes,
-    is_subsample_site,
-)
+from .densities import scaled
+from .engine import Term
+from .jensen import JensenELBO
+from .plan import UNGUIDED, Planning, SiteView, Treatment
+from .sites import is_subsample_site, plate_frames
+from .treatments import analytic_entropy
+from .validation import check_choice, check_number, check_positive_int
 
 ESTIMATORS = ("enum", "reinforce")
 #: baselines that learn from call to call (a compiled trace would freeze them)
@@ -139,9 +122,13 @@ class HardAttentionELBO(JensenELBO):
     ``baseline=None`` or ``"leave_one_out"`` and ``normalize=False``.  The moving-average and
     learned baselines and the normalizer learn on every call, which a compiled trace would
     freeze, so they refuse ``jit=True``.  The baseline and normalizer state is a
-    :class:`torch.nn.Module`,
-    :attr:`baseline_state`, owned by this loss; :meth:`state_dict` / :meth:`load_state_dict`
-    save and restore it.
+    :class:`torch.nn.Module`, :attr:`learning_signal`
+    (:class:`~pyro_elbo_ext.elbos.baselines.LearningSignal`), owned by this loss; the forward
+    pass reads it and an explicit update after each particle's gradient writes it (a
+    non-finite update is skipped with a warning naming the site).  :meth:`state_dict` /
+    :meth:`load_state_dict` save and restore it; a checkpoint of another baseline kind, or
+    with other settings (``decay``, ``baseline_hidden_dim``, ``baseline_lr``,
+    ``normalize``), is refused with an error naming both values.
 
     Parameters
     ----------
@@ -164,8 +151,8 @@ class HardAttentionELBO(JensenELBO):
     baseline_net_factory : callable, optional
         ``(site_name, in_features) -> nn.Module`` for ``baseline="learned"``.
     baseline_lr : float
-        Learning rate of the learned baseline's own optimizer (it trains itself inside each
-        training call; see :class:`~pyro_elbo_ext.elbos.baselines.LearnedBaseline`).
+        Learning rate of the learned baseline's own optimizer (it takes one step after each
+        particle's gradient; see :class:`~pyro_elbo_ext.elbos.baselines.LearnedBaseline`).
     max_enum_size : int
         Largest number of joint configurations of the attention sites that
         ``estimator="enum"`` enumerates.
@@ -211,24 +198,17 @@ class HardAttentionELBO(JensenELBO):
         self._base_plate_nesting = self.max_plate_nesting - (
             1 if self.vectorize_particles and self.num_particles > 1 else 0
         )
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         if baseline is not None and baseline not in BASELINES:
-            raise ValueError(
-                f"baseline must be None or one of {BASELINES}, got {baseline!r}"
-            )
+            raise ValueError(f"baseline must be None or one of {BASELINES}, got {baseline!r}")
         if reward not in REWARDS:
             raise ValueError(
                 f"reward must be one of {REWARDS}, got {reward!r}: 'log_likelihood' gives the "
                 "gradient of F, 'zero_one' the 0/1 correct-label reward of Ba et al. (2014)"
             )
         decay = check_decay(decay)
-        if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) \
-                or not math.isfinite(entropy_weight) or entropy_weight < 0:
-            raise ValueError(f"entropy_weight must be a finite number >= 0, got {entropy_weight!r}")
-        if isinstance(max_enum_size, bool) or not isinstance(max_enum_size, int) \
-                or max_enum_size < 1:
-            raise ValueError(f"max_enum_size must be an integer >= 1, got {max_enum_size!r}")
+        self.entropy_weight = check_number("entropy_weight", entropy_weight, low=0.0)
+        self.max_enum_size = check_positive_int("max_enum_size", max_enum_size)
         if estimator == "enum":
             if baseline is not None:
                 raise ValueError(
@@ -250,13 +230,10 @@ class HardAttentionELBO(JensenELBO):
                 "the mean reward of the others; raise num_particles or choose "
                 "baseline='moving_average'"
             )
-        self.estimator = estimator
         self.baseline = baseline
         self.decay = decay
         self.normalize = bool(normalize)
-        self.entropy_weight = float(entropy_weight)
         self.reward = reward
-        self.max_enum_size = max_enum_size
         module = {
             None: None,
             "moving_average": lambda: MovingAverageBaseline(decay),
@@ -264,50 +241,71 @@ class HardAttentionELBO(JensenELBO):
                                                baseline_lr),
             "leave_one_out": LeaveOneOutBaseline,
         }[baseline]
-        #: the loss's learned state (baseline and normalizer), a torch.nn.Module
-        self.baseline_state = SignalState(
+        signal = LearningSignal(
             module() if module is not None else None,
             SignalNormalizer(decay) if self.normalize else None,
+            zero_one=reward == "zero_one",
         )
-        self._model_trace = None  # the trace of the particle being combined (reinforce)
-        self._reward_shift: dict[frozenset[Frame], torch.Tensor] | None = None
+        #: the loss's learned state (baseline and normalizer), a torch.nn.Module; None when
+        #: the learning signal is the plain reward
+        self.learning_signal = signal if signal.needed else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """The baseline and normalizer state (see :attr:`baseline_state`)."""
-        return self.baseline_state.state_dict()
+        """The baseline and normalizer state (see :attr:`learning_signal`)."""
+        return {} if self.learning_signal is None else self.learning_signal.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the state saved by :meth:`state_dict`."""
-        self.baseline_state.load_state_dict(state_dict)
+        """Restore the state saved by :meth:`state_dict` (checked against this loss's
+        settings: see the class docstring)."""
+        if self.learning_signal is None:
+            super().load_state_dict(state_dict)
+        else:
+            self.learning_signal.load_state_dict(state_dict)
 
-    # ------------------------------------------------------------------ traces
-    def _get_traces(self, model, guide, args, kwargs):
-        if self.estimator == "enum" and self.max_plate_nesting == float("inf"):
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
-        yield from super()._get_traces(model, guide, args, kwargs)
+    # ------------------------------------------------------------------ the treatment
+    def _treat(self, site: SiteView, planning: Planning) -> Treatment:
+        if site.role != UNGUIDED:
+            return super()._treat(site, planning)
+        enumerated = self.estimator == "enum"
+        if enumerated:
+            planning.fact("enumeration_checked", lambda: self._check_enumeration(planning))
+        if self.entropy_weight > 0 and analytic_entropy(site.model_site["fn"]) is None:
+            raise ValueError(
+                f"entropy_weight > 0 needs the entropy of attention site '{site.name}' in "
+                f"closed form, which {type(site.model_site['fn']).__name__} does not provide; "
+                "set entropy_weight=0"
+            )
+        return PriorProposal(self.entropy_weight, enumerated)
 
-    def _get_trace(self, model, guide, args, kwargs):
-        if self.estimator == "reinforce":
-            return super()._get_trace(model, guide, args, kwargs)
-        model_trace, guide_trace = record_guide_and_model(
-            model, guide, args, kwargs, wrap_model=self._enumerated_model
-        )
-        if is_validation_enabled():
-            check_guide_sites(model_trace, guide_trace, type(self).__name__)
-            check_plate_shapes(guide_trace, self.max_plate_nesting)
-        guide_names = set(guide_trace.nodes)
-        self._check_enum_size(model_trace, guide_names)
-        if self.entropy == "path" and _has_undecided_path_site(guide_trace, self._path_blocked):
-            _record_upstream_values(guide_trace)
-        return model_trace, guide_trace
+    def _check_enumeration(self, planning: Planning) -> None:
+        """Once per plan: distinct enumeration dimensions, and not too many configurations."""
+        guide_nodes = planning.guide_trace.nodes
+        attention = {
+            name: site for name, site in planning.model_trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and name not in guide_nodes
+        }
+        sizes = {name: _support_size(site) for name, site in attention.items()}
+        total = math.prod(sizes.values())
+        if total > self.max_enum_size:
+            detail = " x ".join(f"{n}: {k}" for n, k in sizes.items())
+            raise ValueError(
+                f"estimator='enum' would enumerate {total} joint configurations of the "
+                f"attention sites ({detail}), more than max_enum_size={self.max_enum_size}; "
+                "use estimator='reinforce', fewer or coarser attention sites, or raise "
+                "max_enum_size"
+            )
+
+    def _model_wrapper(self):
+        return self._enumerated_model if self.estimator == "enum" else None
 
     def _enumerated_model(self, model, guide_trace):
-        """The model with every latent the guide does not sample enumerated in parallel."""
-        return poutine.enum(
+        """The model with every latent the guide does not sample enumerated in parallel
+        (each in a dimension of its own: see :class:`_DistinctEnumDims`)."""
+        return _DistinctEnumDims()(poutine.enum(
             poutine.infer_config(model, self._enum_config(set(guide_trace.nodes))),
             first_available_dim=-1 - self.max_plate_nesting,
-        )
+        ))
 
     def _enum_config(self, guide_names: set[str]):
         """``infer_config`` function: enumerate, in parallel, each latent the guide does not
@@ -329,170 +327,8 @@ class HardAttentionELBO(JensenELBO):
 
         return config
 
-    def _check_enum_size(self, model_trace, guide_names: set[str]) -> None:
-        sizes = {
-            name: _support_size(site)
-            for name, site in model_trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and name not in guide_names
-        }
-        total = math.prod(sizes.values())
-        if total > self.max_enum_size:
-            detail = " x ".join(f"{n}: {k}" for n, k in sizes.items())
-            raise ValueError(
-                f"estimator='enum' would enumerate {total} joint configurations of the "
-                f"attention sites ({detail}), more than max_enum_size={self.max_enum_size}; "
-                "use estimator='reinforce', fewer or coarser attention sites, or raise "
-                "max_enum_size"
-            )
-
-    # ------------------------------------------------------------------ site treatments
-    def _unguided_latent_terms(
-        self, name: str, model_site: dict
-    ) -> tuple[list[Term], list[ScoreSite]]:
-        """Prior-proposal treatment: no term of its own (plus the entropy bonus, if any);
-        the unscaled ``log p(l)`` carries the score-function term.
-
-        A reparameterized model-drawn site (``pyro.sample`` draws it with ``rsample``) already
-        carries the pathwise gradient of F = E_eps[log p(y | l(eps, W))] into the terms
-        downstream of it; adding a score term on top would count the gradient twice, so such
-        a site gets none.
-        """
-        terms = []
-        if self.entropy_weight > 0:
-            terms.append(self._bonus_term(name, model_site))
-        if is_reparameterized(model_site):
-            return terms, []
-        return terms, [score_site(name, model_site)]
-
-    def _bonus_term(self, name: str, model_site: dict) -> Term:
-        entropy = analytic_entropy(model_site["fn"])
-        if entropy is None:
-            raise ValueError(
-                f"entropy_weight > 0 needs the entropy of attention site '{name}' in closed "
-                f"form, which {type(model_site['fn']).__name__} does not provide; set "
-                "entropy_weight=0"
-            )
-        value = scaled(model_site, self.entropy_weight * entropy)
-        return Term(name, "bonus", value, value, plate_frames(model_site), analytic=True)
-
-    # ------------------------------------------------------------------ particles
-    def _particle(self, model_trace, guide_trace, update_state: bool = True) -> ParticleEstimate:
-        if self.estimator == "enum":
-            return self._enum_particle(model_trace, guide_trace)
-        self._model_trace = model_trace
-        guide_nodes = guide_trace.nodes
-        for name, site in model_trace.nodes.items():
-            if site["type"] == "sample" and not site["is_observed"]:
-                site["_elbo_ext_guided"] = name in guide_nodes
-        self._reward_shift = (
-            _zero_one_shift(model_trace) if self.reward == "zero_one" else None
-        )
-        try:
-            return super()._particle(model_trace, guide_trace, update_state)
-        finally:
-            self._model_trace = None
-            self._reward_shift = None
-
-    def _enum_particle(self, model_trace, guide_trace) -> ParticleEstimate:
-        """Exact expectation of every term over the enumerated attention sites."""
-        guide_nodes = guide_trace.nodes
-        attention = {
-            name: site
-            for name, site in model_trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and name not in guide_nodes
-        }
-        _check_distinct_enum_dims(attention)
-        weights: dict[frozenset[Frame], torch.Tensor | float] = {}
-        # with no guide latents every expectation is exact: mark the terms analytic
-        exact = not any(s["type"] == "sample" for s in guide_nodes.values())
-        nesting = self.max_plate_nesting
-
-        def expect(term: Term) -> Term:
-            weight = weights.get(term.frames)
-            if weight is None:
-                log_w = sum(
-                    (log_density(s) for s in attention.values()
-                     if plate_frames(s) <= term.frames),
-                    0.0,
-                )
-                weight = log_w.exp() if torch.is_tensor(log_w) else 1.0
-                weights[term.frames] = weight
-            value = term.contribution * weight
-            if torch.is_tensor(value) and value.dim() > nesting:
-                value = value.sum(tuple(range(value.dim() - nesting)))
-            return Term(term.site, term.kind, value, value, term.frames, exact or term.analytic)
-
-        terms: list[Term] = []
-        score_sites: list[ScoreSite] = []
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                value = scaled(site, log_density(site))
-                terms.append(expect(Term(name, "log_likelihood", value, value,
-                                         plate_frames(site))))
-            elif name in attention:
-                if self.entropy_weight > 0:
-                    terms.append(expect(self._bonus_term(name, site)))
-            else:
-                guide_site = guide_nodes[name]
-                terms.extend(expect(t) for t in self._latent_terms(name, site, guide_site))
-                if not is_reparameterized(guide_site):
-                    score_sites.append(
-                        score_site(name, guide_site)
-                    )
-        for name, site in guide_nodes.items():
-            if site["type"] == "sample" and name not in model_trace.nodes:
-                terms.extend(self._auxiliary_terms(name, site))
-                if not is_reparameterized(site):
-                    score_sites.append(score_site(name, site))
-        return combine(terms, score_sites, None)
-
-    # ------------------------------------------------------------------ learning signal
-    def _baseline(self, update_state: bool) -> BaselineFn | None:
-        """The learning-signal transform: reward choice, baseline, normalization.
-
-        Returned as the engine's :data:`~pyro_elbo_ext.elbos.engine.BaselineFn`: what it
-        returns as "baseline" is ``cost - signal``, so the engine's ``cost - baseline`` is the
-        signal ``(R - b) / scale``.
-        """
-        if (self.baseline is None and not self.normalize and self.reward == "log_likelihood"):
-            return None
-        state = self.baseline_state
-        model_trace = self._model_trace
-
-        def signal_fn(score_site: ScoreSite, cost: torch.Tensor):
-            model_site = model_trace.nodes.get(score_site.site) if model_trace else None
-            if model_site is None or model_site.get("_elbo_ext_guided", False):
-                # a guide-sampled (or auxiliary) site: its score meets the plain cost, as in
-                # JensenELBO; rewards, baselines and normalization are for attention sites
-                return cost.new_zeros(()) if torch.is_tensor(cost) else 0.0, 0.0
-            reward = cost
-            if self._reward_shift:
-                reward = reward + sum_to_frames(self._reward_shift, score_site.frames)
-            penalty: torch.Tensor | float = 0.0
-            if self.baseline is None:
-                signal = reward
-            elif self.baseline == "moving_average":
-                signal = reward - state.baseline(score_site.site, reward, update_state)
-            elif self.baseline == "learned":
-                site = model_trace.nodes.get(score_site.site) if model_trace else None
-                x = site["infer"].get("baseline_input") if site is not None else None
-                scale = site["scale"] if site is not None else 1.0
-                b, penalty = state.baseline(score_site.site, reward, x, scale, update_state)
-                signal = reward - b
-            else:  # leave_one_out
-                signal = reward - state.baseline(
-                    score_site.site, reward, -self.max_plate_nesting, score_site.score
-                )
-            if state.normalizer is not None:
-                signal = state.normalizer(score_site.site, signal, update_state)
-            return cost - signal, penalty
-
-        return signal_fn
-
     # ------------------------------------------------------------------ decomposition
-    def _decomposition_notes(self) -> tuple[str, ...]:
+    def _decomposition_notes(self, settings=None, plans=()) -> tuple[str, ...]:
         notes = []
         if self.entropy_weight > 0:
             notes.append(
@@ -561,6 +397,30 @@ class HardAttentionELBO(JensenELBO):
 
 
 @dataclass(frozen=True)
+class PriorProposal(Treatment):
+    """An attention site drawn from the model's own p(l | ...): no term of its own (q = p),
+    plus the entropy bonus ``weight * H[p(l)]`` if any.  Its score function (Pyro's
+    ``score_parts`` of the model's sample, the unscaled ``log p(l)``) meets the learning
+    signal.  A reparameterized model-drawn site (``pyro.sample`` draws it with ``rsample``)
+    carries the pathwise gradient of F into the terms downstream of it and gets no score
+    term (its ``score_parts`` has none).  Under enumeration the site's terms are taken in
+    expectation instead."""
+
+    bonus_weight: float
+    enumerated: bool
+
+    sampled_by = "model"
+    learning_signal = True
+
+    def terms(self, ctx, model_site, guide_site):
+        if self.bonus_weight <= 0:
+            return []
+        value = scaled(model_site, self.bonus_weight * analytic_entropy(model_site["fn"]))
+        return [Term(model_site["name"], "bonus", value, value, plate_frames(model_site),
+                     analytic=True)]
+
+
+@dataclass(frozen=True)
 class HardAttentionDecomposition(Decomposition):
     """A :class:`Decomposition` with the exact bound, log evidence and gap of a hard-attention
     model (``None`` where the attention sites cannot be enumerated)."""
@@ -588,57 +448,32 @@ def _support_size(site: dict) -> int:
     return int(site["fn"].enumerate_support(expand=False).shape[0])
 
 
-def _check_distinct_enum_dims(attention: dict[str, dict]) -> None:
-    """The expectation over the enumerated sites needs one dimension per site.
+class _DistinctEnumDims(Messenger):
+    """Refuses, as the model runs, two enumerated sites sharing a dimension.
 
-    ``pyro.markov`` recycles enumeration dimensions along a chain; the product of the sites'
-    probabilities is then no longer the joint p(l), and the expectation would be wrong.
+    The expectation over the enumerated sites needs one dimension per site; ``pyro.markov``
+    recycles enumeration dimensions along a chain, and the product of the sites'
+    probabilities is then no longer the joint p(l) (the expectation would be wrong).
     """
-    owner: dict[int, str] = {}
-    for name, site in attention.items():
-        dim = site["infer"].get("_enumerate_dim")
-        if dim is None:
-            continue
-        if dim in owner:
+
+    def __enter__(self):
+        self.owner: dict[int, str] = {}
+        return super().__enter__()
+
+    def _pyro_post_sample(self, msg) -> None:
+        dim = msg["infer"].get("_enumerate_dim")
+        if dim is None or msg["is_observed"]:
+            return
+        name = msg["name"]
+        if dim in self.owner:
             raise ValueError(
-                f"attention sites '{owner[dim]}' and '{name}' share enumeration dimension {dim} "
-                "(pyro.markov recycles dimensions), which estimator='enum' cannot take an "
-                "expectation over; write the glimpses in a plain Python loop (or a "
+                f"attention sites '{self.owner[dim]}' and '{name}' share enumeration dimension "
+                f"{dim} (pyro.markov recycles dimensions), which estimator='enum' cannot take "
+                "an expectation over; write the glimpses in a plain Python loop (or a "
                 "pyro.markov(history=T) window covering all of them), or use "
                 "estimator='reinforce'"
             )
-        owner[dim] = name
-
-
-def _zero_one_shift(model_trace) -> dict[frozenset[Frame], torch.Tensor]:
-    """Per plate set: ``R - log p(y | l)`` summed over observed sites, scaled and masked.
-
-    ``R = 1`` where the observed value is a most probable value of its distribution, else 0;
-    adding this to the engine's cost turns the log-likelihood reward into the 0/1 reward.
-    """
-    shift: dict[frozenset[Frame], torch.Tensor] = {}
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"]:
-            continue
-        if site["infer"].get("_deterministic"):  # pyro.deterministic: not a label
-            continue
-        fn = site["fn"]
-        if not getattr(fn, "has_enumerate_support", False):
-            raise ValueError(
-                f"reward='zero_one' needs observed site '{name}' to have a finite support (a "
-                f"class label), but its distribution is {type(fn).__name__}; use "
-                "reward='log_likelihood'"
-            )
-        # outside no_grad: log_density memoizes, and the observed term reuses this tensor
-        log_p = log_density(site).detach()
-        with torch.no_grad():
-            support = fn.enumerate_support(expand=False)
-            best = fn.log_prob(support).max(0).values
-            correct = (log_p >= best - 1e-6).to(log_p.dtype)
-            value = scaled(site, correct - log_p)
-        frames = plate_frames(site)
-        shift[frames] = shift[frames] + value if frames in shift else value
-    return shift
+        self.owner[dim] = name
 
 
 __all__ = ["ESTIMATORS", "REWARDS", "HardAttentionDecomposition", "HardAttentionELBO",

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .base import SiteTreatmentELBO, check_entropy_estimator
-from .engine import Term
+from .base import SiteTreatmentELBO
+from .densities import estimator_kind
+from .plan import AUXILIARY, GUIDED, Planning, SiteView, Treatment
 from .treatments import (
-    analytic_entropy_term,
+    ENTROPY_ESTIMATORS,
+    EntropyTreatment,
     depends_on,
     distribution_tensors,
-    has_no_parameters,
-    is_reparameterized,
-    log_prior_term,
-    path_entropy_term,
-    sampled_entropy_term,
+    is_delta,
 )
+from .validation import check_choice
 
 
 class JensenELBO(SiteTreatmentELBO):
@@ -46,9 +45,13 @@ class JensenELBO(SiteTreatmentELBO):
         ``"sampled"``, which keeps the estimator unbiased; non-reparameterized sites keep
         their score-function term.
 
-    Discrete (non-reparameterized) guide sites get the score-function term
-    ``log q(z_j) * stop_grad(cost_j)``, with the cost Rao-Blackwellized by plates, as in
-    ``Trace_ELBO`` (Ranganath, Gerrish & Blei 2014, arXiv:1401.0118).
+    Each guide site's gradient parts come from Pyro's ``score_parts`` protocol, as in
+    ``Trace_ELBO``: a site whose distribution has a score function (a discrete site; Pyro's
+    ``Rejector`` family, which is reparameterized *and* has one) gets the term
+    ``score_function(z_j) * stop_grad(cost_j)``, with the cost Rao-Blackwellized by plates
+    (Ranganath, Gerrish & Blei 2014, arXiv:1401.0118; Naesseth et al. 2017,
+    arXiv:1610.05683, for rejection samplers).  The plan (each site's estimator) is made
+    once per trace structure.
 
     Parameters
     ----------
@@ -68,64 +71,41 @@ class JensenELBO(SiteTreatmentELBO):
 
     def __init__(self, num_particles: int = 1, entropy: str = "analytic", **kwargs):
         super().__init__(num_particles=num_particles, **kwargs)
-        self.entropy = check_entropy_estimator(entropy)
-        # per site: whether its parameters depend on another reparameterized latent, decided
-        # once from the autograd graph (see ``_path_applies``)
-        self._path_blocked: dict[str, bool] = {}
+        self.entropy = check_choice("entropy", entropy, ENTROPY_ESTIMATORS)
 
-    def _latent_terms(self, name: str, model_site: dict, guide_site: dict) -> list[Term]:
-        return [log_prior_term(name, model_site), self._entropy_term(name, guide_site)]
+    def _treat(self, site: SiteView, planning: Planning) -> Treatment:
+        if site.role not in (GUIDED, AUXILIARY):
+            return super()._treat(site, planning)
+        return EntropyTreatment(self._estimator(site.guide_site, planning),
+                                estimator_kind(site.guide_site["fn"]),
+                                log_prior=site.role == GUIDED)
 
-    def _auxiliary_terms(self, name: str, guide_site: dict) -> list[Term]:
-        return [self._entropy_term(name, guide_site)]
-
-    def _entropy_term(self, name: str, guide_site: dict) -> Term:
-        if self.entropy == "analytic":
-            term = analytic_entropy_term(name, guide_site)
-            if term is not None:
-                return term
-        elif self.entropy == "path" and self._path_applies(name, guide_site):
-            return path_entropy_term(name, guide_site)
-        return sampled_entropy_term(name, guide_site)
-
-    def _path_applies(self, name: str, guide_site: dict) -> bool:
-        """Reparameterized, with parameters that do not depend on other latent samples."""
-        fn = guide_site["fn"]
-        if not is_reparameterized(guide_site) or has_no_parameters(fn):
-            return False
-        blocked = self._path_blocked.get(name)
-        if blocked is None:
-            if not torch.is_grad_enabled():
-                return True  # same value either way; decide when a graph exists
-            upstream = guide_site.get("_elbo_ext_upstream_values", ())
-            blocked = depends_on(distribution_tensors(fn), upstream)
-            self._path_blocked[name] = blocked
-        return not blocked
-
-    def _get_trace(self, model, guide, args, kwargs):
-        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        if self.entropy == "path" and _has_undecided_path_site(guide_trace, self._path_blocked):
-            _record_upstream_values(guide_trace)
-        return model_trace, guide_trace
+    def _estimator(self, guide_site: dict, planning: Planning) -> str:
+        """``"path"`` falls back to ``"sampled"`` where it does not apply (see the class)."""
+        if self.entropy != "path":
+            return self.entropy
+        return "path" if path_applies(guide_site, planning) else "sampled"
 
 
-def _has_undecided_path_site(guide_trace, decided: dict[str, bool]) -> bool:
-    """Whether a site that the path estimator applies to has not had its check yet."""
-    return any(
-        site["type"] == "sample"
-        and name not in decided
-        and is_reparameterized(site)
-        and not has_no_parameters(site["fn"])
-        for name, site in guide_trace.nodes.items()
-    )
+def path_applies(guide_site: dict, planning: Planning) -> bool:
+    """Reparameterized, not a Delta, and with parameters computed from no other
+    reparameterized latent of the guide (an autograd walk, once per structure).
 
-
-def _record_upstream_values(guide_trace) -> None:
-    """Note on each guide site the reparameterized samples drawn before it."""
-    upstream: list[torch.Tensor] = []
-    for site in guide_trace.nodes.values():
-        if site["type"] != "sample":
-            continue
-        site["_elbo_ext_upstream_values"] = tuple(upstream)
-        if is_reparameterized(site) and torch.is_tensor(site["value"]):
+    Without a gradient graph (a plan made under ``torch.no_grad``) the question cannot be
+    answered; both estimators have the same value, so the path form is used and the plan is
+    marked provisional (not cached).
+    """
+    fn = guide_site["fn"]
+    if not getattr(fn, "has_rsample", False) or is_delta(fn):
+        return False
+    if not torch.is_grad_enabled():
+        planning.memo["provisional"] = True
+        return True
+    upstream = []
+    for site in planning.guide_trace.nodes.values():
+        if site is guide_site:
+            break
+        if (site["type"] == "sample" and getattr(site["fn"], "has_rsample", False)
+                and torch.is_tensor(site["value"])):
             upstream.append(site["value"])
+    return not depends_on(distribution_tensors(fn), upstream)

@@ -1,80 +1,131 @@
-"""Running the guide and replaying the model against it, with less bookkeeping than Pyro's.
+"""Recording one particle's (model trace, guide trace) pair with Pyro's own machinery.
 
-``poutine.trace`` copies every message into a new :class:`~pyro.poutine.Trace` node, records
-parameter sites and input/return nodes, and hands back a copy of the whole trace; the losses
-here only read the sample sites once.  :class:`SampleRecorder` keeps the sample messages
-themselves, in order, in an ordinary ``Trace``'s ``nodes`` (so the traces look the same to
-everything that reads them).  ``pyro.plate`` subsample sites are recorded too, because the model
-must replay the guide's minibatch indices, and dropped from both traces once the model has run.
+What Pyro's ``get_importance_trace`` does, so that every model and guide Pyro's ELBOs accept is
+traced the same way: an effect-based guide (:class:`pyro.poutine.GuideMessenger`, e.g.
+``AutoNormalMessenger``) runs once and hands back both traces; any other guide is traced with
+``poutine.trace`` and the model replayed against it with ``poutine.replay``; subsample sites
+are pruned.  Under validation, Pyro's checks run (``check_model_guide_match``,
+``check_if_enumerated``, ``check_site_shape`` on every sample site, with the log-densities
+Pyro's ``compute_log_prob`` / ``compute_score_parts`` memoize on the sites), after the checks
+by which we are deliberately stricter than Pyro (:mod:`.validation`).  Unlike
+``get_importance_trace``, log-densities are computed lazily when validation is off: a site
+whose treatment does not need ``log q`` (an analytic entropy) never evaluates it.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 import pyro.poutine as poutine
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+
+from .sites import is_deterministic_site, is_latent_site
+from .validation import check_batch_dims, check_guide_sites
+
+#: ``wrap_model(model, guide_trace) -> model``: e.g. enumerate the sites the guide does not sample
+ModelWrapper = Callable[[Callable, Trace], Callable]
 
 
-class SampleRecorder(Messenger):
-    """Record the sample sites of one run (the messages themselves; no param sites)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trace = Trace()
-        self.has_subsample_sites = False
-
-    def __enter__(self) -> SampleRecorder:
-        self.trace = Trace()
-        self.has_subsample_sites = False
-        return super().__enter__()
-
-    def _pyro_post_sample(self, msg) -> None:
-        if msg["infer"].get("_do_not_trace"):
-            return
-        if isinstance(msg["fn"], _Subsample):
-            self.has_subsample_sites = True
-        nodes = self.trace.nodes
-        name = msg["name"]
-        if name in nodes:
-            raise RuntimeError(
-                f"Multiple sample sites named '{name}': give every pyro.sample a unique name"
-            )
-        nodes[name] = msg
+def is_guide_messenger(guide) -> bool:
+    """Whether ``guide`` is an effect-based guide that runs the model itself."""
+    return isinstance(poutine.unwrap(guide), poutine.messenger.Messenger)
 
 
-def record_guide_and_model(
+def trace_model_and_guide(
     model: Callable,
     guide: Callable,
     args: tuple,
     kwargs: dict,
-    wrap_model: Callable[[Callable, Trace], Callable] | None = None,
+    max_plate_nesting: float,
+    wrap_model: ModelWrapper | None = None,
 ) -> tuple[Trace, Trace]:
-    """One particle: the guide's sample sites, and the model's with the guide's values replayed.
+    """One particle's traces, recorded and validated as Pyro records and validates them.
 
-    ``wrap_model(model, guide_trace)``, when given, returns the model to run (e.g. with the
-    sites the guide does not sample configured for enumeration).
+    Parameters
+    ----------
+    model, guide : callable
+        The user's model and guide (``guide`` may be a ``GuideMessenger``).
+    args, kwargs
+        Their arguments.
+    max_plate_nesting : float
+        The loss's ``max_plate_nesting`` (``inf`` where unknown).
+    wrap_model : callable, optional
+        ``wrap_model(model, guide_trace)`` returns the model to replay (e.g. with the sites the
+        guide does not sample enumerated); not applicable to a ``GuideMessenger``, whose model
+        runs inside the guide.
 
     Returns
     -------
     (model_trace, guide_trace)
-        Traces holding only sample sites, in execution order, subsample sites dropped.
+        Pyro traces without subsample sites.
     """
-    with SampleRecorder() as guide_recorder:
+    unwrapped = poutine.unwrap(guide)
+    if isinstance(unwrapped, poutine.messenger.Messenger):
         guide(*args, **kwargs)
-    guide_trace = guide_recorder.trace
-    if wrap_model is not None:
-        model = wrap_model(model, guide_trace)
-    with SampleRecorder() as model_recorder:
-        poutine.replay(model, trace=guide_trace)(*args, **kwargs)
-    model_trace = model_recorder.trace
-    for recorder, trace in ((guide_recorder, guide_trace), (model_recorder, model_trace)):
-        if recorder.has_subsample_sites:
-            trace.nodes = OrderedDict(
-                (name, site) for name, site in trace.nodes.items()
-                if not isinstance(site["fn"], _Subsample)
-            )
+        model_trace, guide_trace = unwrapped.get_traces()
+    else:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        if wrap_model is not None:
+            model = wrap_model(model, guide_trace)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    validating = is_validation_enabled()
+    if validating:
+        check_guide_sites(model_trace, guide_trace)
+        check_model_guide_match(_guided_view(model_trace, guide_trace),
+                                _sampled_view(guide_trace), max_plate_nesting)
+        check_if_enumerated(guide_trace)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    if validating:
+        model_trace.compute_log_prob()
+        guide_trace.compute_score_parts()
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, max_plate_nesting)
+        check_batch_dims(guide_trace, max_plate_nesting)
+        if wrap_model is None:  # enumerated sites add dimensions left of the plates
+            check_batch_dims(model_trace, max_plate_nesting)
     return model_trace, guide_trace
+
+
+def _sampled_view(guide_trace: Trace) -> Trace:
+    """The guide trace without ``pyro.deterministic`` sites, which hold no density: Pyro's
+    check would report them as guide sites missing from the model."""
+    deterministic = [name for name, site in guide_trace.nodes.items()
+                     if site["type"] == "sample" and is_deterministic_site(site)]
+    if not deterministic:
+        return guide_trace
+    view = guide_trace.copy()
+    for name in deterministic:
+        view.remove_node(name)
+    return view
+
+
+def _guided_view(model_trace: Trace, guide_trace: Trace) -> Trace:
+    """The model trace without the latents the guide leaves to the model on purpose.
+
+    Pyro's ``check_model_guide_match`` warns about every model latent the guide does not
+    sample; a hard-attention site is one by design (and a missing site of any other loss is
+    already an error), so the check is shown the guided sites only.
+    """
+    guide_nodes = guide_trace.nodes
+    unguided = [
+        name for name, site in model_trace.nodes.items()
+        if is_latent_site(site) and name not in guide_nodes
+        and site["infer"].get("_enumerate_dim") is None
+    ]
+    if not unguided:
+        return model_trace
+    view = model_trace.copy()
+    for name in unguided:
+        view.remove_node(name)
+    return view
+
+
+__all__ = ["ModelWrapper", "is_guide_messenger", "trace_model_and_guide"]

@@ -1,48 +1,29 @@
-"""Per-site building blocks of the engine's terms: log-densities, entropies, scale and mask.
+"""Per-site building blocks of the engine's terms, and the treatments shared by the losses.
 
-Each function turns one trace site into a :class:`~pyro_elbo_ext.elbos.engine.Term`; the losses
-choose which ones a site gets (its treatment).
+Term builders turn one trace site into a :class:`~pyro_elbo_ext.elbos.engine.Term`
+(:func:`observed_term`, :func:`log_prior_term`, :func:`sampled_entropy_term`,
+:func:`path_entropy_term`, :func:`analytic_entropy_term`); :class:`Observed` and
+:class:`EntropyTreatment` are the treatments of observed sites and of the Jensen form.
+Helpers: :func:`analytic_entropy`, :func:`stop_gradient`, :func:`depends_on`,
+:func:`distribution_tensors`, :func:`is_delta`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
-from pyro.distributions.util import detach, scale_and_mask
+from pyro.distributions.util import detach
 
-from .engine import ScoreSite, Term, plate_frames
+from .densities import PATHWISE, entropy_term, log_density, scaled
+from .engine import Term
+from .plan import Treatment
+from .sites import plate_frames
 
 ENTROPY_ESTIMATORS = ("analytic", "sampled", "path")
-
-
-def scaled(site: dict, tensor: torch.Tensor) -> torch.Tensor:
-    """Apply the site's plate/poutine scale and its mask to an elementwise tensor."""
-    return scale_and_mask(tensor, site["scale"], site["mask"])
-
-
-def log_density(site: dict) -> torch.Tensor:
-    """``fn.log_prob(value)`` of a site, computed once and memoized on the site."""
-    cached = site.get("_elbo_ext_log_prob")
-    if cached is None:
-        try:
-            cached = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-        except ValueError as error:
-            what = "observed value" if site.get("is_observed") else "value"
-            raise ValueError(
-                f"site '{site['name']}' ({type(site['fn']).__name__}): cannot evaluate "
-                f"log_prob of its {what}: {error}. Check the data (NaN, out of the "
-                "distribution's support) or the distribution's parameters"
-            ) from error
-        site["_elbo_ext_log_prob"] = cached
-    return cached
-
-
-def is_reparameterized(site: dict) -> bool:
-    """Whether the site's sample carries a pathwise gradient (``fn.has_rsample``)."""
-    return bool(getattr(site["fn"], "has_rsample", False))
 
 
 def analytic_entropy(fn) -> torch.Tensor | None:
@@ -60,11 +41,6 @@ def analytic_entropy(fn) -> torch.Tensor | None:
         return fn.entropy()
     except NotImplementedError:
         return None
-
-
-def has_no_parameters(fn) -> bool:
-    """True for a Delta-like site whose only "parameter" is its own value."""
-    return type(fn).__name__ == "Delta"
 
 
 def depends_on(outputs: Iterable[torch.Tensor], sources: Iterable[torch.Tensor]) -> bool:
@@ -161,14 +137,17 @@ def log_prior_term(name: str, model_site: dict) -> Term:
     return Term(name, "log_prior", value, value, plate_frames(model_site))
 
 
-def sampled_entropy_term(name: str, guide_site: dict) -> Term:
-    """The one-sample entropy estimate -log q(z).
+def sampled_entropy_term(name: str, guide_site: dict, estimator: str) -> Term:
+    """The one-sample entropy estimate -log q(z), with Pyro's ``score_parts`` gradient parts.
 
-    Its pathwise gradient is kept for reparameterized sites; for the others the gradient of
-    E_q[-log q] comes from the score-function term alone (its direct part has mean zero).
+    Its pathwise part is ``-entropy_term`` (``-log q`` for a reparameterized site; none for a
+    plain score-function site, whose gradient of E_q[-log q] comes from the score term alone,
+    the direct part having mean zero).
     """
     value = scaled(guide_site, -log_density(guide_site))
-    pathwise = value if is_reparameterized(guide_site) else None
+    pathwise = entropy_term(guide_site, estimator)
+    if pathwise is not None:
+        pathwise = value if estimator == PATHWISE else -pathwise
     return Term(name, "entropy", value, pathwise, plate_frames(guide_site))
 
 
@@ -195,11 +174,41 @@ def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
     return Term(name, "entropy", value, value, plate_frames(guide_site), analytic=True)
 
 
-def score_site(name: str, site: dict) -> ScoreSite:
-    """The score-function site of a non-reparameterized sample: ``log q(z)``.
+def is_delta(fn) -> bool:
+    """A ``Delta`` site (an AutoGuide's latent): its only "parameter" is its own value."""
+    return type(fn).__name__ == "Delta"
 
-    Neither scaled (the cost it meets already carries the plate scale) nor masked: a mask
-    removes the site's own log-density factor, but the sample still exists and may feed
-    unmasked terms downstream, whose gradient needs its score.
+
+class Observed(Treatment):
+    """An observed site: ``log p(x | ...)``."""
+
+    def terms(self, ctx, model_site, guide_site):
+        return [observed_term(model_site["name"], model_site)]
+
+
+@dataclass(frozen=True)
+class EntropyTreatment(Treatment):
+    """``log p(z | parents)`` (for a model latent) plus an estimate of ``H[q(z | ...)]``.
+
+    ``estimator``: ``"analytic"`` (closed form where ``entropy()`` exists, else sampled),
+    ``"sampled"`` (``-log q(z)``, Pyro's ``Trace_ELBO``) or ``"path"`` (the path derivative);
+    ``guide_estimator`` is Pyro's estimator kind of the guide's sample.  An auxiliary guide
+    site (``log_prior=False``) contributes its entropy alone.
     """
-    return ScoreSite(name, log_density(site), plate_frames(site))
+
+    estimator: str
+    guide_estimator: str
+    log_prior: bool = True
+
+    def terms(self, ctx, model_site, guide_site):
+        name = guide_site["name"]
+        out = [log_prior_term(name, model_site)] if self.log_prior else []
+        entropy = None
+        if self.estimator == "analytic":
+            entropy = analytic_entropy_term(name, guide_site)
+        elif self.estimator == "path":
+            entropy = path_entropy_term(name, guide_site)
+        if entropy is None:
+            entropy = sampled_entropy_term(name, guide_site, self.guide_estimator)
+        out.append(entropy)
+        return out

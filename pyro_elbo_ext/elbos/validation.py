@@ -1,7 +1,17 @@
-"""Checks of a (model trace, guide trace) pair, run under ``is_validation_enabled()``.
+"""Checks of arguments and of a (model trace, guide trace) pair, and non-finite attribution.
 
-Each check raises an error that names the site and says how to fix it; none of them runs when
-validation is switched off, so they cost nothing on the hot path of a tuned run.
+Each check raises an error that names the argument or site and says how to fix it.  The trace
+checks run under ``is_validation_enabled()`` only, so they cost nothing on the hot path of a
+tuned run.
+
+Functions
+---------
+check_positive_int, check_number, check_choice
+    The one way every loss validates its numeric and named options.
+check_guide_sites, check_batch_dims
+    Where we are deliberately stricter than Pyro's own validation (which also runs).
+first_nonfinite_term, warn_nonfinite, warn_nonfinite_gradient, all_finite, graph_leaves
+    Naming the site behind a non-finite L or gradient.
 """
 
 from __future__ import annotations
@@ -12,48 +22,81 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from pyro.poutine.subsample_messenger import _Subsample
 
 from .engine import ParticleEstimate, Term
-
-
-def is_subsample_site(site: dict) -> bool:
-    """The bookkeeping sites that ``pyro.plate(..., subsample_size=...)`` records."""
-    return isinstance(site["fn"], _Subsample)
+from .sites import (
+    is_auxiliary_site,
+    is_deterministic_site,
+    is_subsample_site,
+)
 
 
 def check_positive_int(name: str, value) -> int:
-    """``value`` as an int, or a ValueError naming the argument."""
+    """``value`` as an int >= 1 (any integral type: ``int``, ``numpy.int64``, ...), or a
+    ValueError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 
 
-def check_guide_sites(model_trace, guide_trace, loss_name: str) -> None:
-    """Every guide sample site is a model latent or is marked auxiliary, and is not enumerated.
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a finite float in the given range, or a ValueError naming the argument.
+
+    Any real number type is accepted (``int``, ``float``, ``numpy.float64``, a 0-d tensor
+    is not: pass a number); ``bool`` and strings are refused.
+    """
+    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    below = number <= low if low_open else number < low
+    above = number >= high if high_open else number > high
+    if not math.isfinite(number) or below or above:
+        if math.isinf(high):
+            where = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number {where}, got {value!r}")
+    return number
+
+
+def check_choice(name: str, value, choices: Sequence) -> object:
+    """``value`` if it is one of ``choices``, else a ValueError listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_guide_sites(model_trace, guide_trace) -> None:
+    """Where we are stricter than Pyro's ``check_model_guide_match`` (which only warns).
+
+    - a guide sample site that is not in the model and not marked auxiliary: L would no longer
+      be a bound (its ``log q`` enters with nothing to cancel it);
+    - a guide sample site that the model observes: an observed value is never drawn from q.
+
+    (A model latent that the guide does not sample is refused when the loss plans its
+    treatments, validation or not, by every loss but ``HardAttentionELBO``:
+    :func:`missing_guide_site_error`.)
+
+    ``pyro.deterministic`` sites (in either trace) hold no density and are never an error.
 
     Raises
     ------
     ValueError
-        Naming the first offending guide site and what to do about it.
+        Naming the first offending site and what to do about it.
     """
+    model_nodes = model_trace.nodes
     for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or is_subsample_site(site):
+        if site["type"] != "sample" or is_subsample_site(site) or is_deterministic_site(site):
             continue
-        if site["infer"].get("enumerate"):
-            raise ValueError(
-                f"guide site '{name}' is marked for enumeration, which {loss_name} does not do; "
-                "remove infer={'enumerate': ...} (the site is then sampled, with a "
-                "score-function gradient if it is discrete)"
-            )
-        model_site = model_trace.nodes.get(name)
+        model_site = model_nodes.get(name)
         if model_site is None or model_site["type"] != "sample":
-            if not site["infer"].get("is_auxiliary"):
+            if not is_auxiliary_site(site):
                 raise ValueError(
                     f"guide site '{name}' does not appear in the model; fix its name, or mark it "
                     "infer={'is_auxiliary': True} if it is an auxiliary variable of the guide"
                 )
-        elif model_site["is_observed"]:
+        elif model_site["is_observed"] and not is_deterministic_site(model_site):
             raise ValueError(
                 f"guide site '{name}' samples a site that the model observes; remove it from "
                 "the guide (observed values are never drawn from q)"
@@ -70,33 +113,25 @@ def missing_guide_site_error(name: str, loss_name: str) -> ValueError:
     )
 
 
-def check_plate_shapes(trace, max_plate_nesting: float) -> None:
-    """Each sample site's batch shape agrees with the plates it is declared in."""
+def check_batch_dims(trace, max_plate_nesting: float) -> None:
+    """No sample site has batch dimensions of size > 1 left of ``max_plate_nesting``.
+
+    Stricter than Pyro's ``check_site_shape``, which ignores those dimensions: their terms
+    would be summed into L as if they were independent copies (L multiplied, not bounded).
+    """
+    if not math.isfinite(max_plate_nesting):
+        return
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or is_subsample_site(site):
             continue
         batch_shape = site["fn"].batch_shape
-        for frame in site["cond_indep_stack"]:
-            if not frame.vectorized or frame.size is None:
-                continue
-            if len(batch_shape) < -frame.dim:
-                continue  # broadcasts
-            size = batch_shape[frame.dim]
-            if size not in (1, frame.size):
-                raise ValueError(
-                    f"site '{name}' has batch shape {tuple(batch_shape)}, but its plate "
-                    f"'{frame.name}' has size {frame.size} at dim {frame.dim}; make the "
-                    "distribution's batch dimension match the plate (or use .expand / "
-                    ".to_event for event dimensions)"
-                )
-        if math.isfinite(max_plate_nesting):
-            plated = len(batch_shape) - max_plate_nesting
-            if plated > 0 and any(d != 1 for d in batch_shape[:plated]):
-                raise ValueError(
-                    f"site '{name}' has batch shape {tuple(batch_shape)} with more dimensions "
-                    f"than max_plate_nesting={max_plate_nesting}; declare its batch dimensions "
-                    "with pyro.plate, or move them into the event with .to_event()"
-                )
+        plated = len(batch_shape) - max_plate_nesting
+        if plated > 0 and any(d != 1 for d in batch_shape[:plated]):
+            raise ValueError(
+                f"site '{name}' has batch shape {tuple(batch_shape)} with more dimensions "
+                f"than max_plate_nesting={max_plate_nesting}; declare its batch dimensions "
+                "with pyro.plate, or move them into the event with .to_event()"
+            )
 
 
 def first_nonfinite_term(terms: Sequence[Term]) -> Term | None:
