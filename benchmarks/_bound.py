@@ -52,7 +52,7 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.util import prune_subsample_sites
 
-from pyro_elbo_ext.elbos.densities import scaled
+from pyro_elbo_ext.elbos.densities import scaled_and_masked
 from pyro_elbo_ext.elbos.treatments import analytic_entropy
 
 
@@ -68,7 +68,7 @@ __all__ = ["LowerBoundELBO"]
 
 
 def _log_prob(site: dict) -> torch.Tensor:
-    return scaled(site, site["fn"].log_prob(site["value"]))
+    return scaled_and_masked(site, site["fn"].log_prob(site["value"]))
 
 
 def _entropy(site: dict) -> torch.Tensor | None:
@@ -76,7 +76,7 @@ def _entropy(site: dict) -> torch.Tensor | None:
     entropy = analytic_entropy(site["fn"])  # a masked distribution: zero where masked
     if entropy is None:
         return None
-    return scaled(site, entropy.expand(site["fn"].batch_shape))
+    return scaled_and_masked(site, entropy.expand(site["fn"].batch_shape))
 
 
 def _per_particle(log_prob: torch.Tensor, nesting: int) -> torch.Tensor:

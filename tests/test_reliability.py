@@ -8,20 +8,15 @@ import pytest
 import torch
 from pyro.infer import SVI
 
-from pyro_elbo_ext import JensenELBO
+from pyro_elbo_ext import AnalyticKLELBO, JensenELBO
 from pyro_elbo_ext.problems import get_problem
 
 LOSSES = {
     "jensen": lambda: JensenELBO(),
     "jensen_path_vectorized": lambda: JensenELBO(entropy="path", num_particles=4,
                                                  vectorize_particles=True, max_plate_nesting=1),
+    "analytic_kl": lambda: AnalyticKLELBO(num_particles=2),
 }
-try:
-    from pyro_elbo_ext.elbos.analytic_kl import AnalyticKLELBO
-
-    LOSSES["analytic_kl"] = lambda: AnalyticKLELBO(num_particles=2)
-except ImportError:  # pragma: no cover - while the module is absent
-    pass
 
 
 def _fit(problem, loss, steps, seed=0):

@@ -16,7 +16,7 @@ from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.util import is_validation_enabled
 
 from .base import SiteTreatmentELBO
-from .densities import PATHWISE, entropy_term, estimator_kind, log_density, scaled
+from .densities import PATHWISE, entropy_term, estimator_kind, log_density, scaled_and_masked
 from .dependencies import auxiliary_children, model_parents, preceding_latents
 from .engine import Term
 from .kl import analytic_kl, same_value
@@ -105,8 +105,8 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     **Discrete guide sites** (no ``rsample``), which Pyro's ``TraceMeanField_ELBO`` refuses, are
     supported.  Their own KL is exact (its gradient is the gradient of the closed form); the
     rest of L reaches their parameters through the score-function surrogate
-    ``log q(z_j) * stop_grad(cost_j)``, with ``cost_j`` Rao-Blackwellized by plates (Ranganath,
-    Gerrish & Blei 2014, arXiv:1401.0118).  The cost contains the KL of every later site that
+    ``log q(z_j) * stop_grad(reward_j)``, with ``reward_j`` Rao-Blackwellized by plates (Ranganath,
+    Gerrish & Blei 2014, arXiv:1401.0118).  The reward contains the KL of every later site that
     depends on :math:`z_j`, which it must; it also contains terms that do not depend on
     :math:`z_j` (its own KL, a function of :math:`z_{<j}` only, and the KLs of earlier sites),
     whose product with the score has expectation zero given :math:`z_{<j}`.  The surrogate is
@@ -377,11 +377,11 @@ class KLTreatment(Treatment):
         frames = plate_frames(model_site)
         kl = _closed_form_kl(model_site, guide_site) if self.analytic else None
         if kl is not None:
-            value = scaled(guide_site, kl)
+            value = scaled_and_masked(guide_site, kl)
             contribution = -value if weight == 1.0 else -weight * value
             return [Term(name, "kl", contribution, contribution, frames, analytic=True)]
-        log_p = scaled(model_site, log_density(model_site))
-        log_q = scaled(guide_site, log_density(guide_site))
+        log_p = scaled_and_masked(model_site, log_density(model_site))
+        log_q = scaled_and_masked(guide_site, log_density(guide_site))
         contribution = log_p - log_q
         # the pathwise part of -log q is Pyro's entropy_term (none for a score-function
         # site, whose E_q[-log q] gradient comes from the score term alone)

@@ -435,7 +435,7 @@ class LearningSignal(nn.Module):
 
     @property
     def needed(self) -> bool:
-        """Whether the signal differs from the plain cost at all."""
+        """Whether the signal differs from the plain reward at all."""
         return self.baseline is not None or self.normalizer is not None or self.zero_one
 
     def bind(self, ctx, training: bool, particle_dim: int) -> BoundSignal:
@@ -489,8 +489,8 @@ class BoundSignal:
         self.particle_dim = particle_dim
         self.observed: list[tuple] = []
 
-    def __call__(self, site: ScoreSite, cost: torch.Tensor) -> torch.Tensor:
-        reward = cost
+    def __call__(self, site: ScoreSite, reward: torch.Tensor) -> torch.Tensor:
+        reward = reward
         if self.shift:
             reward = reward + sum_to_frames(self.shift, site.frames)
         baseline = self.signal.baseline

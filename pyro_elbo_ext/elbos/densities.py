@@ -6,7 +6,7 @@ validation) is not evaluated twice, and the values are Pyro's.
 
 Functions
 ---------
-scaled
+scaled_and_masked
     Apply a site's plate/poutine scale and its mask.
 log_density
     ``fn.log_prob(value)``, unscaled.
@@ -32,7 +32,7 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from torch.distributions import Independent
 
 
-def scaled(site: dict, tensor: torch.Tensor) -> torch.Tensor:
+def scaled_and_masked(site: dict, tensor: torch.Tensor) -> torch.Tensor:
     """Apply the site's plate/poutine scale and its mask to an elementwise tensor."""
     return scale_and_mask(tensor, site["scale"], site["mask"])
 
@@ -106,7 +106,7 @@ def estimator_kind(fn) -> str:
 def entropy_term(site: dict, kind: str) -> torch.Tensor | None:
     """The pathwise part of the site's scaled ``log q`` (``None`` where it is zero)."""
     if kind == PATHWISE:
-        return scaled(site, log_density(site))
+        return scaled_and_masked(site, log_density(site))
     if kind == SCORE_FUNCTION:
         return None
     term = score_parts(site).entropy_term
@@ -124,4 +124,4 @@ def score_function(site: dict, kind: str) -> torch.Tensor | None:
 
 
 __all__ = ["MIXED", "PATHWISE", "SCORE_FUNCTION", "entropy_term", "estimator_kind",
-           "log_density", "scaled", "score_function", "score_parts"]
+           "log_density", "scaled_and_masked", "score_function", "score_parts"]

@@ -11,11 +11,11 @@ reparameterized). :func:`combine` then forms
     L_hat       = sum_t contribution_t
     surrogate   = sum_t pathwise_t + sum_j sum(score_j * stop_grad(signal_j))
 
-where ``cost_j`` is the part of L_hat that may depend on the sample at site j,
-Rao-Blackwellized by :class:`pyro.plate` independence (and ``signal_j = cost_j`` unless a
-learning signal, e.g. ``cost_j - baseline_j``, replaces it): terms in plates that site j is
+where ``reward_j`` is the part of L_hat that may depend on the sample at site j,
+Rao-Blackwellized by :class:`pyro.plate` independence (and ``signal_j = reward_j`` unless a
+learning signal, e.g. ``reward_j - baseline_j``, replaces it): terms in plates that site j is
 not in are summed, terms that share j's plates are kept element by element, so that the i-th
-element of ``score_j`` only meets the costs of data point i (and the global terms).  The
+element of ``score_j`` only meets the rewards of data point i (and the global terms).  The
 gradient of the surrogate is then an unbiased estimate of dL for any baseline that does not
 depend on the sample at site j (Williams 1992; Ranganath, Gerrish & Blei 2014, arXiv:1401.0118;
 Schulman et al. 2015, arXiv:1506.05254).
@@ -91,14 +91,14 @@ class ScoreSite:
         The sample site.
     score_function : torch.Tensor
         Pyro's ``score_parts(...).score_function`` of the site (``log q(z)`` for a plain
-        non-reparameterized distribution), shaped like the site's batch; unscaled (the cost
+        non-reparameterized distribution), shaped like the site's batch; unscaled (the reward
         it meets already carries the plate scale) and unmasked.
     frames : frozenset of Frame
         The vectorized plates of the site.
     learning_signal : bool
         Whether the loss's learning signal (baseline, reward transform, normalizer) replaces
-        the plain cost for this site (hard-attention sites); otherwise the score meets the
-        Rao-Blackwellized cost itself.
+        the plain reward for this site (hard-attention sites); otherwise the score meets the
+        Rao-Blackwellized reward itself.
     """
 
     site: str
@@ -107,8 +107,8 @@ class ScoreSite:
     learning_signal: bool = False
 
 
-#: ``signal(score_site, cost) -> learning signal``: what the score function of a site marked
-#: ``learning_signal`` meets instead of its detached, Rao-Blackwellized cost (e.g. the cost
+#: ``signal(score_site, reward) -> learning signal``: what the score function of a site marked
+#: ``learning_signal`` meets instead of its detached, Rao-Blackwellized reward (e.g. the reward
 #: minus a baseline); it must not depend on that site's sample for the estimate to stay
 #: unbiased.
 SignalFn = Callable[[ScoreSite, torch.Tensor], torch.Tensor]
@@ -133,31 +133,31 @@ class ParticleEstimate:
 
 
 def sum_to_frames(
-    costs: dict[frozenset[Frame], torch.Tensor], target: frozenset[Frame]
+    rewards: dict[frozenset[Frame], torch.Tensor], target: frozenset[Frame]
 ) -> torch.Tensor | float:
-    """Rao-Blackwellized downstream cost for a site that lives in the plates ``target``.
+    """Rao-Blackwellized downstream reward for a site that lives in the plates ``target``.
 
-    Each cost grouped under its plates is summed over the dimensions of the plates that
+    Each reward grouped under its plates is summed over the dimensions of the plates that
     ``target`` does not contain; the results are added with broadcasting.
 
     Parameters
     ----------
-    costs : dict
-        Detached cost tensors keyed by the plates they live in.
+    rewards : dict
+        Detached reward tensors keyed by the plates they live in.
     target : frozenset of Frame
         The plates of the score-function site.
 
     Returns
     -------
     torch.Tensor or float
-        A tensor that broadcasts against the site's score, or ``0.0`` when there is no cost.
+        A tensor that broadcasts against the site's score, or ``0.0`` when there is no reward.
     """
     total: torch.Tensor | float = 0.0
-    for frames, cost in costs.items():
+    for frames, reward in rewards.items():
         for frame in frames - target:
-            if cost.dim() >= -frame.dim and cost.shape[frame.dim] != 1:
-                cost = cost.sum(frame.dim, keepdim=True)
-        total = total + cost
+            if reward.dim() >= -frame.dim and reward.shape[frame.dim] != 1:
+                reward = reward.sum(frame.dim, keepdim=True)
+        total = total + reward
     return total
 
 
@@ -173,7 +173,7 @@ def combine(
     terms : sequence of Term
         Every contribution to L of this particle.
     score_sites : sequence of ScoreSite
-        The sites that need a score-function term.  The cost each one meets is the sum of
+        The sites that need a score-function term.  The reward each one meets is the sum of
         all term contributions, detached and Rao-Blackwellized by plates
         (:func:`sum_to_frames`).
     signal : SignalFn, optional
@@ -199,15 +199,15 @@ def combine(
     if elbo is None:
         elbo = torch.zeros(())
     if score_sites:
-        costs: dict[frozenset[Frame], torch.Tensor] = {}
+        rewards: dict[frozenset[Frame], torch.Tensor] = {}
         for term in terms:
             value = term.contribution.detach()
-            costs[term.frames] = costs[term.frames] + value if term.frames in costs else value
+            rewards[term.frames] = rewards[term.frames] + value if term.frames in rewards else value
         for site in score_sites:
-            cost = sum_to_frames(costs, site.frames)
+            reward = sum_to_frames(rewards, site.frames)
             if signal is not None and site.learning_signal:
-                cost = signal(site, cost)
-            score_term = (site.score_function * cost).sum()
+                reward = signal(site, reward)
+            score_term = (site.score_function * reward).sum()
             surrogate = score_term if surrogate is None else surrogate + score_term
     if surrogate is None:  # nothing differentiable at all
         surrogate = torch.zeros_like(elbo)

@@ -23,7 +23,7 @@ from .baselines import (
     check_decay,
 )
 from .decomposition import Decomposition
-from .densities import scaled
+from .densities import scaled_and_masked
 from .engine import Term
 from .jensen import JensenELBO
 from .plan import UNGUIDED, Planning, SiteView, Treatment
@@ -415,7 +415,8 @@ class PriorProposal(Treatment):
     def terms(self, ctx, model_site, guide_site):
         if self.bonus_weight <= 0:
             return []
-        value = scaled(model_site, self.bonus_weight * analytic_entropy(model_site["fn"]))
+        entropy = analytic_entropy(model_site["fn"])
+        value = scaled_and_masked(model_site, self.bonus_weight * entropy)
         return [Term(model_site["name"], "bonus", value, value, plate_frames(model_site),
                      analytic=True)]
 

@@ -48,7 +48,7 @@ class JensenELBO(SiteTreatmentELBO):
     Each guide site's gradient parts come from Pyro's ``score_parts`` protocol, as in
     ``Trace_ELBO``: a site whose distribution has a score function (a discrete site; Pyro's
     ``Rejector`` family, which is reparameterized *and* has one) gets the term
-    ``score_function(z_j) * stop_grad(cost_j)``, with the cost Rao-Blackwellized by plates
+    ``score_function(z_j) * stop_grad(reward_j)``, with the reward Rao-Blackwellized by plates
     (Ranganath, Gerrish & Blei 2014, arXiv:1401.0118; Naesseth et al. 2017,
     arXiv:1610.05683, for rejection samplers).  The plan (each site's estimator) is made
     once per trace structure.

@@ -46,7 +46,7 @@ class Treatment:
 
     Subclasses implement :meth:`terms`.  Class attributes say which sample a score-function
     term (if the distribution's ``score_parts`` has one) belongs to, and whether the loss's
-    learning signal replaces the plain cost there.
+    learning signal replaces the plain reward there.
     """
 
     #: whose sample carries the site's score function: ``"guide"`` or ``"model"``

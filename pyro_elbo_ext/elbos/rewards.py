@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .densities import log_density, scaled
+from .densities import log_density, scaled_and_masked
 from .sites import Frame, is_deterministic_site, plate_frames
 
 
@@ -16,7 +16,7 @@ def zero_one_shift(model_trace) -> dict[frozenset[Frame], torch.Tensor]:
     """Per plate set: ``R - log p(y | l)`` summed over observed sites, scaled and masked.
 
     ``R = 1`` where the observed value is a most probable value of its distribution, else 0;
-    adding this to the engine's cost turns the log-likelihood reward into the 0/1 reward.
+    adding this to the engine's reward turns the log-likelihood reward into the 0/1 reward.
     """
     shift: dict[frozenset[Frame], torch.Tensor] = {}
     for name, site in model_trace.nodes.items():
@@ -37,7 +37,7 @@ def zero_one_shift(model_trace) -> dict[frozenset[Frame], torch.Tensor]:
             support = fn.enumerate_support(expand=False)
             best = fn.log_prob(support).max(0).values
             correct = (log_p >= best - 1e-6).to(log_p.dtype)
-            value = scaled(site, correct - log_p)
+            value = scaled_and_masked(site, correct - log_p)
         frames = plate_frames(site)
         shift[frames] = shift[frames] + value if frames in shift else value
     return shift

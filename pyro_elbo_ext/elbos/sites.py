@@ -59,7 +59,7 @@ def plate_frames(site: dict) -> frozenset[Frame]:
     """The vectorized plates of a trace site, as hashable :class:`Frame` s.
 
     Built directly each time: hashing Pyro's ``CondIndepStackFrame`` s (to memoize by the
-    stack) costs three times as much as building the set.
+    stack) rewards three times as much as building the set.
     """
     return frozenset([Frame(f.name, f.dim) for f in site["cond_indep_stack"] if f.dim is not None])
 

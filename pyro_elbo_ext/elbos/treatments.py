@@ -18,7 +18,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import detach
 
-from .densities import PATHWISE, entropy_term, log_density, scaled
+from .densities import PATHWISE, entropy_term, log_density, scaled_and_masked
 from .engine import Term
 from .plan import Treatment
 from .sites import plate_frames
@@ -127,13 +127,13 @@ def _shallow_stop_gradient(fn):
 
 def observed_term(name: str, site: dict) -> Term:
     """log p(x | ...) of an observed site."""
-    value = scaled(site, log_density(site))
+    value = scaled_and_masked(site, log_density(site))
     return Term(name, "log_likelihood", value, value, plate_frames(site))
 
 
 def log_prior_term(name: str, model_site: dict) -> Term:
     """log p(z | parents) of a latent site at the guide's sample."""
-    value = scaled(model_site, log_density(model_site))
+    value = scaled_and_masked(model_site, log_density(model_site))
     return Term(name, "log_prior", value, value, plate_frames(model_site))
 
 
@@ -144,7 +144,7 @@ def sampled_entropy_term(name: str, guide_site: dict, estimator: str) -> Term:
     plain score-function site, whose gradient of E_q[-log q] comes from the score term alone,
     the direct part having mean zero).
     """
-    value = scaled(guide_site, -log_density(guide_site))
+    value = scaled_and_masked(guide_site, -log_density(guide_site))
     pathwise = entropy_term(guide_site, estimator)
     if pathwise is not None:
         pathwise = value if estimator == PATHWISE else -pathwise
@@ -161,7 +161,7 @@ def path_entropy_term(name: str, guide_site: dict) -> Term:
     (Roeder, Wu & Duvenaud 2017, arXiv:1703.09194).
     """
     frozen = stop_gradient(guide_site["fn"])
-    value = scaled(guide_site, -frozen.log_prob(guide_site["value"]))
+    value = scaled_and_masked(guide_site, -frozen.log_prob(guide_site["value"]))
     return Term(name, "entropy", value, value, plate_frames(guide_site))
 
 
@@ -170,7 +170,7 @@ def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
     entropy = analytic_entropy(guide_site["fn"])
     if entropy is None:
         return None
-    value = scaled(guide_site, entropy.expand(guide_site["fn"].batch_shape))
+    value = scaled_and_masked(guide_site, entropy.expand(guide_site["fn"].batch_shape))
     return Term(name, "entropy", value, value, plate_frames(guide_site), analytic=True)
 
 

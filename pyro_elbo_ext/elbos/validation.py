@@ -1,7 +1,7 @@
 """Checks of arguments and of a (model trace, guide trace) pair, and non-finite attribution.
 
 Each check raises an error that names the argument or site and says how to fix it.  The trace
-checks run under ``is_validation_enabled()`` only, so they cost nothing on the hot path of a
+checks run under ``is_validation_enabled()`` only, so they reward nothing on the hot path of a
 tuned run.
 
 Functions
@@ -177,7 +177,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     Sums the tensors' norms (``torch._foreach_norm``): a NaN or infinite entry makes the sum
     non-finite.  The converse can fail only by overflow (finite entries whose norms sum past
     the dtype's range), so a ``False`` is a reason to look closer, not proof.  (The public
-    :func:`torch.nn.utils.get_total_norm` gives the same answer at 2.5x the cost on a CPU,
+    :func:`torch.nn.utils.get_total_norm` gives the same answer at 2.5x the reward on a CPU,
     16 µs against 6 µs for two parameters: this runs on every step under validation.)
     """
     try:
@@ -218,7 +218,7 @@ def warn_nonfinite_gradient(
             where = f"the {term.kind} of site '{term.site}'"
             break
     else:
-        where = "a score-function term (a non-reparameterized site's log-density or its cost)"
+        where = "a score-function term (a non-reparameterized site's log-density or its reward)"
     warnings.warn(
         f"{loss_name}: L is finite but its gradient is not; the first term with a non-finite "
         f"gradient is {where}. Check that term's parameters (e.g. a sqrt or log at 0, a scale "
