@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
+
+from .._extras import require
+
+pd = require("pandas", "compare", "the comparison's plots")
+Figure = require("matplotlib.figure", "compare", "the comparison's plots").Figure
 
 _FAMILY_COLORS = {"ours": "tab:blue", "pyro": "tab:gray"}
 
