@@ -72,6 +72,22 @@ class FitResult:
         last = evaluated.groupby("estimator", sort=False).tail(1)
         return last.reset_index(drop=True)
 
+    def final_table(self, num_eval_particles: int | None = None) -> str:
+        """The terminal table of :meth:`final`: final L (exact and estimated), wall time and
+        time per step of each estimator."""
+        final = self.final()
+        estimate = f"final L ({num_eval_particles}-sample)" if num_eval_particles \
+            else "final L (estimate)"
+        table = pd.DataFrame({
+            "estimator": final["estimator"],
+            "final L (exact)": final["exact_elbo"].map(
+                lambda v: "-" if pd.isna(v) else f"{v:.4f}"),
+            estimate: final["eval_elbo"].map(lambda v: f"{v:.4f}"),
+            "wall time (s)": final["wall_time_s"].map(lambda v: f"{v:.2f}"),
+            "ms/step": (1e3 * final["wall_time_s"] / final["step"]).map(lambda v: f"{v:.3g}"),
+        })
+        return table.to_string(index=False)
+
     def save(self, out: str | Path, stem: str | None = None) -> dict[str, Path]:
         """Write ``<stem>_curves.csv`` and ``<stem>_final.csv`` to ``out``."""
         out = Path(out)
