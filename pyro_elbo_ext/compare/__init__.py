@@ -28,9 +28,14 @@ Needs the ``compare`` extra (pandas, matplotlib, tqdm, scikit-learn, scipy):
 ``pip install 'pyro-elbo-ext[compare]'``; the losses never import it.
 """
 
-from .applicability import ProblemStructure, problem_structure
-from .draws import Draws, draw_estimates
-from .estimators import (
+from .._extras import require
+
+for _module in ("pandas", "matplotlib", "scipy"):
+    require(_module, "compare", "estimator comparison (pyro_elbo_ext.compare)")
+
+from .applicability import ProblemStructure, problem_structure  # noqa: E402
+from .draws import Draws, draw_estimates  # noqa: E402
+from .estimators import (  # noqa: E402
     ESTIMATORS,
     EstimatorSpec,
     IncompatibleEstimatorError,
@@ -38,16 +43,16 @@ from .estimators import (
     applicable_estimators,
     get_estimator,
 )
-from .plots import plot_bound, plot_gradient_variance, plot_learning_curves
-from .records import (
+from .plots import plot_bound, plot_gradient_variance, plot_learning_curves  # noqa: E402
+from .records import (  # noqa: E402
     Comparison,
     EstimatorRecord,
     ParameterRecord,
     ReferenceGradient,
 )
-from .reference import reference_gradient
-from .runner import compare_at_points, compare_estimators
-from .training import FitResult, fit_estimators
+from .reference import reference_gradient  # noqa: E402
+from .runner import compare_at_points, compare_estimators  # noqa: E402
+from .training import FitResult, fit_estimators  # noqa: E402
 
 __all__ = [
     "ESTIMATORS",

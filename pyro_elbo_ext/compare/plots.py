@@ -142,7 +142,8 @@ def plot_bound(summary: pd.DataFrame, title: str | None = None) -> Figure:
         ax.set_xlabel("L (nats)")
         ax.set_title(f"at {at} parameters", loc="left", fontweight="bold")
         ax.grid(axis="x", alpha=0.3)
-    axes[-1].legend(loc="best", fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
     fig.suptitle(title or _title(summary, "each estimator's mean L against the exact L"))
     return fig
 

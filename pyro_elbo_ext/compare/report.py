@@ -124,12 +124,13 @@ def _findings(summary) -> list[str]:
         if yardstick is None or yardstick not in var or not var[yardstick] > 0 or not len(unbiased):
             continue
         base = var[yardstick]
-        zero = sorted(n for n, v in zip(unbiased["estimator"], unbiased["grad_var_total"])
-                      if v <= ZERO_VARIANCE * base)
-        if zero:
+        zero = [(n, v) for n, v in zip(unbiased["estimator"], unbiased["grad_var_total"])
+                if v <= ZERO_VARIANCE * base]
+        for name, value in zero:
             lines.append(
-                f"at {at}: {', '.join(zero)} draw(s) the same gradient every time (variance 0 "
-                f"against {base:.3g} for {yardstick})" + _why_zero(zero, at))
+                f"at {at}: {name}'s gradient variance is {value:.2g}, rounding level against "
+                f"{base:.3g} for {yardstick}" + _why_zero(name, at))
+        zero = [n for n, _ in zero]
         best = unbiased.loc[unbiased["grad_var_total"].idxmin()]
         if best["estimator"] not in zero and best["estimator"] != yardstick:
             lines.append(
@@ -145,12 +146,12 @@ def _findings(summary) -> list[str]:
     return lines
 
 
-def _why_zero(names: list[str], at: str) -> str:
-    if at == "posterior" and "jensen_path" in names:
-        return (": at the exact posterior the path estimator's gradient is exactly 0, because "
-                "the score term it drops has mean 0 and carries all the noise "
+def _why_zero(name: str, at: str) -> str:
+    if at == "posterior" and name == "jensen_path":
+        return (": at the exact posterior the path estimator's gradient is 0 in every draw, "
+                "because the score term it drops has mean 0 and carries all the noise "
                 "(Roeder et al. 2017, arXiv:1703.09194)")
-    return ": it sums the discrete sites exactly" if any("enum" in n for n in names) else ""
+    return ": it sums the discrete sites exactly" if "enum" in name else ""
 
 
 __all__ = ["YARDSTICKS", "format_table", "notes", "variance_yardstick"]
