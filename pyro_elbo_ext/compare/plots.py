@@ -95,7 +95,12 @@ def _variance_row(axes, rows: pd.DataFrame, at: str, several: bool) -> None:
     _value_axis(axes[0], shown)
     axes[0].set_xlabel("total gradient variance (±2 SE)")
     snr = rows["snr_median"].to_numpy(float)
-    axes[1].barh(y, np.where(np.isfinite(snr), snr, 0.0), color=colors)
+    finite_snr = snr[np.isfinite(snr)]
+    snr_cap = finite_snr.max() * 1.2 if finite_snr.size else 1.0
+    axes[1].barh(y, np.where(np.isfinite(snr), snr, snr_cap), color=colors)
+    for i in np.flatnonzero(np.isinf(snr)):
+        axes[1].annotate("inf", (snr_cap, i), xytext=(-18, -3), textcoords="offset points",
+                         color="white")
     axes[1].set_xlabel("median SNR  |mean| / sd")
     axes[1].xaxis.set_major_locator(_ticker.MaxNLocator(nbins=4))
     eff = rows["efficiency"].to_numpy(float)

@@ -127,9 +127,9 @@ def _findings(summary) -> list[str]:
         zero = [(n, v) for n, v in zip(unbiased["estimator"], unbiased["grad_var_total"])
                 if v <= ZERO_VARIANCE * base]
         for name, value in zero:
-            lines.append(
-                f"at {at}: {name}'s gradient variance is {value:.2g}, rounding level against "
-                f"{base:.3g} for {yardstick}" + _why_zero(name, at))
+            size = "exactly 0" if value == 0 else f"{value:.2g}, at rounding level,"
+            lines.append(f"at {at}: {name}'s gradient variance is {size} against {base:.3g} "
+                         f"for {yardstick}" + _why_zero(name, at))
         zero = [n for n, _ in zero]
         best = unbiased.loc[unbiased["grad_var_total"].idxmin()]
         if best["estimator"] not in zero and best["estimator"] != yardstick:
