@@ -1,15 +1,18 @@
-"""The ``pyro-elbo-ext`` command line: a thin layer over :mod:`pyro_elbo_ext.compare`.
+"""The ``pyro-elbo-ext`` command line: a thin argparse layer over :mod:`pyro_elbo_ext.compare`
+and :mod:`pyro_elbo_ext.diagnostics`.
 
 Subcommands::
 
     pyro-elbo-ext list     [--problem NAME]             problems, estimators, what applies
     pyro-elbo-ext compare  [PROBLEM] [-e EST ...] ...    gradient statistics table + files
     pyro-elbo-ext fit      [PROBLEM] [-e EST ...] ...    training comparison + learning curves
+    pyro-elbo-ext diagnose [PROBLEM] [-e EST] ...        fit a guide, then ArviZ diagnostics
 
 Every subcommand has ``--help``.  Errors in the input (unknown names, an estimator that does
-not apply to the problem, bad numbers) print one line on stderr and exit with status 2;
-an unexpected failure prints one line and exits with status 1 (``--debug`` shows the
-traceback).
+not apply to the problem, bad numbers, an output location that cannot be written) print one
+line on stderr and exit with status 2 before any computation; a missing optional dependency
+prints the ``pip install`` line and exits with status 1, as does an unexpected failure
+(``--debug`` shows the traceback).
 
 New subcommands are added by writing an ``add_arguments`` and a
 ``run`` function and listing them in :data:`SUBCOMMANDS`.
@@ -20,16 +23,16 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 
-import numpy as np
-import pandas as pd
-import pyro
 import torch
+
+from ._extras import MissingExtraError
+from .problems import PROBLEMS, UnknownProblemError, describe_problem, get_problem, problem_options
 
 PROG = "pyro-elbo-ext"
 DEFAULT_PROBLEM = "normal_normal"
@@ -98,31 +101,59 @@ def _estimator_names(values: list[str] | None) -> list[str] | None:
     return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
+def writable_directory(path: Path) -> Path:
+    """``path`` if it is, or can be made, a writable directory; else a :class:`CLIError`.
+
+    Checked before any computation: an existing file, a path under a file, or a place without
+    write permission is reported at once, not after the run.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--out {path} is an existing file, not a directory; give a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"--out {path} lies under {existing}, which is a file; give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path}: {existing} is not writable; give a directory you can "
+                       "write to")
+    return path
+
+
 # ---------------------------------------------------------------------------- shared options
-def _add_problem_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_problem_arguments(parser: argparse.ArgumentParser, several: bool = True) -> None:
     parser.add_argument("problem", nargs="?", default=DEFAULT_PROBLEM,
                         help=f"problem name (default: {DEFAULT_PROBLEM}; see '{PROG} list')")
     parser.add_argument("-P", "--problem-option", type=problem_option, action="append",
                         default=[], metavar="KEY=VALUE",
-                        help="option of the problem's factory, e.g. -P num_data=50 (repeatable)")
-    parser.add_argument("-e", "--estimators", action="append", metavar="NAMES",
-                        help="estimator names, comma-separated or repeated "
-                             "(default: every estimator that applies to the problem)")
+                        help="option of the problem's factory, e.g. -P num_data=50 or "
+                             "-P dtype=float64 (repeatable)")
+    if several:
+        parser.add_argument("-e", "--estimators", action="append", metavar="NAMES",
+                            help="estimator names, comma-separated or repeated, each once "
+                                 "(default: every estimator that applies to the problem)")
+    else:
+        parser.add_argument("-e", "--estimators", action="append", metavar="NAME",
+                            help="the one estimator that fits the guide (default: jensen_path)")
     parser.add_argument("--particles", type=positive_int, default=1,
                         help="particles per evaluation (default: 1)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="first seed (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("out"),
-                        help="directory for the CSV/JSON/PNG files (default: ./out)")
+                        help="directory for the output files (default: ./out)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG files")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def _build_problem(args):
-    from .compare import build_problem, get_estimator
+    """The problem and the estimator names of ``args``, all checked before any computation."""
+    from .compare import get_estimator
+    from .compare.estimators import chosen_estimators
 
+    writable_directory(args.out)
     options = dict(args.problem_option)
     try:
-        problem = build_problem(args.problem, **options)
+        problem = get_problem(args.problem, **options)
     except (KeyError, ValueError):
         raise
     except Exception as exc:  # a factory rejecting an option value
@@ -130,6 +161,7 @@ def _build_problem(args):
                        f"{type(exc).__name__}: {exc}") from exc
     names = _estimator_names(args.estimators)
     if names:
+        chosen_estimators(problem, names)  # a name given twice -> error
         for name in names:
             get_estimator(name).build(problem, args.particles)  # unknown / incompatible -> error
     return problem, names
@@ -146,11 +178,10 @@ def _add_list(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_list(args) -> int:
-    from .compare import ESTIMATORS, all_problems, build_problem
-    from .compare.problems import describe_problem, problem_options
+    from .compare import ESTIMATORS
 
     print("problems:")
-    for name in all_problems():
+    for name in PROBLEMS:
         options = ", ".join(f"{k}={v!r}" for k, v in problem_options(name).items())
         print(f"  {name:<24} {describe_problem(name)}")
         print(f"  {'':<24}   options: {options}")
@@ -158,7 +189,7 @@ def _run_list(args) -> int:
     for name, spec in ESTIMATORS.items():
         print(f"  {name:<34} [{spec.family}] {spec.description}")
     if args.problem:
-        problem = build_problem(args.problem)
+        problem = get_problem(args.problem)
         print(f"\non problem {args.problem!r}:")
         for name, spec in ESTIMATORS.items():
             ok, reason = spec.applies_to(problem)
@@ -171,9 +202,10 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     _add_problem_arguments(parser)
     parser.add_argument("-R", "--repeats", type=repeats, default=200,
                         help="evaluations per estimator (default: 200)")
-    parser.add_argument("--at", choices=("init", "posterior"), default="init",
-                        help="parameter point: the problem's start (default) or its exact "
-                             "posterior (conjugate problems)")
+    parser.add_argument("--at", default="auto", metavar="POINTS",
+                        help="parameter point(s), comma-separated: 'init' (the problem's start), "
+                             "'posterior' (its exact posterior, conjugate problems); default "
+                             "'auto': both where the problem has a posterior, else init")
     parser.add_argument("--reference", default="auto",
                         help="reference gradient: 'auto' (exact where the problem has a closed "
                              "form, else a many-sample estimate), 'none', or an estimator name")
@@ -182,73 +214,52 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
                              "(default: 2000)")
 
 
-def format_compare_table(summary: pd.DataFrame) -> str:
-    """The terminal table of a comparison summary."""
-    def num(x, spec=".4g"):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-    rows = []
-    for _, r in summary.iterrows():
-        rows.append({
-            "estimator": r["estimator"],
-            "L mean": f"{num(r['elbo_mean'], '.4f')} ± {num(r['elbo_se'], '.2g')}",
-            "gap to log p(X)": num(r["gap"], ".4g"),
-            "grad var": f"{num(r['grad_var_total'], '.3g')} ± {num(r['grad_var_total_se'], '.2g')}",
-            "SNR (median)": num(r["snr_median"], ".3g"),
-            "max |bias|/SE": num(r["bias_max_z"], ".2f"),
-            "ms/eval": num(1e3 * r["time_per_eval_s"], ".3g"),
-            "efficiency": num(r["efficiency"], ".3g"),
-        })
-    return pd.DataFrame(rows).to_string(index=False)
-
-
-def _max_z_under_null(num_elements: int, level: float = 0.99) -> float:
-    """The ``level`` quantile of the largest of P independent |N(0, 1)| values (Sidak):
-    z with (1 - 2 (1 - Phi(z)))^P = level."""
-    tail = (1.0 - level ** (1.0 / max(num_elements, 1))) / 2.0
-    return NormalDist().inv_cdf(1.0 - tail)
+def _points(text: str, problem) -> list[str]:
+    if text == "auto":
+        return ["init"] if problem.posterior_params is None else ["init", "posterior"]
+    points = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in points if p not in ("init", "posterior")]
+    if bad or not points:
+        raise CLIError(f"compare: argument --at: expected 'auto' or points from init, posterior "
+                       f"(comma-separated), got {text!r}")
+    if len(set(points)) != len(points):
+        raise CLIError(f"compare: argument --at: each point once, got {text!r}")
+    if "posterior" in points and problem.posterior_params is None:
+        raise CLIError(f"problem {problem.name!r} has no closed-form posterior; use --at init")
+    return points
 
 
 def _run_compare(args) -> int:
-    from .compare import compare_estimators, get_estimator
+    from .compare import compare_at_points, get_estimator
     from .compare.plots import plot_bound, plot_gradient_variance
+    from .compare.report import format_table, notes
 
     problem, names = _build_problem(args)
+    points = _points(args.at, problem)
     if args.reference not in ("auto", "none"):
         get_estimator(args.reference).build(problem, 1)
-    if args.at == "posterior" and problem.posterior_params is None:
-        raise CLIError(f"problem {problem.name!r} has no closed-form posterior; use --at init")
-    comparison = compare_estimators(
-        problem, names, num_repeats=args.repeats, num_particles=args.particles, seed=args.seed,
-        at=args.at, reference=args.reference, reference_repeats=args.reference_repeats,
+    comparison = compare_at_points(
+        problem, names, points, num_repeats=args.repeats, num_particles=args.particles,
+        seed=args.seed, reference=args.reference, reference_repeats=args.reference_repeats,
         progress=_progress(args),
     )
     summary = comparison.summary()
     print(f"problem: {problem.name} ({problem.description})")
-    print(f"parameters: {comparison.at}; R = {args.repeats} evaluations per estimator, "
-          f"{args.particles} particle(s) each, seeds {args.seed}..{args.seed + args.repeats - 1} "
-          "shared by all estimators")
-    facts = [f"reference gradient: {comparison.reference.label}"]
-    if problem.exact_elbo is not None and comparison.reference.elbo is not None:
-        facts.append(f"exact L = {comparison.reference.elbo:.4f}")
+    print(f"parameters: {' and '.join(points)}; R = {args.repeats} evaluations per estimator, "
+          f"{args.particles} particle(s) each unless an estimator needs more, seeds "
+          f"{args.seed}..{args.seed + args.repeats - 1} shared by all estimators")
+    for at, ref in comparison.references.items():
+        facts = [f"reference gradient at {at}: {ref.label}"]
+        if problem.exact_elbo is not None and ref.kind == "exact":
+            facts.append(f"exact L = {ref.elbo:.4f}")
+        print("; ".join(facts))
     if problem.log_evidence is not None:
-        facts.append(f"log p(X) = {problem.log_evidence:.4f}")
-    print("; ".join(facts))
+        print(f"log p(X) = {problem.log_evidence:.4f}")
     print()
-    print(format_compare_table(summary))
-    if comparison.reference.kind != "none" and comparison.records:
-        size = sum(p.grad_mean.size for p in comparison.records[0].params)
-        print(f"max |bias|/SE is taken over {size} gradient element(s): an unbiased estimator "
-              f"stays below {_max_z_under_null(size):.2f} in 99% of runs (independent elements)")
-        for record in comparison.records:
-            if record.bias_unassessed:
-                print(f"note: {record.estimator}: {record.bias_unassessed} element(s) took one "
-                      f"value in all {record.num_repeats} draws while the reference differs "
-                      "(a rare event not drawn): left out of max |bias|/SE; raise --repeats "
-                      "to assess them")
-    biased = summary.loc[summary["objective"] != "L", ["estimator", "objective"]]
-    for _, r in biased.iterrows():
-        print(f"note: {r['estimator']} estimates the gradient of the {r['objective']}, not of L")
+    print(format_table(summary))
+    print()
+    for line in notes(comparison):
+        print(line)
     paths = comparison.save(args.out)
     if not args.no_plots:
         stem = f"compare_{problem.name}"
@@ -282,21 +293,13 @@ def _run_fit(args) -> int:
         num_particles=args.particles, eval_every=args.eval_every,
         num_eval_particles=args.eval_particles, progress=_progress(args),
     )
-    final = result.final()
     print(f"problem: {problem.name} ({problem.description})")
     print(f"{args.steps} SVI steps per estimator, Adam lr {args.lr}, {args.particles} "
           f"particle(s), seed {args.seed} (step t uses seed + t for every estimator)")
     if result.log_evidence is not None:
         print(f"log p(X) = {result.log_evidence:.4f}")
     print()
-    table = pd.DataFrame({
-        "estimator": final["estimator"],
-        "final L (exact)": final["exact_elbo"].map(lambda v: "-" if pd.isna(v) else f"{v:.4f}"),
-        f"final L ({args.eval_particles}-sample)": final["eval_elbo"].map(lambda v: f"{v:.4f}"),
-        "wall time (s)": final["wall_time_s"].map(lambda v: f"{v:.2f}"),
-        "ms/step": (1e3 * final["wall_time_s"] / final["step"]).map(lambda v: f"{v:.3g}"),
-    })
-    print(table.to_string(index=False))
+    print(result.final_table(args.eval_particles))
     paths = result.save(args.out)
     if not args.no_plots:
         paths["curves_png"] = _save(plot_learning_curves(result.frame, result.log_evidence),
@@ -307,14 +310,14 @@ def _run_fit(args) -> int:
 
 # ---------------------------------------------------------------------------- diagnose
 def _add_diagnose(parser: argparse.ArgumentParser) -> None:
-    _add_problem_arguments(parser)
+    _add_problem_arguments(parser, several=False)
     parser.add_argument("--steps", type=nonnegative_int, default=500,
                         help="SVI steps that fit the guide first (default: 500; 0: diagnose the "
                              "guide at its starting parameters)")
     parser.add_argument("--lr", type=positive_float, default=0.05,
                         help="Adam learning rate (default: 0.05)")
     parser.add_argument("--num-samples", type=positive_int, default=2000,
-                        help="draws from the guide (default: 2000)")
+                        help="draws from the guide (default: 2000; at least 21 for PSIS)")
     parser.add_argument("--reference", choices=("auto", "nuts", "none"), default="auto",
                         help="reference posterior: 'auto' = the closed form where the problem "
                              "has one, 'nuts' = a Pyro NUTS run, 'none' (default: auto)")
@@ -323,22 +326,21 @@ def _add_diagnose(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_diagnose(args) -> int:
-    import arviz as az
-
-    from .compare import get_estimator
-    from .diagnostics import compare_posterior, psis_from_inference_data, to_inference_data
+    from .diagnostics import MIN_PSIS_SAMPLES, diagnose
 
     problem, names = _build_problem(args)
+    if names and len(names) > 1:
+        raise CLIError(f"diagnose: fits one guide with one estimator; -e names {len(names)} "
+                       f"({', '.join(names)}): give one")
+    if args.num_samples < MIN_PSIS_SAMPLES:
+        raise CLIError(f"diagnose: argument --num-samples: PSIS needs at least "
+                       f"{MIN_PSIS_SAMPLES} draws, got {args.num_samples}")
     name = (names or ["jensen_path"])[0]
-    loss, model, guide = get_estimator(name).build(problem, args.particles)
-    pyro.set_rng_seed(args.seed)
-    problem.set_params()
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": args.lr}), loss=loss)
-    for _ in range(args.steps):
-        svi.step(*problem.args, **problem.kwargs)
-    idata = to_inference_data(problem.model, problem.guide, *problem.args,
-                              num_samples=args.num_samples, **problem.kwargs)
-    psis = psis_from_inference_data(idata)
+    result = diagnose(problem, name, num_steps=args.steps, lr=args.lr,
+                      num_particles=args.particles, num_samples=args.num_samples,
+                      reference=args.reference, nuts_samples=args.nuts_samples,
+                      seed=args.seed, progress=not args.quiet)
+    psis = result.psis
     print(f"problem: {problem.name} ({problem.description})")
     print(f"guide fitted with {name} for {args.steps} steps (Adam lr {args.lr}); "
           f"{args.num_samples} draws from the guide")
@@ -346,35 +348,13 @@ def _run_diagnose(args) -> int:
             else "-inf (all importance weights equal: q matches the posterior)")
     print(f"PSIS k-hat = {khat}; verdict {psis.verdict} (k < 0.5 good, < 0.7 ok, else "
           f"unreliable; Yao et al. 2018); importance-sampling ESS = {psis.ess:.0f}")
-    reference = None
-    if args.reference == "nuts" or (args.reference == "auto"
-                                    and problem.posterior_params is None):
-        if args.reference == "nuts":
-            kernel = pyro.infer.NUTS(problem.model)
-            mcmc = pyro.infer.MCMC(kernel, num_samples=args.nuts_samples,
-                                   warmup_steps=args.nuts_samples, disable_progbar=args.quiet)
-            mcmc.run(*problem.args, **problem.kwargs)
-            reference = az.from_pyro(mcmc, log_likelihood=False)
-            source = f"NUTS ({args.nuts_samples} draws)"
-    elif args.reference == "auto":
-        reference, source = problem, "the closed-form posterior"
-    if reference is None:
-        table = az.summary(idata, kind="stats")
+    if result.reference is None:
         print("\nthe guide's posterior (no reference; --reference nuts runs one):")
     else:
-        table = compare_posterior(idata, reference)
-        print(f"\nthe guide's posterior against {source} (mean_error_z: error / its MC SE):")
-    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    paths = {"table": args.out / f"diagnose_{problem.name}.csv",
-             "idata": args.out / f"diagnose_{problem.name}.nc"}
-    table.to_csv(paths["table"])
-    idata.to_netcdf(str(paths["idata"]))
-    if not args.no_plots:
-        axes = az.plot_posterior(idata, var_names=list(idata.posterior.data_vars)[:6])
-        figure = np.atleast_1d(axes).ravel()[0].get_figure()
-        paths["posterior_png"] = _save(figure, args.out, f"diagnose_{problem.name}_posterior.png")
-    _print_paths(paths)
+        print(f"\nthe guide's posterior against {result.reference} "
+              "(mean_error_z: error / its MC SE):")
+    print(result.table.to_string(float_format=lambda v: f"{v:.4g}"))
+    _print_paths(result.save(args.out, plots=not args.no_plots))
     return 0
 
 
@@ -445,9 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         0 on success, 2 for a user error (one line on stderr), 1 for an unexpected failure.
     """
-    from .compare import IncompatibleEstimatorError, UnknownEstimatorError, UnknownProblemError
-
     argv = list(sys.argv[1:] if argv is None else argv)
+    user_errors = _user_errors()
     debug = "--debug" in argv
     parser = build_parser()
     try:
@@ -463,8 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(threads)
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
-    except (CLIError, UnknownProblemError, UnknownEstimatorError,
-            IncompatibleEstimatorError, ValueError, TypeError) as exc:
+    except MissingExtraError as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except user_errors as exc:
         if debug:
             raise
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
@@ -478,6 +461,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's input errors (exit status 2)."""
+    errors: tuple[type[BaseException], ...] = (CLIError, UnknownProblemError, ValueError,
+                                                TypeError)
+    try:
+        from .compare.estimators import UnknownEstimatorError
+    except ImportError:  # the compare extra is missing: its commands say so when run
+        return errors
+    return (*errors, UnknownEstimatorError)
 
 
 def _one_line(exc: BaseException) -> str:

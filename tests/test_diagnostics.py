@@ -369,6 +369,33 @@ def test_num_samples_must_be_positive(num_samples):
             fn(problem.model, problem.guide, *problem.args, num_samples=num_samples)
 
 
+@pytest.mark.parametrize("num_samples", [1, 20])
+def test_psis_needs_enough_draws_to_fit_khat(num_samples):
+    """k-hat is fitted to the largest min(S/5, 3 sqrt(S)) weights, at least 5 of them: below 21
+    draws a ValueError says so (one draw used to raise ArviZ's IndexError)."""
+    problem = _normal_normal()
+    with pytest.raises(ValueError, match="PSIS needs num_samples >= 21"):
+        psis_diagnostics(problem.model, problem.guide, *problem.args, num_samples=num_samples)
+    idata = to_inference_data(problem.model, problem.guide, *problem.args,
+                              num_samples=num_samples)
+    with pytest.raises(ValueError, match="PSIS needs num_samples >= 21"):
+        psis_from_inference_data(idata)
+    result = psis_diagnostics(problem.model, problem.guide, *problem.args, num_samples=21)
+    assert math.isfinite(result.khat) and result.num_samples == 21
+
+
+def test_compare_posterior_with_nothing_in_common_raises_value_error():
+    """The docstring's promise: a ValueError (not ArviZ's TypeError) naming both sides."""
+    problem = _normal_normal()
+    idata = to_inference_data(problem.model, problem.guide, *problem.args, num_samples=50)
+    other = az.from_dict(posterior={"w": np.zeros((1, 50))})
+    with pytest.raises(ValueError, match=r"variables \['z'\] and the reference's \['w'\] share"):
+        compare_posterior(idata, other)
+    no_draws = az.from_dict(observed_data={"x": np.zeros(3)})
+    with pytest.raises(ValueError, match="no posterior group"):
+        compare_posterior(idata, no_draws)
+
+
 def test_guide_with_the_wrong_arguments_gets_a_named_error():
     problem = _normal_normal()
 

@@ -119,3 +119,22 @@ def test_factories_honour_dtype_and_seed(name):
 def test_unknown_problem_names_the_known_ones():
     with pytest.raises(KeyError, match="normal_normal"):
         get_problem("no_such_problem")
+
+
+# ---------------------------------------------------------------------------- the registry
+def test_the_registry_checks_option_names_and_reads_dtype_names():
+    from pyro_elbo_ext.problems import UnknownProblemError, describe_problem, problem_options
+
+    with pytest.raises(UnknownProblemError, match="known problems: normal_normal, "):
+        get_problem("no_such_problem")
+    with pytest.raises(ValueError, match=r"no option\(s\) \['bogus'\]; its options are"):
+        get_problem("normal_normal", bogus=1)
+    assert get_problem("normal_normal", dtype="float64").args[0].dtype == torch.float64
+    assert get_problem("normal_normal", dtype="torch.float32").args[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be a torch floating-point dtype"):
+        get_problem("normal_normal", dtype="int64")
+    assert problem_options("normal_normal")["num_data"] == 20
+    assert "dtype" in problem_options("vae_digits")
+    assert describe_problem("normal_normal").startswith("z ~ N(mu0, tau0)")
+    for name in PROBLEMS:  # every factory documents itself in one line
+        assert describe_problem(name)

@@ -1,16 +1,17 @@
 """The named-estimator registry: our losses in their configurations and Pyro's own ELBOs.
 
-Each entry is an :class:`EstimatorSpec`: a name, a one-line description, the objective whose
-gradient it estimates, a ``build(problem, num_particles)`` factory returning the loss together
-with the model and guide to pass it (TraceEnum_ELBO needs enumeration-configured callables), and
-an :meth:`EstimatorSpec.applies_to` check that says, with a reason, whether it can be used on a
-problem.  The check is made from the problem's actual trace structure (see
-:func:`problem_structure`): which latent sites the guide samples, which are reparameterized,
-which are discrete and enumerable.
+* :class:`EstimatorSpec` -- a name, a one-line description, the objective whose gradient it
+  estimates, a ``factory(problem, num_particles)`` returning the loss together with the model
+  and guide to pass it (TraceEnum_ELBO needs enumeration-configured callables), and
+  applicability rules (:mod:`.applicability`) behind :meth:`EstimatorSpec.applies_to`;
+* :data:`ESTIMATORS`, :func:`register`, :func:`get_estimator`, :func:`applicable_estimators`,
+  :func:`chosen_estimators`;
+* :class:`UnknownEstimatorError`, :class:`IncompatibleEstimatorError`;
+* the entries: ``jensen_{analytic,sampled,path}``, ``analytic_kl``, ``hard_attention_enum``,
+  ``hard_attention_reinforce{,_ma,_learned,_loo}``, and Pyro's ``trace_elbo``,
+  ``tracemeanfield_elbo``, ``tracegraph_elbo``, ``traceenum_elbo``, ``renyi_elbo``.
 
-Entries for losses that are still being written (``AnalyticKLELBO`` in
-:mod:`pyro_elbo_ext.elbos.analytic_kl`, ``HardAttentionELBO`` in
-:mod:`pyro_elbo_ext.elbos.hard_attention`) are added when those modules import.
+A new estimator is one :func:`register` call with an :class:`EstimatorSpec`.
 
 References
 ----------
@@ -23,15 +24,9 @@ References
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import pyro
-import pyro.poutine as poutine
 from pyro.infer import (
     ELBO,
     RenyiELBO,
@@ -42,8 +37,17 @@ from pyro.infer import (
     config_enumerate,
 )
 
-from ..elbos import JensenELBO
+from ..elbos import AnalyticKLELBO, HardAttentionELBO, JensenELBO
 from ..problems import Problem
+from .applicability import (
+    Rule,
+    needs_discrete_latents,
+    needs_enumerable_unguided,
+    needs_guided_latents,
+    needs_reparameterized_guide,
+    needs_unguided_latents,
+    problem_structure,
+)
 
 #: the objective of an unbiased estimator of L and dL
 ELBO_OBJECTIVE = "L"
@@ -58,147 +62,6 @@ class UnknownEstimatorError(KeyError):
 
 class IncompatibleEstimatorError(ValueError):
     """An estimator that cannot be used on a problem (the message says why)."""
-
-
-# ---------------------------------------------------------------------------- problem structure
-@dataclass(frozen=True)
-class ProblemStructure:
-    """What the estimators' applicability depends on, read from one (guide, model) trace.
-
-    Attributes
-    ----------
-    guided_latents : tuple of str
-        Model latent sites that the guide samples.
-    unguided_latents : tuple of str
-        Model latent sites the guide does not sample (hard-attention / prior-proposal sites).
-    nonreparam_guide_sites : tuple of str
-        Guide sample sites without ``rsample`` (discrete or otherwise score-function sites).
-    enumerable_sites : tuple of str
-        Latent sites (guide or model) whose distribution has a finite, enumerable support.
-    continuous_sites : tuple of str
-        Latent sites whose support cannot be enumerated.
-    """
-
-    guided_latents: tuple[str, ...]
-    unguided_latents: tuple[str, ...]
-    nonreparam_guide_sites: tuple[str, ...]
-    enumerable_sites: tuple[str, ...]
-    continuous_sites: tuple[str, ...]
-
-    @property
-    def fully_reparameterized(self) -> bool:
-        return not self.nonreparam_guide_sites and not self.unguided_latents
-
-    @property
-    def has_discrete_latents(self) -> bool:
-        return bool(self.enumerable_sites)
-
-
-#: id(problem) -> (weak reference to it, its structure)
-_STRUCTURE_CACHE: dict[int, tuple[weakref.ref, ProblemStructure]] = {}
-
-
-def problem_structure(problem: Problem) -> ProblemStructure:
-    """Trace the guide and replay the model once at ``init_params`` and classify the sites.
-
-    The param store is saved and restored around the trace, so this has no side effect.
-    The result is cached per problem object.
-    """
-    cached = _STRUCTURE_CACHE.get(id(problem))
-    if cached is not None and cached[0]() is problem:
-        return cached[1]
-    store = pyro.get_param_store()
-    saved = store.get_state()
-    try:
-        problem.set_params()
-        guide_trace = poutine.trace(problem.guide).get_trace(*problem.args, **problem.kwargs)
-        model_trace = poutine.trace(poutine.replay(problem.model, trace=guide_trace)).get_trace(
-            *problem.args, **problem.kwargs
-        )
-    finally:
-        store.set_state(saved)
-    guide_sites = {
-        name: site for name, site in guide_trace.nodes.items() if site["type"] == "sample"
-    }
-    latents = {
-        name: site
-        for name, site in model_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
-        and not site["infer"].get("_do_not_trace") and not _is_subsample(site)
-    }
-    guided = tuple(n for n in latents if n in guide_sites)
-    unguided = tuple(n for n in latents if n not in guide_sites)
-    nonreparam = tuple(
-        n for n, s in guide_sites.items()
-        if not _is_subsample(s) and not getattr(s["fn"], "has_rsample", False)
-    )
-    all_latent = {**{n: s for n, s in guide_sites.items() if not _is_subsample(s)}, **latents}
-    enumerable = tuple(
-        n for n, s in all_latent.items() if getattr(s["fn"], "has_enumerate_support", False)
-    )
-    continuous = tuple(n for n in all_latent if n not in enumerable)
-    structure = ProblemStructure(guided, unguided, nonreparam, enumerable, continuous)
-    for key in [k for k, (ref, _) in _STRUCTURE_CACHE.items() if ref() is None]:
-        del _STRUCTURE_CACHE[key]
-    _STRUCTURE_CACHE[id(problem)] = (weakref.ref(problem), structure)
-    return structure
-
-
-def _is_subsample(site: dict) -> bool:
-    return type(site["fn"]).__name__ == "_Subsample"
-
-
-# ---------------------------------------------------------------------------- applicability rules
-#: a rule maps a problem's structure to ``None`` (applies) or the reason it does not
-Rule = Callable[[ProblemStructure], "str | None"]
-
-
-def needs_guided_latents(s: ProblemStructure) -> str | None:
-    """Every model latent must be sampled by the guide."""
-    if s.unguided_latents:
-        return (
-            f"the guide does not sample the latent site(s) {list(s.unguided_latents)}; "
-            "use a hard_attention_* estimator"
-        )
-    return None
-
-
-def needs_reparameterized_guide(s: ProblemStructure) -> str | None:
-    """Every guide site must be reparameterized (``rsample``)."""
-    if s.nonreparam_guide_sites:
-        return (
-            f"the guide site(s) {list(s.nonreparam_guide_sites)} are not reparameterizable "
-            "(discrete); use trace_elbo, tracegraph_elbo or a jensen_* estimator"
-        )
-    return None
-
-
-def needs_discrete_latents(s: ProblemStructure) -> str | None:
-    """Enumeration needs at least one enumerable latent and no continuous unguided latent."""
-    if not s.has_discrete_latents:
-        return "the problem has no discrete latent site to enumerate (all latents are continuous)"
-    return None
-
-
-def needs_unguided_latents(s: ProblemStructure) -> str | None:
-    """The hard-attention bound needs latents drawn from the model's own distribution."""
-    if not s.unguided_latents:
-        return (
-            "the problem has no attention (unguided) latent site; its guide samples every latent, "
-            "so use a jensen_* or trace_* estimator"
-        )
-    return None
-
-
-def needs_enumerable_unguided(s: ProblemStructure) -> str | None:
-    """Exact enumeration of the attention sites needs each to have a finite support."""
-    reason = needs_unguided_latents(s)
-    if reason:
-        return reason
-    bad = [n for n in s.unguided_latents if n not in s.enumerable_sites]
-    if bad:
-        return f"the attention site(s) {bad} have no finite support to enumerate"
-    return None
 
 
 # ---------------------------------------------------------------------------- the spec
@@ -295,6 +158,23 @@ def applicable_estimators(problem: Problem, names: Iterable[str] | None = None) 
     return [n for n in names if get_estimator(n).applies_to(problem)[0]]
 
 
+def chosen_estimators(problem: Problem, names: Iterable[str] | None = None) -> list[str]:
+    """The estimators a run uses: ``names`` as given, or every one that applies to ``problem``.
+
+    Raises
+    ------
+    ValueError
+        When a name is given more than once (it would give duplicate rows).
+    """
+    if names is None:
+        return applicable_estimators(problem)
+    names = list(names)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"estimator(s) {repeated} named more than once; name each once")
+    return names
+
+
 def _plain(loss_cls, **options) -> Builder:
     def factory(problem: Problem, num_particles: int):
         loss = loss_cls(
@@ -365,71 +245,54 @@ register(EstimatorSpec(
 ))
 
 
-# ---------------------------------------------------------------------------- losses in progress
-def _optional_class(module: str, name: str):
-    """``module.name`` if the module exists, else ``None`` (it may not have landed yet).
-
-    A module that exists but fails to import raises as usual; one without the class warns.
-    """
-    if importlib.util.find_spec(module) is None:
-        return None
-    cls = getattr(importlib.import_module(module), name, None)
-    if cls is None:
-        warnings.warn(f"{module} has no {name}; its estimators are not registered", stacklevel=2)
-    return cls
+# ------------------------------------------------------------ AnalyticKLELBO, HardAttentionELBO
+register(EstimatorSpec(
+    "analytic_kl", "AnalyticKLELBO: E_q[log p(x|z)] - KL[q||p], analytic KL where valid",
+    "ours", _plain(AnalyticKLELBO), rules=(needs_guided_latents,),
+))
 
 
-AnalyticKLELBO = _optional_class("pyro_elbo_ext.elbos.analytic_kl", "AnalyticKLELBO")
-HardAttentionELBO = _optional_class("pyro_elbo_ext.elbos.hard_attention", "HardAttentionELBO")
+def _hard_attention(estimator: str, baseline: str | None = None, min_particles: int = 1):
+    def factory(problem: Problem, num_particles: int):
+        options: dict = {"estimator": estimator}
+        if estimator == "reinforce":
+            options["baseline"] = baseline
+        if min_particles > 1:  # leave-one-out: the particles must be vectorized
+            options["vectorize_particles"] = True
+        loss = HardAttentionELBO(
+            num_particles=max(min_particles, num_particles),
+            max_plate_nesting=problem.max_plate_nesting, **options,
+        )
+        return loss, problem.model, problem.guide
 
-if AnalyticKLELBO is not None:
+    return factory
+
+
+register(EstimatorSpec(
+    "hard_attention_enum", "HardAttentionELBO, exact F by enumerating attention sites",
+    "ours", _hard_attention("enum"), rules=(needs_enumerable_unguided,),
+))
+for _suffix, _baseline, _k, _text in [
+    ("", None, 1, "no baseline"),
+    ("_ma", "moving_average", 1, "moving-average baseline"),
+    ("_learned", "learned", 1, "learned input-dependent baseline (NVIL)"),
+    ("_loo", "leave_one_out", 2, "leave-one-out baseline, K = max(2, particles)"),
+]:
     register(EstimatorSpec(
-        "analytic_kl", "AnalyticKLELBO: E_q[log p(x|z)] - KL[q||p], analytic KL where valid",
-        "ours", _plain(AnalyticKLELBO), rules=(needs_guided_latents,),
+        f"hard_attention_reinforce{_suffix}",
+        f"HardAttentionELBO, REINFORCE, {_text}",
+        "ours", _hard_attention("reinforce", _baseline, _k),
+        rules=(needs_unguided_latents,),
     ))
-
-if HardAttentionELBO is not None:
-    def _hard_attention(estimator: str, baseline: str | None = None, min_particles: int = 1):
-        def factory(problem: Problem, num_particles: int):
-            options: dict = {"estimator": estimator}
-            if estimator == "reinforce":
-                options["baseline"] = baseline
-            if min_particles > 1:  # leave-one-out: the particles must be vectorized
-                options["vectorize_particles"] = True
-            loss = HardAttentionELBO(
-                num_particles=max(min_particles, num_particles),
-                max_plate_nesting=problem.max_plate_nesting, **options,
-            )
-            return loss, problem.model, problem.guide
-
-        return factory
-
-    register(EstimatorSpec(
-        "hard_attention_enum", "HardAttentionELBO, exact F by enumerating attention sites",
-        "ours", _hard_attention("enum"), rules=(needs_enumerable_unguided,),
-    ))
-    for _suffix, _baseline, _k, _text in [
-        ("", None, 1, "no baseline"),
-        ("_ma", "moving_average", 1, "moving-average baseline"),
-        ("_learned", "learned", 1, "learned input-dependent baseline (NVIL)"),
-        ("_loo", "leave_one_out", 2, "leave-one-out baseline, K = max(2, particles)"),
-    ]:
-        register(EstimatorSpec(
-            f"hard_attention_reinforce{_suffix}",
-            f"HardAttentionELBO, REINFORCE, {_text}",
-            "ours", _hard_attention("reinforce", _baseline, _k),
-            rules=(needs_unguided_latents,),
-        ))
 
 
 __all__ = [
     "ESTIMATORS",
     "EstimatorSpec",
     "IncompatibleEstimatorError",
-    "ProblemStructure",
     "UnknownEstimatorError",
     "applicable_estimators",
+    "chosen_estimators",
     "get_estimator",
-    "problem_structure",
     "register",
 ]

@@ -1,81 +1,155 @@
 """Figures of a comparison: gradient variance / SNR, learning curves, the bound vs log p(X).
 
+* :func:`plot_gradient_variance` -- variance, SNR and efficiency per estimator and point;
+* :func:`plot_bound` -- each estimator's mean L against the exact L and log p(X);
+* :func:`plot_learning_curves` -- L against SVI step and wall time.
+
 Every function returns a :class:`matplotlib.figure.Figure` built without ``pyplot`` (no global
 figure state, no GUI backend needed); save it with ``fig.savefig(path)``.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
+
+from .._extras import require
+
+pd = require("pandas", "compare", "the comparison's plots")
+Figure = require("matplotlib.figure", "compare", "the comparison's plots").Figure
+_ticker = require("matplotlib.ticker", "compare", "the comparison's plots")
 
 _FAMILY_COLORS = {"ours": "tab:blue", "pyro": "tab:gray"}
 
+#: below this fraction of the largest variance at a point, a variance is drawn as "~0"
+NEAR_ZERO = 1e-12
+
+#: at most this many major ticks on a log axis (more overlap on a narrow panel)
+MAX_LOG_TICKS = 5
+
+
+#: a panel whose values span less than this ratio gets a linear axis (a log axis would show
+#: one labelled decade or none)
+LOG_SPAN = 30.0
+
+
+def _value_axis(ax, values: np.ndarray) -> None:
+    """The x axis of a bar panel: log with at most :data:`MAX_LOG_TICKS` labelled decades
+    when the positive ``values`` span :data:`LOG_SPAN` or more, else linear with 4 ticks."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size and positive.max() / positive.min() >= LOG_SPAN:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(_ticker.LogLocator(base=10, numticks=MAX_LOG_TICKS))
+        ax.xaxis.set_minor_locator(_ticker.NullLocator())
+    else:
+        ax.xaxis.set_major_locator(_ticker.MaxNLocator(nbins=4))
+
+
+def _near_zero_and_floor(var: np.ndarray) -> tuple[np.ndarray, float]:
+    """Which variances are at rounding level (<= NEAR_ZERO x the largest), and the value such
+    bars are drawn at (a hundredth of the smallest other variance)."""
+    largest = var.max(initial=0.0)
+    near_zero = var <= NEAR_ZERO * largest
+    others = var[~near_zero]
+    floor = others.min() / 100 if others.size else 1e-12
+    return near_zero, floor
+
 
 def plot_gradient_variance(summary: pd.DataFrame, title: str | None = None) -> Figure:
-    """Total gradient variance (log scale, ±2 SE), median SNR and efficiency per estimator.
+    """Total gradient variance (log scale, ±2 SE), median SNR and efficiency per estimator,
+    one row of panels per parameter point (``summary["at"]``).
+
+    A variance at rounding level (at most :data:`NEAR_ZERO` times the largest at its point)
+    is drawn as a short bar labelled "~0", and its efficiency as a bar labelled "~inf", so that
+    the other bars stay readable; the numbers are in the summary.
 
     Parameters
     ----------
     summary : DataFrame
-        :meth:`Comparison.summary` (columns ``estimator``, ``family``, ``grad_var_total``,
-        ``grad_var_total_se``, ``snr_median``, ``efficiency``).
+        :meth:`Comparison.summary` (columns ``at``, ``estimator``, ``family``,
+        ``grad_var_total``, ``grad_var_total_se``, ``snr_median``, ``efficiency``).
+    title : str, optional
+        The figure's title (default: the problem, R and the reference).
     """
-    fig = Figure(figsize=(12, max(3.0, 0.45 * len(summary) + 1.5)), layout="constrained")
-    axes = fig.subplots(1, 3, sharey=True)
-    y = np.arange(len(summary))
-    colors = [_FAMILY_COLORS.get(f, "tab:orange") for f in summary["family"]]
-    var = summary["grad_var_total"].to_numpy(float)
-    se = summary["grad_var_total_se"].to_numpy(float)
-    positive = var[var > 0]
-    floor = positive.min() / 100 if positive.size else 1e-12
-    shown = np.where(var > 0, var, floor)
-    lower = np.minimum(2 * se, shown - floor / 10)
-    axes[0].barh(y, shown, xerr=[np.maximum(lower, 0), 2 * se], color=colors)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("total gradient variance  tr Cov[dL]  (±2 SE)")
-    for i, v in enumerate(var):
-        if v <= 0:
-            axes[0].annotate("0", (shown[i], i), xytext=(3, -3), textcoords="offset points")
-    snr = summary["snr_median"].to_numpy(float)
-    axes[1].barh(y, np.where(np.isfinite(snr), snr, 0.0), color=colors)
-    axes[1].set_xlabel("median SNR  |mean| / sd")
-    eff = summary["efficiency"].to_numpy(float)
-    finite = eff[np.isfinite(eff) & (eff > 0)]
-    cap = finite.max() * 10 if finite.size else 1.0
-    axes[2].barh(y, np.where(np.isfinite(eff), eff, cap), color=colors)
-    axes[2].set_xscale("log")
-    axes[2].set_xlabel("efficiency  1 / (variance x seconds)")
-    for i, e in enumerate(eff):
-        if not math.isfinite(e):
-            axes[2].annotate("inf", (cap, i), xytext=(3, -3), textcoords="offset points")
-    axes[0].set_yticks(y, summary["estimator"])
-    axes[0].invert_yaxis()
-    fig.suptitle(title or _title(summary, "gradient statistics"))
+    points = list(dict.fromkeys(summary["at"])) if len(summary) else ["init"]
+    per_point = max((int((summary["at"] == at).sum()) for at in points), default=1)
+    fig = Figure(figsize=(13, len(points) * (0.32 * per_point + 1.4) + 0.6),
+                 layout="constrained")
+    grid = np.atleast_2d(fig.subplots(len(points), 3, squeeze=False))
+    for row, at in zip(grid, points):
+        _variance_row(row, summary[summary["at"] == at], at, several=len(points) > 1)
+    fig.suptitle(title or _title(summary, "gradient noise per estimator "
+                                 "(lower variance, higher SNR and efficiency are better)"))
     return fig
 
 
+def _variance_row(axes, rows: pd.DataFrame, at: str, several: bool) -> None:
+    y = np.arange(len(rows))
+    colors = [_FAMILY_COLORS.get(f, "tab:orange") for f in rows["family"]]
+    var = rows["grad_var_total"].to_numpy(float)
+    se = rows["grad_var_total_se"].to_numpy(float)
+    near_zero, floor = _near_zero_and_floor(var)
+    shown = np.where(near_zero, floor, var)
+    lower = np.where(near_zero, 0.0, np.minimum(2 * se, shown - floor / 10))
+    upper = np.where(near_zero, 0.0, 2 * se)
+    axes[0].barh(y, shown, xerr=[np.maximum(lower, 0), upper], color=colors)
+    _value_axis(axes[0], shown)
+    axes[0].set_xlabel("total gradient variance (±2 SE)")
+    snr = rows["snr_median"].to_numpy(float)
+    finite_snr = snr[np.isfinite(snr)]
+    snr_cap = finite_snr.max() * 1.2 if finite_snr.size else 1.0
+    axes[1].barh(y, np.where(np.isfinite(snr), snr, snr_cap), color=colors)
+    for i in np.flatnonzero(np.isinf(snr)):
+        axes[1].annotate("inf", (snr_cap, i), xytext=(-18, -3), textcoords="offset points",
+                         color="white")
+    axes[1].set_xlabel("median SNR  |mean| / sd")
+    axes[1].xaxis.set_major_locator(_ticker.MaxNLocator(nbins=4))
+    eff = rows["efficiency"].to_numpy(float)
+    finite = eff[np.isfinite(eff) & (eff > 0) & ~near_zero]
+    cap = finite.max() * 100 if finite.size else 1.0
+    eff_shown = np.where(near_zero | ~np.isfinite(eff), cap, eff)
+    axes[2].barh(y, eff_shown, color=colors)
+    _value_axis(axes[2], eff_shown)
+    axes[2].set_xlabel("efficiency  1 / (variance x seconds)")
+    for i in np.flatnonzero(near_zero):
+        axes[0].annotate("~0", (shown[i], i), xytext=(3, -3), textcoords="offset points")
+        axes[2].annotate("~inf", (cap, i), xytext=(-22, -3), textcoords="offset points",
+                         color="white")
+    for ax in axes:
+        ax.set_yticks(y, rows["estimator"] if ax is axes[0] else [""] * len(y))
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.grid(axis="x", alpha=0.3)
+    if several:
+        axes[0].set_title(f"at {at} parameters", loc="left", fontweight="bold")
+
+
 def plot_bound(summary: pd.DataFrame, title: str | None = None) -> Figure:
-    """Each estimator's mean L (±2 SE) against the exact L and log p(X) where known."""
-    fig = Figure(figsize=(8, max(3.0, 0.45 * len(summary) + 1.5)), layout="constrained")
-    ax = fig.subplots()
-    y = np.arange(len(summary))
-    ax.errorbar(summary["elbo_mean"], y, xerr=2 * summary["elbo_se"], fmt="o", capsize=3,
-                label="mean estimate of L (±2 SE)")
-    exact = summary["exact_elbo"].dropna()
-    if len(exact):
-        ax.axvline(float(exact.iloc[0]), color="tab:green", ls="--", label="exact L(q)")
-    evidence = summary["log_evidence"].dropna()
-    if len(evidence):
-        ax.axvline(float(evidence.iloc[0]), color="tab:red", ls="-", label="log p(X)")
-    ax.set_yticks(y, summary["estimator"])
-    ax.invert_yaxis()
-    ax.set_xlabel("L (nats)")
-    ax.legend(loc="best", fontsize="small")
-    ax.set_title(title or _title(summary, "the bound"))
+    """Each estimator's mean L (±2 SE) against the exact L and log p(X) where known, one panel
+    per parameter point."""
+    points = list(dict.fromkeys(summary["at"])) if len(summary) else ["init"]
+    per_point = max((int((summary["at"] == at).sum()) for at in points), default=1)
+    fig = Figure(figsize=(6 * len(points) + 2, max(3.0, 0.4 * per_point + 1.8)),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(points), squeeze=False)[0])
+    for ax, at in zip(axes, points):
+        rows = summary[summary["at"] == at]
+        y = np.arange(len(rows))
+        ax.errorbar(rows["elbo_mean"], y, xerr=2 * rows["elbo_se"], fmt="o", capsize=3,
+                    label="mean estimate of L (±2 SE)")
+        exact = rows["exact_elbo"].dropna()
+        if len(exact):
+            ax.axvline(float(exact.iloc[0]), color="tab:green", ls="--", label="exact L(q)")
+        evidence = rows["log_evidence"].dropna()
+        if len(evidence):
+            ax.axvline(float(evidence.iloc[0]), color="tab:red", ls=":", label="log p(X)")
+        ax.set_yticks(y, rows["estimator"] if ax is axes[0] else [""] * len(y))
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.xaxis.set_major_locator(_ticker.MaxNLocator(nbins=4))
+        ax.set_xlabel("L (nats)")
+        ax.set_title(f"at {at} parameters", loc="left", fontweight="bold")
+        ax.grid(axis="x", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
+    fig.suptitle(title or _title(summary, "each estimator's mean L against the exact L"))
     return fig
 
 
@@ -118,8 +192,10 @@ def _title(summary: pd.DataFrame, what: str) -> str:
     if not len(summary):
         return what
     row = summary.iloc[0]
-    return (f"{row['problem']}: {what} at {row['at']} parameters "
-            f"(R = {row['num_repeats']}, reference: {row['reference']})")
+    points = " and ".join(dict.fromkeys(summary["at"]))
+    references = ", ".join(dict.fromkeys(summary["reference"]))
+    return (f"{row['problem']}: {what}\nat {points} parameters; R = {row['num_repeats']} "
+            f"evaluations each; reference gradient: {references}")
 
 
 __all__ = ["plot_bound", "plot_gradient_variance", "plot_learning_curves"]

@@ -1,4 +1,12 @@
-"""Typed records of a comparison and their tidy pandas / JSON forms."""
+"""Typed records of a comparison and their tidy pandas / JSON forms.
+
+* :class:`ReferenceGradient` -- the gradient biases are measured against;
+* :class:`ParameterRecord` -- one parameter's per-element gradient statistics;
+* :class:`EstimatorRecord` -- everything measured for one estimator at one parameter point;
+* :class:`Comparison` -- the records of a run, with ``summary()``, ``tidy()``, ``to_json()``
+  and ``save()``;
+* :func:`summary_frame`, :func:`tidy_frame`, :data:`SUMMARY_COLUMNS`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+from .._extras import require
+
+pd = require("pandas", "compare", "the comparison's tables")
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,6 +106,15 @@ class EstimatorRecord:
         ``1 / (grad_var_total * time_per_eval_s)``: inverse of the variance left after one
         second of averaging (infinite for a zero-variance estimator).
     params : tuple of ParameterRecord
+    bias_z_threshold : float or None
+        What ``bias_max_z`` of an unbiased estimator stays below in 99% of runs at this R and
+        number of elements (Student-t, Šidák:
+        :func:`~pyro_elbo_ext.compare.statistics.max_z_threshold`); None without a reference.
+    repeats_for_normal_mean : int
+        The R that Cochran's rule (R > 25 g1², g1 the largest sample skewness among the
+        elements) asks for before the threshold holds; when ``num_repeats`` is below it, the
+        threshold does not mean what it says
+        (:func:`~pyro_elbo_ext.compare.statistics.repeats_for_normal_mean`).
     """
 
     problem: str
@@ -120,6 +140,13 @@ class EstimatorRecord:
     time_per_eval_s: float
     efficiency: float
     params: tuple[ParameterRecord, ...] = ()
+    bias_z_threshold: float | None = None
+    repeats_for_normal_mean: int = 0
+
+    @property
+    def too_few_repeats(self) -> bool:
+        """Whether R is below what Cochran's rule asks for (the bias threshold may not hold)."""
+        return self.num_repeats < self.repeats_for_normal_mean
 
     @property
     def gap(self) -> float | None:
@@ -137,8 +164,9 @@ class EstimatorRecord:
 SUMMARY_COLUMNS = [
     "problem", "estimator", "family", "objective", "at", "num_repeats", "num_particles",
     "elbo_mean", "elbo_se", "exact_elbo", "log_evidence", "gap", "grad_var_total",
-    "grad_var_total_se", "snr_median", "bias_norm", "bias_max_z", "bias_unassessed", "reference",
-    "time_per_eval_s", "efficiency", "description", "seed",
+    "grad_var_total_se", "snr_median", "bias_norm", "bias_max_z", "bias_z_threshold",
+    "bias_unassessed", "repeats_for_normal_mean", "reference", "time_per_eval_s", "efficiency",
+    "description", "seed",
 ]
 
 
@@ -159,6 +187,7 @@ def tidy_frame(records: list[EstimatorRecord]) -> pd.DataFrame:
                 rows.append({
                     "problem": rec.problem,
                     "estimator": rec.estimator,
+                    "at": rec.at,
                     "parameter": p.name,
                     "element": _index_label(i, p.shape),
                     "grad_mean": float(p.grad_mean[i]),
@@ -181,13 +210,34 @@ def _index_label(flat: int, shape: tuple[int, ...]) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Comparison:
-    """The result of :func:`~pyro_elbo_ext.compare.statistics.compare_estimators`."""
+    """The result of :func:`~pyro_elbo_ext.compare.runner.compare_estimators` (one parameter
+    point) or :func:`~pyro_elbo_ext.compare.runner.compare_at_points` (several).
+
+    Attributes
+    ----------
+    problem : str
+    at : str
+        The parameter point, or the points joined by ``", "``.
+    reference : ReferenceGradient
+        The reference at the (first) point.
+    records : tuple of EstimatorRecord
+        By point, then by estimator.
+    skipped : dict of str to str
+    references : dict of str to ReferenceGradient
+        The reference at each point (by its ``at`` label).
+    """
 
     problem: str
     at: str
     reference: ReferenceGradient
     records: tuple[EstimatorRecord, ...]
     skipped: dict[str, str] = field(default_factory=dict)
+    references: dict[str, ReferenceGradient] = field(default_factory=dict)
+
+    @property
+    def points(self) -> list[str]:
+        """The parameter points, in order."""
+        return list(dict.fromkeys(rec.at for rec in self.records)) or [self.at]
 
     def summary(self) -> pd.DataFrame:
         """One row per estimator (see :func:`summary_frame`)."""
@@ -197,12 +247,13 @@ class Comparison:
         """One row per estimator and parameter element (see :func:`tidy_frame`)."""
         return tidy_frame(list(self.records))
 
-    def record(self, estimator: str) -> EstimatorRecord:
-        """The record of ``estimator``."""
+    def record(self, estimator: str, at: str | None = None) -> EstimatorRecord:
+        """The record of ``estimator`` (at point ``at``; default the first point)."""
+        at = self.points[0] if at is None else at
         for rec in self.records:
-            if rec.estimator == estimator:
+            if rec.estimator == estimator and rec.at == at:
                 return rec
-        raise KeyError(f"no record for estimator {estimator!r} in this comparison")
+        raise KeyError(f"no record for estimator {estimator!r} at {at!r} in this comparison")
 
     def to_json(self) -> str:
         """The records (with per-parameter arrays as lists) as a JSON document."""
@@ -211,6 +262,8 @@ class Comparison:
             "at": self.at,
             "reference": {"kind": self.reference.kind, "label": self.reference.label,
                           "elbo": self.reference.elbo},
+            "references": _jsonable({at: {"kind": ref.kind, "label": ref.label, "elbo": ref.elbo}
+                                     for at, ref in self.references.items()}),
             "skipped": self.skipped,
             "estimators": [
                 {**_jsonable(rec.to_row()), "params": [

@@ -1,8 +1,19 @@
-r"""Gradient statistics of ELBO estimators over R repeated evaluations.
+r"""Pure statistics of repeated gradient draws: moments, their standard errors, standardized bias.
 
-For an estimator evaluated R times at fixed parameters, with draws :math:`\hat L_r` of L and
-:math:`\hat g_r` of :math:`\nabla L` (wrt the unconstrained parameter leaves), this module
-reports, per parameter element,
+Nothing here runs a model; every function takes arrays of draws (R repetitions along axis 0).
+
+* :func:`mean_and_se`, :func:`variance_and_se`, :func:`total_variance_and_se` -- moments and
+  their standard errors;
+* :func:`signal_to_noise`, :func:`efficiency` -- |mean| / sd and 1 / (variance x seconds);
+* :func:`parameter_statistics` -- one parameter's :class:`~.records.ParameterRecord`;
+* :func:`max_abs_z`, :func:`standardized_bias`, :func:`rounding_floor` -- the worst
+  standardized bias and the rounding allowance it uses;
+* :func:`max_z_threshold` -- what the worst standardized bias of an unbiased estimator stays
+  below, at a given R and number of elements;
+* :func:`skewness`, :func:`repeats_for_normal_mean` -- whether R is large enough for that
+  threshold to hold (Cochran's rule).
+
+For an estimator evaluated R times, with draws :math:`\hat g_r` of :math:`\nabla L`, per element
 
 .. math::
 
@@ -20,44 +31,30 @@ the bias :math:`\bar g - g_{\mathrm{ref}}` with standard error
 after averaging for one second (Glynn & Whitt 1992, "The asymptotic efficiency of simulation
 estimators", Oper. Res. 40(3)).
 
-Repetition r of every estimator runs under the seed ``seed + r`` (common random numbers): the
-estimators that sample the guide the same way see the same draws, so their differences are
-measured with less noise.  The reference gradient is the exact dL when the problem provides a
-closed-form L (:meth:`Problem.exact_elbo_and_grad`), otherwise a many-sample estimate from an
-unbiased estimator drawn under independent seeds; the records say which.
-
 References
 ----------
 Mohamed, Rosca, Figurnov & Mnih (2020), "Monte Carlo gradient estimation in machine learning",
 JMLR 21(132), arXiv:1906.10652.
+Šidák (1967), "Rectangular confidence regions for the means of multivariate normal
+distributions", JASA 62(318).
+Cochran (1977), *Sampling Techniques*, 3rd ed., section 2.15 (the rule R > 25 g1²).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import pyro
-import torch
-from pyro.util import get_rng_state, set_rng_state
-from tqdm import tqdm  # the plain bar: no ipywidgets needed in notebooks
 
-from ..problems import Problem
-from .estimators import EstimatorSpec, applicable_estimators, get_estimator
-from .records import Comparison, EstimatorRecord, ParameterRecord, ReferenceGradient
+from .._extras import require
+from .records import ParameterRecord
 
-#: seed offset of the reference estimator's draws (independent of the compared draws)
-REFERENCE_SEED_OFFSET = 1_000_003
+_stats = require("scipy.stats", "compare", "the Student-t quantiles of the bias threshold")
 
-#: unbiased estimators tried, in order, for a many-sample reference gradient
-REFERENCE_PREFERENCE = ("hard_attention_enum", "jensen_analytic", "trace_elbo",
-                        "hard_attention_reinforce_ma")
+#: the multiplier of Cochran's rule: the mean of R draws is near normal when R > 25 g1^2
+COCHRAN_FACTOR = 25.0
 
 
-# ---------------------------------------------------------------------------- pure statistics
 def mean_and_se(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sample mean along axis 0 and its standard error ``sd / sqrt(R)`` (sd with ddof=1)."""
     draws = np.asarray(draws, dtype=np.float64)
@@ -188,266 +185,68 @@ def rounding_floor(eps: float, *magnitudes: np.ndarray) -> np.ndarray:
     return 64.0 * eps * total
 
 
-# ---------------------------------------------------------------------------- draws
-@dataclass(frozen=True, eq=False)
-class Draws:
-    """R evaluations of one estimator: L estimates, dL estimates and wall times."""
+def max_z_threshold(num_elements: int, num_repeats: int, level: float = 0.99) -> float:
+    r"""The ``level`` quantile of max |bias| / SE over ``num_elements`` elements of an unbiased
+    estimator drawn ``num_repeats`` times.
 
-    estimator: str
-    values: np.ndarray  # (R,)
-    grads: dict[str, np.ndarray]  # name -> (R, *shape)
-    seconds: np.ndarray  # (R,)
-    num_particles: int
-    eps: float = float(np.finfo(np.float64).eps)  # machine epsilon of the parameters' dtype
+    With an exact reference and Gaussian draws, each element's :math:`\bar g / (s/\sqrt R)`
+    follows Student's t with R - 1 degrees of freedom; the largest of P independent |t| stays
+    below :math:`t_{R-1}^{-1}\bigl(1 - (1 - \ell^{1/P})/2\bigr)` with probability
+    :math:`\ell` (Šidák; conservative for dependent elements).  An estimated reference adds
+    its own, much smaller, error to the SE, which only raises the degrees of freedom: the
+    threshold stays conservative.  At R = 10 and P = 14 it is 5.02, where the normal quantile
+    (the large-R limit) would say 3.38.
 
-
-def resolve_params(problem: Problem, at: str | dict) -> tuple[str, dict | None]:
-    """``("init", None)``, ``("posterior", posterior_params)`` or ``("custom", values)``."""
-    if isinstance(at, dict):
-        return "custom", at
-    if at == "init":
-        return "init", None
-    if at == "posterior":
-        if problem.posterior_params is None:
-            raise ValueError(
-                f"problem {problem.name!r} has no closed-form posterior; use at='init'"
-            )
-        return "posterior", problem.posterior_params
-    raise ValueError(f"at must be 'init', 'posterior' or a dict of values, got {at!r}")
-
-
-def draw_estimates(
-    problem: Problem,
-    estimator: str | EstimatorSpec,
-    num_repeats: int,
-    seed: int = 0,
-    num_particles: int = 1,
-    params: dict | None = None,
-    warmup: int = 1,
-) -> Draws:
-    """Evaluate ``estimator`` R times at ``params`` (default ``init_params``).
-
-    Repetition r runs ``loss_and_grads`` under ``pyro.set_rng_seed(seed + r)`` with the
-    parameters' gradients cleared before it; the draw of dL is minus the accumulated gradient of
-    each unconstrained leaf.  ``warmup`` unrecorded evaluations come first (plans, caches).
+    It assumes each element's mean is near normal, which skewed draws (score-function
+    estimators, rare events) need many repetitions for: see :func:`repeats_for_normal_mean`.
     """
-    spec = get_estimator(estimator) if isinstance(estimator, str) else estimator
-    if num_repeats < 3:
-        raise ValueError(f"num_repeats must be at least 3, got {num_repeats}")
-    loss, model, guide = spec.build(problem, num_particles)
-    problem.set_params(params)
-    leaves = problem.unconstrained_params()
-    values = np.empty(num_repeats)
-    seconds = np.empty(num_repeats)
-    grads = {n: np.empty((num_repeats, *leaf.shape)) for n, leaf in leaves.items()}
-    for r in range(-warmup, num_repeats):
-        pyro.set_rng_seed(seed + (r if r >= 0 else num_repeats - r))
-        for leaf in leaves.values():
-            leaf.grad = None
-        start = time.perf_counter()
-        value = loss.loss_and_grads(model, guide, *problem.args, **problem.kwargs)
-        elapsed = time.perf_counter() - start
-        if r < 0:
-            continue
-        values[r], seconds[r] = -float(value), elapsed
-        for name, leaf in leaves.items():
-            grads[name][r] = 0.0 if leaf.grad is None else -leaf.grad.detach().cpu().numpy()
-    for leaf in leaves.values():
-        leaf.grad = None
-    eps = max((torch.finfo(leaf.dtype).eps for leaf in leaves.values()
-               if leaf.dtype.is_floating_point), default=float(np.finfo(np.float64).eps))
-    return Draws(spec.name, values, grads, seconds, num_particles, float(eps))
+    if num_repeats < 2:
+        raise ValueError(f"num_repeats must be at least 2, got {num_repeats}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    tail = (1.0 - level ** (1.0 / max(int(num_elements), 1))) / 2.0
+    return float(_stats.t.isf(tail, num_repeats - 1))
 
 
-def reference_gradient(
-    problem: Problem,
-    params: dict | None = None,
-    estimator: str = "auto",
-    num_repeats: int = 2000,
-    seed: int = 0,
-) -> ReferenceGradient:
-    """The gradient biases are measured against, at ``params``.
+def skewness(draws: np.ndarray) -> np.ndarray:
+    r"""Sample skewness :math:`g_1 = m_3 / m_2^{3/2}` of each element (axis 0 = draws);
+    NaN where the draws do not vary."""
+    flat = np.asarray(draws, dtype=np.float64).reshape(np.shape(draws)[0], -1)
+    centred = flat - flat.mean(0)
+    m2, m3 = (centred**2).mean(0), (centred**3).mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(m2 > 0, m3 / np.where(m2 > 0, m2, 1.0) ** 1.5, np.nan)
 
-    The exact dL when the problem has a closed-form L; otherwise the mean of ``num_repeats``
-    draws of an unbiased estimator (``estimator``, or with ``"auto"`` the first of
-    :data:`REFERENCE_PREFERENCE` that applies) under seeds independent of the compared draws,
-    with its standard error.  ``estimator="none"`` gives no reference.
+
+def repeats_for_normal_mean(draws: np.ndarray) -> int:
+    r"""The number of draws Cochran's rule asks for before the mean of every element is near
+    normal: :math:`\lceil 25 \max_i g_{1,i}^2 \rceil` over the elements that vary.
+
+    When R is below it, :func:`max_z_threshold` does not hold: a skewed element's standardized
+    mean has a heavy tail (the t statistic's first correction is of order :math:`g_1/\sqrt R`),
+    and an unbiased estimator can exceed the threshold far more often than stated.  The sample
+    skewness is itself noisy at small R, so read the number as an order of magnitude.  0 when
+    no element varies.
     """
-    if estimator == "none":
-        return ReferenceGradient("none", "none")
-    if problem.exact_elbo is not None and estimator == "auto":
-        problem.set_params(params)
-        elbo, grads = problem.exact_elbo_and_grad()
-        arrays = {n: g.detach().cpu().numpy().astype(np.float64) for n, g in grads.items()}
-        return ReferenceGradient("exact", "exact", arrays,
-                                 {n: np.zeros_like(a) for n, a in arrays.items()}, elbo)
-    if estimator == "auto":
-        candidates = [n for n in REFERENCE_PREFERENCE if n in _registered()]
-        usable = applicable_estimators(problem, candidates)
-        if not usable:
-            return ReferenceGradient("none", "none")
-        estimator = usable[0]
-    draws = draw_estimates(problem, estimator, num_repeats, seed + REFERENCE_SEED_OFFSET,
-                           params=params)
-    means, ses = {}, {}
-    for name, g in draws.grads.items():
-        m, s = mean_and_se(g)
-        means[name], ses[name] = m, s
-    return ReferenceGradient("estimate", f"estimate: {estimator} x {num_repeats}", means, ses,
-                             float(draws.values.mean()))
-
-
-def _registered() -> Sequence[str]:
-    from .estimators import ESTIMATORS
-
-    return list(ESTIMATORS)
-
-
-def summarize(
-    problem: Problem,
-    spec: EstimatorSpec,
-    draws: Draws,
-    reference: ReferenceGradient,
-    at: str,
-    seed: int,
-) -> EstimatorRecord:
-    """Turn one estimator's draws into its :class:`EstimatorRecord`."""
-    params = tuple(
-        parameter_statistics(
-            name, g,
-            reference.grads.get(name) if reference.kind != "none" else None,
-            reference.se.get(name) if reference.kind != "none" else None,
-        )
-        for name, g in draws.grads.items()
-    )
-    elbo_mean, elbo_se = mean_and_se(draws.values)
-    total_var, total_var_se = total_variance_and_se(
-        np.concatenate([g.reshape(g.shape[0], -1) for g in draws.grads.values()], axis=1)
-    )
-    snr = np.concatenate([p.snr for p in params])
-    snr = snr[~np.isnan(snr)]
-    bias_norm = bias_max_z = None
-    bias_unassessed = 0
-    if reference.kind != "none":
-        bias = np.concatenate([p.bias for p in params])
-        bias_se = np.concatenate([p.bias_se for p in params])
-        bias_norm = float(np.linalg.norm(bias))
-        ref_grad = np.concatenate([p.reference for p in params])
-        mean = np.concatenate([p.grad_mean for p in params])
-        bias_max_z, bias_unassessed = standardized_bias(
-            bias, bias_se, np.concatenate([p.grad_var for p in params]),
-            rounding_floor(draws.eps, ref_grad, mean), stochastic=total_var > 0)
-    exact = None
-    if problem.exact_elbo is not None and reference.kind == "exact":
-        exact = reference.elbo
-    seconds = float(draws.seconds.mean())
-    return EstimatorRecord(
-        problem=problem.name,
-        estimator=spec.name,
-        description=spec.description,
-        family=spec.family,
-        objective=spec.objective,
-        at=at,
-        num_repeats=int(draws.values.shape[0]),
-        num_particles=draws.num_particles,
-        seed=seed,
-        elbo_mean=float(elbo_mean),
-        elbo_se=float(elbo_se),
-        exact_elbo=exact,
-        log_evidence=problem.log_evidence,
-        grad_var_total=total_var,
-        grad_var_total_se=total_var_se,
-        snr_median=float(np.median(snr)) if snr.size else math.nan,
-        bias_norm=bias_norm,
-        bias_max_z=bias_max_z,
-        bias_unassessed=bias_unassessed,
-        reference=reference.label,
-        time_per_eval_s=seconds,
-        efficiency=efficiency(total_var, seconds),
-        params=params,
-    )
-
-
-def compare_estimators(
-    problem: Problem,
-    estimators: Iterable[str] | None = None,
-    num_repeats: int = 200,
-    num_particles: int = 1,
-    seed: int = 0,
-    at: str | dict = "init",
-    reference: str = "auto",
-    reference_repeats: int = 2000,
-    progress: bool | None = None,
-) -> Comparison:
-    """Measure the named estimators on ``problem`` over ``num_repeats`` evaluations each.
-
-    Parameters
-    ----------
-    problem : Problem
-    estimators : iterable of str, optional
-        Registry names; default every estimator that applies to the problem.  A named
-        estimator that does not apply raises :class:`IncompatibleEstimatorError`.
-    num_repeats : int
-        R, the number of evaluations per estimator (>= 3).
-    num_particles : int
-        Particles per evaluation.
-    seed : int
-        Repetition r uses seed ``seed + r`` for every estimator (common random numbers).
-    at : {"init", "posterior"} or dict
-        The parameter values: the problem's start, its exact posterior, or given values.
-    reference : str
-        ``"auto"`` (exact when available, else a many-sample estimate), an estimator name for
-        the estimate, or ``"none"``.
-    reference_repeats : int
-        Draws of the reference estimate when it is not exact.
-    progress : bool or None
-        Show a tqdm bar (None: only on a terminal, and only after 2 s).
-
-    Returns
-    -------
-    Comparison
-        Its ``summary()`` is the table; ``tidy()`` the per-element statistics.
-    """
-    at_label, params = resolve_params(problem, at)
-    names = applicable_estimators(problem) if estimators is None else list(estimators)
-    specs = [get_estimator(n) for n in names]
-    for spec in specs:  # fail before any work on an incompatible pair
-        spec.build(problem, num_particles)
-    store = pyro.get_param_store()
-    saved, rng = store.get_state(), get_rng_state()
-    try:
-        ref = reference_gradient(problem, params, reference, reference_repeats, seed)
-        records = []
-        bar = tqdm(specs, desc=f"compare {problem.name}", unit="estimator",
-                   disable=_disable(progress), delay=0 if progress else 2.0, leave=False)
-        for spec in bar:
-            bar.set_postfix_str(spec.name)
-            draws = draw_estimates(problem, spec, num_repeats, seed, num_particles, params)
-            records.append(summarize(problem, spec, draws, ref, at_label, seed))
-    finally:
-        store.set_state(saved)
-        set_rng_state(rng)
-    return Comparison(problem.name, at_label, ref, tuple(records))
-
-
-def _disable(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: False to force a bar, True for none, None for terminals only."""
-    return None if progress is None else not progress
+    g1 = skewness(draws)
+    g1 = g1[np.isfinite(g1)]
+    if not g1.size:
+        return 0
+    return int(math.ceil(COCHRAN_FACTOR * float(np.max(g1**2))))
 
 
 __all__ = [
-    "Draws",
-    "compare_estimators",
-    "draw_estimates",
+    "COCHRAN_FACTOR",
     "efficiency",
     "max_abs_z",
+    "max_z_threshold",
     "mean_and_se",
     "parameter_statistics",
-    "reference_gradient",
-    "resolve_params",
+    "repeats_for_normal_mean",
     "rounding_floor",
     "signal_to_noise",
-    "summarize",
+    "skewness",
+    "standardized_bias",
     "total_variance_and_se",
     "variance_and_se",
 ]

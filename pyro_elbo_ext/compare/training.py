@@ -1,5 +1,8 @@
 r"""Training comparison: SVI runs of several estimators with the same seeds and step budget.
 
+* :func:`fit_estimators` -- train with each named estimator; returns a :class:`FitResult`
+  (the learning curves, ``final()``, ``save()``); :data:`FIT_COLUMNS`.
+
 Every estimator starts from the problem's ``init_params``, runs ``num_steps`` steps of
 ``pyro.infer.SVI`` with Adam at the same learning rate, and step t runs under the seed
 ``seed + t`` (common random numbers across estimators).  Recorded per step: the loss the
@@ -23,17 +26,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import pyro
 import torch
 from pyro.infer import SVI
 from pyro.optim import Adam
 from pyro.util import get_rng_state, set_rng_state
-from tqdm.auto import tqdm
 
+from .._extras import require
 from ..elbos import JensenELBO
 from ..problems import Problem
-from .estimators import applicable_estimators, get_estimator
+from .estimators import chosen_estimators, get_estimator
+
+pd = require("pandas", "compare", "the learning-curve tables")
+tqdm = require("tqdm.auto", "compare", "progress bars").tqdm
 
 #: columns of every row of a fit frame (term_<kind> columns are added when decompositions exist)
 FIT_COLUMNS = ["problem", "estimator", "step", "loss", "step_time_s", "wall_time_s",
@@ -66,6 +71,22 @@ class FitResult:
         evaluated = self.frame.dropna(subset=["eval_elbo"])
         last = evaluated.groupby("estimator", sort=False).tail(1)
         return last.reset_index(drop=True)
+
+    def final_table(self, num_eval_particles: int | None = None) -> str:
+        """The terminal table of :meth:`final`: final L (exact and estimated), wall time and
+        time per step of each estimator."""
+        final = self.final()
+        estimate = f"final L ({num_eval_particles}-sample)" if num_eval_particles \
+            else "final L (estimate)"
+        table = pd.DataFrame({
+            "estimator": final["estimator"],
+            "final L (exact)": final["exact_elbo"].map(
+                lambda v: "-" if pd.isna(v) else f"{v:.4f}"),
+            estimate: final["eval_elbo"].map(lambda v: f"{v:.4f}"),
+            "wall time (s)": final["wall_time_s"].map(lambda v: f"{v:.2f}"),
+            "ms/step": (1e3 * final["wall_time_s"] / final["step"]).map(lambda v: f"{v:.3g}"),
+        })
+        return table.to_string(index=False)
 
     def save(self, out: str | Path, stem: str | None = None) -> dict[str, Path]:
         """Write ``<stem>_curves.csv`` and ``<stem>_final.csv`` to ``out``."""
@@ -124,7 +145,7 @@ def fit_estimators(
     eval_every = max(1, num_steps // 25) if eval_every is None else int(eval_every)
     if eval_every < 1:
         raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
-    names = applicable_estimators(problem) if estimators is None else list(estimators)
+    names = chosen_estimators(problem, estimators)
     specs = [get_estimator(n) for n in names]
     built = [spec.build(problem, num_particles) for spec in specs]  # fail early on a bad pair
     yardstick = _yardstick(problem, num_eval_particles)

@@ -1,17 +1,24 @@
-"""The guide's ``az.summary`` side by side with a reference posterior (NUTS or closed form)."""
+"""The guide's ``az.summary`` side by side with a reference posterior (NUTS or closed form).
+
+* :func:`compare_posterior` -- one table of the guide's mean and sd against the reference's;
+* :func:`closed_form_reference` -- a conjugate problem's exact posterior mean and sd;
+* :data:`COLUMNS` -- the table's columns.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 
-import arviz as az
 import numpy as np
-import pandas as pd
 import pyro
 import torch
 
+from .._extras import require
 from ..problems.base import Problem
+
+az = require("arviz", "diagnostics")
+pd = require("pandas", "diagnostics", "the posterior tables")
 
 #: columns of the table returned by :func:`compare_posterior`
 COLUMNS = (
@@ -116,13 +123,26 @@ def compare_posterior(
     Raises
     ------
     ValueError
-        When the guide and the reference share no rows.
+        When the guide and the reference share no variables or rows, or the reference
+        InferenceData has no posterior group.
     """
     if isinstance(reference, Problem):
         reference = closed_form_reference(reference)
     if isinstance(reference, az.InferenceData):
+        if "posterior" not in reference.groups():
+            raise ValueError(
+                "the reference InferenceData has no posterior group (no draws of any latent: "
+                "e.g. NUTS on a model whose latents are all discrete sums them out); pass a "
+                "reference with posterior draws or a table"
+            )
         if var_names is None:
             var_names = [v for v in idata.posterior.data_vars if v in reference.posterior]
+            if not var_names:
+                raise ValueError(
+                    f"the guide's variables {list(idata.posterior.data_vars)} and the "
+                    f"reference's {list(reference.posterior.data_vars)} share none; pass "
+                    "var_names= or a reference for the same model"
+                )
         ref = _summary(reference, var_names)
     else:
         ref = reference.copy()

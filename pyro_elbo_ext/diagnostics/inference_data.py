@@ -1,12 +1,17 @@
-"""A fitted guide as an :class:`arviz.InferenceData`."""
+"""A fitted guide as an :class:`arviz.InferenceData`.
+
+* :func:`to_inference_data` -- guide draws (vectorized), the model replayed on them, as
+  posterior, posterior_predictive, observed_data, log_likelihood and sample_stats groups.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import arviz as az
-
+from .._extras import require
 from .sampling import SiteArray, callable_name, draw_from_guide
+
+az = require("arviz", "diagnostics")
 
 
 def _group(arrays: Mapping[str, SiteArray], coords, *, per_draw: bool = True, attrs=None):

@@ -1,4 +1,9 @@
-"""Pareto-smoothed importance sampling (PSIS) of a guide against its model: "did it work?"."""
+"""Pareto-smoothed importance sampling (PSIS) of a guide against its model: "did it work?".
+
+* :func:`psis_diagnostics` -- draw from the guide and run PSIS; :func:`psis_from_inference_data`
+  -- the same on existing draws; :class:`PSISResult`; :func:`khat_verdict` and the thresholds
+  :data:`GOOD_KHAT`, :data:`OK_KHAT`; :data:`MIN_PSIS_SAMPLES`.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,24 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import arviz as az
 import numpy as np
-import xarray as xr
 
+from .._extras import require
 from .inference_data import to_inference_data
+
+az = require("arviz", "diagnostics")
+xr = require("xarray", "diagnostics")
 
 #: the thresholds of Yao et al. (2018) on k-hat: below GOOD_KHAT the importance-sampling
 #: estimates are reliable and q is close to the posterior; below OK_KHAT they are usable
 #: (with more draws); above it the variational approximation is not trustworthy.
 GOOD_KHAT = 0.5
 OK_KHAT = 0.7
+
+#: the fewest draws with which k-hat can be fitted: the generalized Pareto is fitted to the
+#: largest min(S / 5, 3 sqrt(S)) weights, and needs at least 5 of them (S = 21); a few hundred
+#: draws make the estimate meaningful
+MIN_PSIS_SAMPLES = 21
 
 
 def khat_verdict(khat: float) -> str:
@@ -104,6 +116,16 @@ def _psis(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return az.psislw(log_weights, reff=1.0)
 
 
+def _check_num_samples(num_samples) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer) \
+            or num_samples < MIN_PSIS_SAMPLES:
+        raise ValueError(
+            f"PSIS needs num_samples >= {MIN_PSIS_SAMPLES} draws from the guide (k-hat is fitted "
+            f"to the largest min(S/5, 3 sqrt(S)) importance weights and needs 5 of them; a few "
+            f"hundred make it meaningful), got {num_samples!r}"
+        )
+
+
 def psis_from_inference_data(idata: az.InferenceData) -> PSISResult:
     """PSIS diagnostics of an :class:`~arviz.InferenceData` made by :func:`to_inference_data`.
 
@@ -112,8 +134,9 @@ def psis_from_inference_data(idata: az.InferenceData) -> PSISResult:
     Raises
     ------
     ValueError
-        When ``idata`` lacks ``sample_stats.log_weight`` (not made by ``to_inference_data``)
-        or the guide is a point mass (e.g. ``AutoDelta``), which has no density to weigh.
+        When ``idata`` lacks ``sample_stats.log_weight`` (not made by ``to_inference_data``),
+        has fewer than :data:`MIN_PSIS_SAMPLES` draws, or the guide is a point mass (e.g.
+        ``AutoDelta``), which has no density to weigh.
     """
     if "sample_stats" not in idata.groups() or "log_weight" not in idata.sample_stats:
         raise ValueError(
@@ -130,6 +153,7 @@ def psis_from_inference_data(idata: az.InferenceData) -> PSISResult:
     log_weight = np.asarray(stats["log_weight"].values, dtype=np.float64).reshape(-1)
     lp = np.asarray(stats["lp"].values).reshape(-1)
     num_samples = log_weight.size
+    _check_num_samples(num_samples)
     if _constant(log_weight, lp):
         khat = -math.inf
         smoothed = np.full(num_samples, -math.log(num_samples))
@@ -213,7 +237,8 @@ def psis_diagnostics(
     *args, **kwargs
         Their inputs.
     num_samples : int
-        Number of draws S (>= 1; k-hat needs a few hundred to be meaningful).
+        Number of draws S (>= 21, :data:`MIN_PSIS_SAMPLES`; k-hat needs a few hundred to be
+        meaningful).
     max_plate_nesting : int, optional
         Passed to :func:`to_inference_data`.
 
@@ -224,8 +249,8 @@ def psis_diagnostics(
     Raises
     ------
     ValueError
-        ``num_samples`` < 1, a point-mass guide, and the input errors of
-        :func:`to_inference_data`.
+        ``num_samples`` < :data:`MIN_PSIS_SAMPLES` (21), a point-mass guide, and the input
+        errors of :func:`to_inference_data`.
     SamplingError
         The guide cannot be run with the given inputs.
 
@@ -243,6 +268,7 @@ def psis_diagnostics(
     >>> result = psis_diagnostics(model, guide, data, num_samples=2000)   # doctest: +SKIP
     >>> result.khat, result.verdict                                     # doctest: +SKIP
     """
+    _check_num_samples(num_samples)
     idata = to_inference_data(
         model, guide, *args, num_samples=num_samples, max_plate_nesting=max_plate_nesting,
         **kwargs,

@@ -25,6 +25,7 @@ import torch
 from pyro.params.param_store import param_with_module_name
 from torch import nn
 
+from .._extras import require
 from ..elbos.hard_attention import HardAttentionELBO, empty_guide
 from .base import Problem
 
@@ -134,9 +135,8 @@ def random_attention(
 
 # ---------------------------------------------------------------------------- cluttered digits
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    datasets = require("sklearn.datasets", "compare", "the digits data set")
+    digits = datasets.load_digits()
     return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
 

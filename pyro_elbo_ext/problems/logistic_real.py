@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._extras import require
 from .base import Problem
 from .logistic import logistic_problem
 
@@ -21,9 +22,8 @@ def load_breast_cancer_standardized(
     features : Tensor, shape (N, 31), float64
     labels : Tensor, shape (N,), float64 in {0, 1} (1 = benign)
     """
-    from sklearn.datasets import load_breast_cancer
-
-    data = load_breast_cancer()
+    datasets = require("sklearn.datasets", "compare", "the breast-cancer data set")
+    data = datasets.load_breast_cancer()
     features = torch.as_tensor(data.data, dtype=torch.float64)
     labels = torch.as_tensor(data.target, dtype=torch.float64)
     features = (features - features.mean(0)) / features.std(0)

@@ -8,6 +8,7 @@ import torch
 from pyro.params.param_store import param_with_module_name
 from torch import nn
 
+from .._extras import require
 from .base import Problem
 
 
@@ -45,9 +46,8 @@ def load_binarized_digits(
     Returns a float64 tensor of shape ``(num_data, 64)`` with a seeded random subset of the
     images (all of them when ``num_data`` is None).
     """
-    from sklearn.datasets import load_digits
-
-    images = torch.as_tensor(load_digits().data, dtype=torch.float64)
+    datasets = require("sklearn.datasets", "compare", "the digits data set")
+    images = torch.as_tensor(datasets.load_digits().data, dtype=torch.float64)
     if num_data is not None:
         if not 1 <= num_data <= images.shape[0]:
             raise ValueError(f"num_data must be in 1..{images.shape[0]}, got {num_data}")

@@ -1,0 +1,130 @@
+"""The one problem registry: names, factories, their options, and building a problem by name.
+
+* :data:`PROBLEMS` -- problem name -> factory taking keyword options;
+* :data:`CONJUGATE_PROBLEMS` -- the problems with closed-form posterior, evidence and L(q);
+* :func:`get_problem` -- build a problem by name, checking the options' names;
+* :func:`problem_options` -- a factory's options and their defaults;
+* :func:`describe_problem` -- the first line of a factory's docstring;
+* :class:`UnknownProblemError` -- a name not in :data:`PROBLEMS`.
+
+The factories import their data sets (scikit-learn's digits and breast-cancer data) only when
+called, so this module needs the core install only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from .base import Problem
+from .conjugate import beta_bernoulli, gamma_poisson, normal_normal
+from .discrete import tiny_discrete
+from .hard_attention import cluttered_digits, random_attention
+from .logistic import logistic_regression
+from .logistic_real import logistic_breast_cancer
+from .vae import vae_digits
+
+#: problem name -> factory taking keyword options (num_data, seed, dtype, device, ...)
+PROBLEMS: dict[str, Callable[..., Problem]] = {
+    "normal_normal": normal_normal,
+    "beta_bernoulli": beta_bernoulli,
+    "gamma_poisson": gamma_poisson,
+    "tiny_discrete": tiny_discrete,
+    "logistic_regression": logistic_regression,
+    "logistic_breast_cancer": logistic_breast_cancer,
+    "vae_digits": vae_digits,
+    "random_attention": random_attention,
+    "cluttered_digits": cluttered_digits,
+}
+
+#: the problems whose posterior, evidence and L(q) have closed forms
+CONJUGATE_PROBLEMS = ("normal_normal", "beta_bernoulli", "gamma_poisson")
+
+
+class UnknownProblemError(KeyError):
+    """A problem name that is not in :data:`PROBLEMS` (the message lists the known ones)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+def _factory(name: str) -> Callable[..., Problem]:
+    try:
+        return PROBLEMS[name]
+    except KeyError:
+        raise UnknownProblemError(
+            f"unknown problem {name!r}; known problems: {', '.join(PROBLEMS)}"
+        ) from None
+
+
+def problem_options(name: str) -> dict[str, object]:
+    """The keyword options of problem ``name``'s factory and their defaults."""
+    return {
+        p.name: p.default
+        for p in inspect.signature(_factory(name)).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def describe_problem(name: str) -> str:
+    """The first line of problem ``name``'s factory docstring."""
+    doc = inspect.getdoc(_factory(name)) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch floating dtype from itself or its name (``"float64"``, ``"torch.float64"``).
+
+    Raises
+    ------
+    ValueError
+        For a name that is not a torch floating-point dtype, listing the usual ones.
+    """
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    text = str(value).removeprefix("torch.")
+    dtype = getattr(torch, text, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype must be a torch floating-point dtype, e.g. 'float32' or 'float64'; "
+            f"got {value!r}"
+        )
+    return dtype
+
+
+def get_problem(name: str, **options) -> Problem:
+    """Build the problem ``name`` with keyword ``options``.
+
+    ``dtype`` may be given by name (``dtype="float64"``), as on the command line.
+
+    Raises
+    ------
+    UnknownProblemError
+        For an unknown name (a ``KeyError``), listing the known ones.
+    ValueError
+        For an option the factory does not take, listing the ones it does, or a ``dtype``
+        name that is not a floating-point dtype.
+    """
+    factory = _factory(name)
+    known = problem_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"problem {name!r} has no option(s) {unknown}; its options are {sorted(known)}"
+        )
+    if "dtype" in options:
+        options["dtype"] = as_dtype(options["dtype"])
+    return factory(**options)
+
+
+__all__ = [
+    "CONJUGATE_PROBLEMS",
+    "PROBLEMS",
+    "UnknownProblemError",
+    "as_dtype",
+    "describe_problem",
+    "get_problem",
+    "problem_options",
+]
