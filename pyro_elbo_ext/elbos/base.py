@@ -92,6 +92,9 @@ class SiteTreatmentELBO(ELBO):
 
     #: the loss's learning signal (hard attention's baselines), or ``None``
     learning_signal = None
+    #: whether model latents that the guide does not sample are drawn from the model on
+    #: purpose (hard attention) rather than an error
+    draws_latents_from_model = False
 
     def __init__(self, num_particles: int = 1, jit: bool = False, **kwargs):
         super().__init__(num_particles=check_positive_int("num_particles", num_particles),
@@ -137,7 +140,8 @@ class SiteTreatmentELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         """One particle's traces (Pyro's hook, called by ``ELBO._get_traces``)."""
         return trace_model_and_guide(model, guide, args, kwargs, self.max_plate_nesting,
-                                     wrap_model=self._model_wrapper())
+                                     wrap_model=self._model_wrapper(),
+                                     unguided_latents=self.draws_latents_from_model)
 
     def _begin(self, model, guide, args, kwargs, training: bool) -> Call:
         key = (model, guide, argument_signature(args), argument_signature(kwargs))

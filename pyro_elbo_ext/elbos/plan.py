@@ -206,12 +206,12 @@ def argument_signature(value) -> Any:
     by itself (its identity: the cache holds it, so its id cannot be reused), or by id where
     it is not hashable.
     """
-    if torch.is_tensor(value):
-        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.dtype, value.device)  # torch.Size is hashable
     if value is None or isinstance(value, (bool, int, float, str, complex)):
         return value
     if isinstance(value, (tuple, list)):
-        return (type(value), tuple(argument_signature(v) for v in value))
+        return (type(value), *[argument_signature(v) for v in value])
     if isinstance(value, dict):
         return (dict, tuple((k, argument_signature(v)) for k, v in value.items()))
     try:

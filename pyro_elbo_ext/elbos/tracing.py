@@ -41,6 +41,7 @@ def trace_model_and_guide(
     kwargs: dict,
     max_plate_nesting: float,
     wrap_model: ModelWrapper | None = None,
+    unguided_latents: bool = False,
 ) -> tuple[Trace, Trace]:
     """One particle's traces, recorded and validated as Pyro records and validates them.
 
@@ -56,6 +57,10 @@ def trace_model_and_guide(
         ``wrap_model(model, guide_trace)`` returns the model to replay (e.g. with the sites the
         guide does not sample enumerated); not applicable to a ``GuideMessenger``, whose model
         runs inside the guide.
+    unguided_latents : bool
+        Whether model latents that the guide does not sample are part of the loss's design
+        (hard-attention sites): Pyro's check is then not shown them (it would warn); for any
+        other loss such a site is an error when the loss plans its treatments.
 
     Returns
     -------
@@ -76,8 +81,8 @@ def trace_model_and_guide(
     validating = is_validation_enabled()
     if validating:
         check_guide_sites(model_trace, guide_trace)
-        check_model_guide_match(_guided_view(model_trace, guide_trace),
-                                _sampled_view(guide_trace), max_plate_nesting)
+        model_view = _guided_view(model_trace, guide_trace) if unguided_latents else model_trace
+        check_model_guide_match(model_view, _sampled_view(guide_trace), max_plate_nesting)
         check_if_enumerated(guide_trace)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
