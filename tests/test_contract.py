@@ -8,7 +8,12 @@ reference, a guide that samples it from the model's own distribution: log p - lo
 The two estimators run on the same random draws (same seed, same order of draws), so the test
 is paired: ``JensenELBO(entropy="sampled")`` is Trace_ELBO's estimator and must agree draw for
 draw; every other loss's per-draw difference from Trace_ELBO must have mean zero, within
-``K_SE`` standard errors of that difference.
+``K_CONTRACT`` standard errors of that difference.
+
+``K_CONTRACT = 6`` rather than the suite's 4: the file makes about 700 comparisons (64 cases x
+about 11 elements), each a Student-t with 29 degrees of freedom under the null; at 6 SE the
+chance that any of them fails for an unbiased loss is about 0.1% (per comparison 1.6e-6), while a
+bias like the Rejector's (issue 15: 9 SE at 4,000 draws) is still far outside.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from torch.distributions import constraints
 from pyro_elbo_ext import AnalyticKLELBO, HardAttentionELBO, JensenELBO
 
 from .mc import assert_mean_close
+
+K_CONTRACT = 6.0
 
 N = 6
 DATA = torch.linspace(-1.0, 1.5, N)
@@ -133,7 +140,7 @@ def test_every_loss_estimates_trace_elbos_value_and_gradient(loss, case):
     pyro.set_rng_seed(0)
     reference.loss(model, ref_guide)  # create every parameter
     names = sorted(pyro.get_param_store().keys())
-    draws = 3 if loss == "jensen_sampled" else 20
+    draws = 3 if loss == "jensen_sampled" else 30
     diffs = []
     for seed in range(draws):
         a = _value_and_grads(ours, model, guide, names, seed)
@@ -143,5 +150,5 @@ def test_every_loss_estimates_trace_elbos_value_and_gradient(loss, case):
     if loss == "jensen_sampled":  # Trace_ELBO's estimator: equal draw for draw
         torch.testing.assert_close(diffs, torch.zeros_like(diffs), rtol=0, atol=1e-4)
     else:
-        assert_mean_close(diffs, torch.zeros(diffs.shape[1]), atol=1e-5,
+        assert_mean_close(diffs, torch.zeros(diffs.shape[1]), k=K_CONTRACT, atol=1e-5,
                           what=f"{loss} - Trace_ELBO over (L, dL/d{names})")

@@ -40,7 +40,7 @@ from .plan import (
     site_views,
     structure_key,
 )
-from .tracing import ModelWrapper, trace_model_and_guide
+from .tracing import ModelWrapper, trace_model_and_guide, validate_traces
 from .treatments import EntropyTreatment, Observed
 from .validation import (
     check_positive_int,
@@ -139,21 +139,49 @@ class SiteTreatmentELBO(ELBO):
     # ------------------------------------------------------------------ traces and plans
     def _get_trace(self, model, guide, args, kwargs):
         """One particle's traces (Pyro's hook, called by ``ELBO._get_traces``)."""
-        return trace_model_and_guide(model, guide, args, kwargs, self.max_plate_nesting,
-                                     wrap_model=self._model_wrapper(),
-                                     unguided_latents=self.draws_latents_from_model)
+        return trace_model_and_guide(model, guide, args, kwargs,
+                                     wrap_model=self._model_wrapper())
 
     def _begin(self, model, guide, args, kwargs, training: bool) -> Call:
         key = (model, guide, argument_signature(args), argument_signature(kwargs))
         return Call(model, guide, args, kwargs, self._step_settings(training), training, key)
 
     def _plan_for(self, call: Call, model_trace, guide_trace) -> Plan:
+        """The plan of this trace structure; a new structure is validated, then planned.
+
+        Pyro's checks and ours depend only on what the key holds (names, types, shapes,
+        plates), so under validation they run once per structure; the value checks (a
+        non-finite L or gradient) run at every step.
+        """
         key = (call.key, structure_key(model_trace, guide_trace))
         plan = self._plans.get(key)
+        validating = is_validation_enabled()
+        if plan is not None and (plan.validated or not validating):
+            return plan
+        if validating:
+            validate_traces(model_trace, guide_trace, self.max_plate_nesting,
+                            enumerated=self._model_wrapper() is not None,
+                            unguided_latents=self.draws_latents_from_model)
         if plan is None:
             planning = Planning(call.model, call.guide, call.args, call.kwargs, model_trace,
                                 guide_trace)
             plan = make_plan(site_views(model_trace, guide_trace), self._treat, planning)
+            if not planning.memo.get("provisional"):
+                self._plans.put(key, plan)
+        plan.validated = validating
+        return plan
+        if is_validation_enabled():
+            validate_traces(model_trace, guide_trace, self.max_plate_nesting,
+                            enumerated=self._model_wrapper() is not None,
+                            unguided_latents=self.draws_latents_from_model)
+            if plan is not None:
+                plan.validated = True
+                return plan
+        if plan is None:
+            planning = Planning(call.model, call.guide, call.args, call.kwargs, model_trace,
+                                guide_trace)
+            plan = make_plan(site_views(model_trace, guide_trace), self._treat, planning)
+            plan.validated = is_validation_enabled()
             if not planning.memo.get("provisional"):
                 self._plans.put(key, plan)
         return plan

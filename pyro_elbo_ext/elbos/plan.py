@@ -103,7 +103,7 @@ class SitePlan:
     estimator: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Plan:
     """The decisions for one trace structure, in model order, then the auxiliary sites."""
 
@@ -112,6 +112,8 @@ class Plan:
     enumerated: tuple[str, ...] = ()
     #: whole-trace facts the loss computed while planning (e.g. for ``decompose``'s notes)
     facts: dict = field(default_factory=dict)
+    #: whether the structure passed the validation checks (run once, under validation)
+    validated: bool = False
 
 
 @dataclass
@@ -188,13 +190,22 @@ def _distribution_types(fn) -> tuple:
     return tuple(types)
 
 
+def _site_structure(site: dict) -> tuple:
+    fn = site["fn"]
+    shapes = (getattr(fn, "batch_shape", None), getattr(fn, "event_shape", None))  # _Subsample
+    return (site["name"], site["is_observed"], _distribution_types(fn), shapes,
+            tuple((f.name, f.dim, f.size) for f in site["cond_indep_stack"]))
+
+
 def structure_key(model_trace, guide_trace) -> tuple:
-    """The trace structure: each sample site's name, observedness and distribution types."""
+    """The trace structure: each sample site's name, observedness, distribution types, batch
+    and event shapes, and plates (name, dimension, size): everything the treatments and the
+    structural validation checks depend on."""
     return (
-        tuple((name, site["is_observed"], _distribution_types(site["fn"]))
-              for name, site in model_trace.nodes.items() if site["type"] == "sample"),
-        tuple((name, _distribution_types(site["fn"]))
-              for name, site in guide_trace.nodes.items() if site["type"] == "sample"),
+        tuple(_site_structure(site) for site in model_trace.nodes.values()
+              if site["type"] == "sample"),
+        tuple(_site_structure(site) for site in guide_trace.nodes.values()
+              if site["type"] == "sample"),
     )
 
 

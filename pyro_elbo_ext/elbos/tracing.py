@@ -1,15 +1,15 @@
 """Recording one particle's (model trace, guide trace) pair with Pyro's own machinery.
 
-What Pyro's ``get_importance_trace`` does, so that every model and guide Pyro's ELBOs accept is
-traced the same way: an effect-based guide (:class:`pyro.poutine.GuideMessenger`, e.g.
-``AutoNormalMessenger``) runs once and hands back both traces; any other guide is traced with
-``poutine.trace`` and the model replayed against it with ``poutine.replay``; subsample sites
-are pruned.  Under validation, Pyro's checks run (``check_model_guide_match``,
-``check_if_enumerated``, ``check_site_shape`` on every sample site, with the log-densities
-Pyro's ``compute_log_prob`` / ``compute_score_parts`` memoize on the sites), after the checks
-by which we are deliberately stricter than Pyro (:mod:`.validation`).  Unlike
-``get_importance_trace``, log-densities are computed lazily when validation is off: a site
-whose treatment does not need ``log q`` (an analytic entropy) never evaluates it.
+:func:`trace_model_and_guide` does what Pyro's ``get_importance_trace`` does, so that every
+model and guide Pyro's ELBOs accept is traced the same way: an effect-based guide
+(:class:`pyro.poutine.GuideMessenger`, e.g. ``AutoNormalMessenger``) runs once and hands back
+both traces; any other guide is traced with ``poutine.trace`` and the model replayed against it
+with ``poutine.replay``.  :func:`validate_traces` runs Pyro's checks
+(``check_model_guide_match``, ``check_if_enumerated``, ``check_site_shape``) after the checks by
+which we are deliberately stricter than Pyro (:mod:`.validation`).  Unlike
+``get_importance_trace``, log-densities are computed lazily: a site whose treatment does not
+need ``log q`` (an analytic entropy) never evaluates it, and the structural checks run once per
+trace structure rather than at every step.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pyro.poutine as poutine
-from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
@@ -39,11 +38,11 @@ def trace_model_and_guide(
     guide: Callable,
     args: tuple,
     kwargs: dict,
-    max_plate_nesting: float,
     wrap_model: ModelWrapper | None = None,
-    unguided_latents: bool = False,
 ) -> tuple[Trace, Trace]:
-    """One particle's traces, recorded and validated as Pyro records and validates them.
+    """One particle's traces, recorded as Pyro's ``get_importance_trace`` records them.
+
+    Subsample sites are kept (the plan skips them; :func:`validate_traces` needs them).
 
     Parameters
     ----------
@@ -51,52 +50,63 @@ def trace_model_and_guide(
         The user's model and guide (``guide`` may be a ``GuideMessenger``).
     args, kwargs
         Their arguments.
-    max_plate_nesting : float
-        The loss's ``max_plate_nesting`` (``inf`` where unknown).
     wrap_model : callable, optional
         ``wrap_model(model, guide_trace)`` returns the model to replay (e.g. with the sites the
         guide does not sample enumerated); not applicable to a ``GuideMessenger``, whose model
         runs inside the guide.
-    unguided_latents : bool
-        Whether model latents that the guide does not sample are part of the loss's design
-        (hard-attention sites): Pyro's check is then not shown them (it would warn); for any
-        other loss such a site is an error when the loss plans its treatments.
 
     Returns
     -------
     (model_trace, guide_trace)
-        Pyro traces without subsample sites.
     """
     unwrapped = poutine.unwrap(guide)
     if isinstance(unwrapped, poutine.messenger.Messenger):
         guide(*args, **kwargs)
-        model_trace, guide_trace = unwrapped.get_traces()
-    else:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        if wrap_model is not None:
-            model = wrap_model(model, guide_trace)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    validating = is_validation_enabled()
-    if validating:
-        check_guide_sites(model_trace, guide_trace)
-        model_view = _guided_view(model_trace, guide_trace) if unguided_latents else model_trace
-        check_model_guide_match(model_view, _sampled_view(guide_trace), max_plate_nesting)
-        check_if_enumerated(guide_trace)
-    guide_trace = prune_subsample_sites(guide_trace)
-    model_trace = prune_subsample_sites(model_trace)
-    if validating:
-        model_trace.compute_log_prob()
-        guide_trace.compute_score_parts()
-        for trace in (model_trace, guide_trace):
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    check_site_shape(site, max_plate_nesting)
-        check_batch_dims(guide_trace, max_plate_nesting)
-        if wrap_model is None:  # enumerated sites add dimensions left of the plates
-            check_batch_dims(model_trace, max_plate_nesting)
+        return unwrapped.get_traces()
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    if wrap_model is not None:
+        model = wrap_model(model, guide_trace)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
     return model_trace, guide_trace
+
+
+def validate_traces(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float,
+                    enumerated: bool = False, unguided_latents: bool = False) -> None:
+    """Pyro's validation of a trace pair, after the checks by which we are stricter.
+
+    Pyro's ``check_model_guide_match``, ``check_if_enumerated``, and ``check_site_shape`` of
+    every sample site (with the log-densities Pyro's ``compute_log_prob`` /
+    ``compute_score_parts`` memoize on the sites, and its warnings on NaN), then our
+    :func:`~.validation.check_batch_dims`.  Everything checked depends only on the trace
+    structure (site names, distribution types, shapes, plates), so a loss runs it when it
+    plans a new structure (:mod:`.plan`'s key holds all of these).
+
+    Parameters
+    ----------
+    enumerated : bool
+        Sites were enumerated in parallel (their dimensions lie left of the plates).
+    unguided_latents : bool
+        Model latents that the guide does not sample are part of the loss's design
+        (hard-attention sites): Pyro's check is then not shown them (it would warn); for any
+        other loss such a site is an error when the loss plans its treatments.
+    """
+    check_guide_sites(model_trace, guide_trace)
+    model_view = _guided_view(model_trace, guide_trace) if unguided_latents else model_trace
+    check_model_guide_match(model_view, _sampled_view(guide_trace), max_plate_nesting)
+    check_if_enumerated(guide_trace)
+    model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(
+        guide_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_score_parts()
+    for trace in (model_trace, guide_trace):
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                check_site_shape(site, max_plate_nesting)
+    check_batch_dims(guide_trace, max_plate_nesting)
+    if not enumerated:  # enumerated sites add dimensions left of the plates
+        check_batch_dims(model_trace, max_plate_nesting)
 
 
 def _sampled_view(guide_trace: Trace) -> Trace:
@@ -133,4 +143,4 @@ def _guided_view(model_trace: Trace, guide_trace: Trace) -> Trace:
     return view
 
 
-__all__ = ["ModelWrapper", "is_guide_messenger", "trace_model_and_guide"]
+__all__ = ["ModelWrapper", "is_guide_messenger", "trace_model_and_guide", "validate_traces"]
