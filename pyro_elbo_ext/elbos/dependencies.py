@@ -19,7 +19,7 @@ import torch
 from pyro.ops.provenance import ProvenanceTensor, detach_provenance, get_provenance
 from pyro.poutine.messenger import Messenger
 
-from .sites import is_subsample_site
+from .sites import is_latent_site, is_subsample_site
 from .treatments import distribution_tensors
 
 
@@ -119,7 +119,7 @@ def preceding_latents(model_trace) -> dict[str, frozenset[str]]:
     seen: list[str] = []
     out: dict[str, frozenset[str]] = {}
     for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
+        if is_latent_site(site):
             out[name] = frozenset(seen)
             seen.append(name)
     return out

@@ -27,7 +27,7 @@ from .densities import scaled_and_masked
 from .engine import Term
 from .jensen import JensenELBO
 from .plan import UNGUIDED, Planning, SiteView, Treatment
-from .sites import is_subsample_site, plate_frames
+from .sites import is_latent_site, is_subsample_site, plate_frames
 from .treatments import analytic_entropy
 from .validation import check_choice, check_number, check_positive_int
 
@@ -285,7 +285,7 @@ class HardAttentionELBO(JensenELBO):
         guide_nodes = planning.guide_trace.nodes
         attention = {
             name: site for name, site in planning.model_trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and name not in guide_nodes
+            if is_latent_site(site) and name not in guide_nodes
         }
         sizes = {name: _support_size(site) for name, site in attention.items()}
         total = math.prod(sizes.values())
