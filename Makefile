@@ -3,12 +3,16 @@ PYTHON ?= python3
 # PyTorch's CPU wheel: an unpinned `torch` would pull the multi-gigabyte CUDA build.
 TORCH_CPU ?= torch==2.13.0
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
+# warnings are errors; no network is needed (no intersphinx, notebooks are not executed)
+SPHINXOPTS ?= -W --keep-going -q
 
-.PHONY: install run test test-all bench lint
+.PHONY: install run test test-all bench lint docs core-check
 
+# torch's CPU wheel where no torch is present, then the package (editable) with every extra but
+# `bench`: compare, diagnostics, dev (tests, ruff) and docs (Sphinx)
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "installing $(TORCH_CPU) (CPU wheel)"; $(PIP) "$(TORCH_CPU)"; }
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[all]"
 
 # the main job: compare the estimators on a built-in problem, table to the terminal, files to out/
 run: install
@@ -20,6 +24,15 @@ test: install
 
 test-all: install
 	$(PYTHON) -m pytest -m ""
+
+# the documentation site, into docs/_build/html (open docs/_build/html/index.html)
+docs: install
+	$(PYTHON) -m sphinx -b html $(SPHINXOPTS) docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
+# the wheel, installed with only the core dependencies in a fresh environment, trains every loss
+core-check:
+	PYTHON=$(PYTHON) TORCH_CPU=$(TORCH_CPU) bash .ci/core_install_check.sh
 
 bench: install
 	$(PYTHON) -m benchmarks.speed

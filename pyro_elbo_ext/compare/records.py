@@ -88,11 +88,11 @@ class EstimatorRecord:
         Sum over all parameter elements of the gradient variance (the trace of the covariance
         of the gradient estimate) and its standard error.
     snr_median : float
-        Median over parameter elements of |mean| / sd.
+        Median over parameter elements of ``|mean| / sd``.
     bias_norm : float or None
         Euclidean norm of (mean gradient - reference gradient) over all elements.
     bias_max_z : float or None
-        Largest |bias| / bias_se over the elements (about N(0,1)-sized when unbiased), leaving
+        Largest ``|bias| / bias_se`` over the elements (about N(0,1)-sized when unbiased), leaving
         out the unassessed ones.
     bias_unassessed : int
         Elements of a stochastic estimator that took one value in all R draws while the

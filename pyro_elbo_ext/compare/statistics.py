@@ -93,7 +93,7 @@ def total_variance_and_se(draws: np.ndarray) -> tuple[float, float]:
 
 
 def signal_to_noise(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
-    """``|mean| / sqrt(var)`` elementwise; ``inf`` where var = 0 < |mean|, ``nan`` at 0/0."""
+    """``|mean| / sqrt(var)`` elementwise; ``inf`` where ``var = 0 < |mean|``, ``nan`` at 0/0."""
     mean, var = np.abs(np.asarray(mean, float)), np.asarray(var, float)
     sd = np.sqrt(np.maximum(var, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -118,7 +118,7 @@ def parameter_statistics(
     Parameters
     ----------
     name : str
-    draws : ndarray, shape (R, *shape)
+    draws : ndarray, shape ``(R, *shape)``
     reference, reference_se : ndarray of ``shape``, optional
         The reference gradient and its standard error (zero or None for an exact one).
     """

@@ -60,7 +60,7 @@ class SiteArray:
 
     Attributes
     ----------
-    values : Tensor, shape (num_samples, *shape)
+    values : Tensor, shape ``(num_samples, *shape)``
     dims : tuple of str
         Names of the dimensions after the draw dimension (plate names where a plate owns the
         dimension).
