@@ -5,6 +5,7 @@ from .base import SiteTreatmentELBO
 from .baselines import LearnedBaseline, LeaveOneOutBaseline, MovingAverageBaseline, SignalNormalizer
 from .decomposition import Decomposition, TermSummary
 from .hard_attention import HardAttentionDecomposition, HardAttentionELBO, empty_guide
+from .importance_weighted import ImportanceWeightedDecomposition, ImportanceWeightedELBO
 from .jensen import JensenELBO
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "Decomposition",
     "HardAttentionDecomposition",
     "HardAttentionELBO",
+    "ImportanceWeightedDecomposition",
+    "ImportanceWeightedELBO",
     "JensenELBO",
     "LearnedBaseline",
     "LeaveOneOutBaseline",
