@@ -519,3 +519,15 @@ def test_registry_entries_build_and_run():
         assert isinstance(loss, ImportanceWeightedELBO) and loss.estimator == estimator
         assert loss.num_particles == 4
         assert math.isfinite(loss.loss(model, guide, *problem.args))
+
+
+def test_speed_benchmark_quick_writes_its_table(tmp_path):
+    """Smoke run of ``python -m benchmarks.importance_weighted_speed --quick`` (no timing
+    assertions: the machine is shared)."""
+    from benchmarks import importance_weighted_speed
+
+    result = importance_weighted_speed.main(["--quick", "--out", str(tmp_path)])
+    text = (tmp_path / "importance_weighted_speed.md").read_text()
+    assert "| normal_normal | 8 |" in text and "iwae / Renyi" in text
+    ratios = result["groups"][0]["ratios"]
+    assert all(math.isfinite(ratios[k]["median"]) for k in ("iwae", "dreg"))
