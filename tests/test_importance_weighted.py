@@ -17,7 +17,12 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import RenyiELBO
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    AutoNormalMessenger,
+)
 from pyro.poutine.messenger import Messenger
 from torch.distributions import Normal, constraints
 
@@ -25,6 +30,8 @@ from pyro_elbo_ext import ImportanceWeightedELBO
 from pyro_elbo_ext.elbos.importance_weighted import leave_one_out_bounds
 from pyro_elbo_ext.problems import get_problem
 from tests.mc import K_SE
+from tests.models import discrete_guide as mixed_guide
+from tests.models import discrete_model as mixed_model
 
 PRIOR_SD = 2.0  # normal_normal: z ~ N(0, 2), x_i ~ N(z, 1)
 
@@ -222,6 +229,33 @@ def test_local_latents_bound_is_per_element_and_tighter_than_the_joint_one():
     assert elbo.decompose(local_model, local_guide, LOCAL_X).local_plates == ("data",)
 
 
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+def test_local_latents_gradients_equal_the_per_element_formulas_draw_for_draw(estimator):
+    """Per element i: IWAE sum_k w~_ik dlog w_ik, DReG sum_k w~_ik^2 dlog w_ik/dz dz/dtheta."""
+    elbo = ImportanceWeightedELBO(num_particles=4, estimator=estimator, max_plate_nesting=1)
+    store: dict = {}
+    guide = recording(local_guide, store)
+    for _ in range(3):
+        with poutine.trace(param_only=True) as params:
+            loss = elbo.differentiable_loss(local_model, guide, LOCAL_X)
+        leaves = {n: params.trace.nodes[n]["value"].unconstrained() for n in ("m", "s")}
+        ours = grads_of(loss, leaves)
+        m, s = pyro.param("m").detach(), pyro.param("s").detach()
+        z = store["trace"].nodes["z"]["value"].detach()  # (K, N)
+        wt = torch.softmax(local_log_w(z, torch.arange(6)), 0)
+        eps = (z - m) / s
+        dlogp_dz = -z + (LOCAL_X - z) / 0.25
+        if estimator == "iwae":  # d log q(z(theta); theta) / d(m, log s) = (0, -1)
+            expected_m = (wt * dlogp_dz).sum(0)
+            expected_s = (wt * (dlogp_dz * s * eps + 1)).sum(0)
+        else:
+            dlogw_dz = dlogp_dz + (z - m) / s**2
+            expected_m = (wt**2 * dlogw_dz).sum(0)
+            expected_s = (wt**2 * dlogw_dz * s * eps).sum(0)
+        torch.testing.assert_close(ours["m"], expected_m, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(ours["s"], expected_s, rtol=1e-9, atol=1e-9)
+
+
 def test_subsampled_local_plate_is_unbiased_for_the_full_data_bound():
     """N/B times the minibatch's per-element bounds, outside the log-mean-exp."""
     elbo = ImportanceWeightedELBO(num_particles=3, max_plate_nesting=1)
@@ -346,20 +380,7 @@ def test_vimco_leave_one_out_bounds_by_hand():
 def test_mixed_discrete_and_reparameterized_sites_iwae_and_dreg_agree():
     """Both estimators are unbiased for dL_K: their means agree within K_SE."""
     data = torch.tensor([0.4, 1.3, -0.2, 2.1, 0.9], dtype=torch.float64)
-
-    def model(data):
-        k = pyro.sample("k", dist.Categorical(data.new_tensor([0.2, 0.5, 0.3])))
-        z = pyro.sample("z", dist.Normal(data.new_tensor([-1.0, 0.0, 2.0])[k], 1.0))
-        with pyro.plate("data", data.shape[0]):
-            pyro.sample("obs", dist.Normal(z, 1.0), obs=data)
-
-    def guide(data):
-        probs = pyro.param("k_probs", lambda: data.new_tensor([0.3, 0.3, 0.4]),
-                           constraint=constraints.simplex)
-        k = pyro.sample("k", dist.Categorical(probs))
-        loc = pyro.param("z_loc", lambda: data.new_tensor([0.3, 0.1, -0.2]))
-        pyro.sample("z", dist.Normal(loc[k], 0.5))
-
+    model, guide = mixed_model, mixed_guide
     guide(data)
     leaves = {n: pyro.param(n).unconstrained() for n in ("k_probs", "z_loc")}
     draws = {}
@@ -415,7 +436,8 @@ def positive_model(data):
         pyro.sample("obs", dist.Normal(loc, sd), obs=data)
 
 
-@pytest.mark.parametrize("autoguide", [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal])
+@pytest.mark.parametrize("autoguide", [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+                                       AutoNormalMessenger])
 @pytest.mark.parametrize("estimator", ["iwae", "dreg"])
 def test_autoguides_auxiliary_sites_enter_the_weight(autoguide, estimator):
     """Guide-only (auxiliary) sites and the Delta sites' log-densities are in log w: the

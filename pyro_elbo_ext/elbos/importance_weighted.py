@@ -29,7 +29,9 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
 from .tracing import record_guide_and_model
@@ -486,7 +488,7 @@ class ImportanceWeightedELBO(ELBO):
     def _guess_nesting(self, model, guide, args, kwargs) -> None:
         """Set ``max_plate_nesting`` from one unvectorized run, as Pyro's ELBO does."""
         with poutine.block():
-            traces = record_guide_and_model(model, guide, args, kwargs)
+            traces = _run(model, guide, args, kwargs)
         dims = [f.dim for trace in traces for _, site in _sample_sites(trace)
                 for f in site["cond_indep_stack"] if f.dim is not None]
         self.max_plate_nesting = -min(dims) if dims else 0
@@ -495,10 +497,10 @@ class ImportanceWeightedELBO(ELBO):
         """One vectorized run of K particles: (model_trace, guide_trace), sample sites only."""
         if self.max_plate_nesting == float("inf"):
             self._guess_nesting(model, guide, args, kwargs)
-        model_trace, guide_trace = record_guide_and_model(
+        model_trace, guide_trace = _run(
             _vectorize(model, self.num_particles, self.particle_dim),
             _vectorize(guide, self.num_particles, self.particle_dim),
-            args, kwargs,
+            args, kwargs, messenger=poutine.unwrap(guide),
         )
         guide_nodes = guide_trace.nodes
         for name, site in _sample_sites(model_trace):
@@ -618,6 +620,21 @@ class ImportanceWeightedELBO(ELBO):
 
 
 # ============================================================================ helpers
+def _run(model, guide, args, kwargs, messenger=None) -> tuple[Trace, Trace]:
+    """(model_trace, guide_trace) of one run, subsample sites dropped.
+
+    A :class:`~pyro.infer.autoguide.GuideMessenger` guide (``messenger``, or ``guide`` itself)
+    runs the model inside itself and records both traces, as in Pyro's
+    ``get_importance_trace``; any other guide is run and the model replayed against it.
+    """
+    messenger = poutine.unwrap(guide) if messenger is None else messenger
+    if isinstance(messenger, Messenger):
+        guide(*args, **kwargs)
+        model_trace, guide_trace = messenger.get_traces()
+        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+    return record_guide_and_model(model, guide, args, kwargs)
+
+
 def _vectorize(fn: Callable, num_particles: int, dim: int) -> Callable:
     """``fn`` run inside the particle plate."""
 
