@@ -553,3 +553,24 @@ def test_speed_benchmark_quick_writes_its_table(tmp_path):
     assert "| normal_normal | 8 |" in text and "iwae / Renyi" in text
     ratios = result["groups"][0]["ratios"]
     assert all(math.isfinite(ratios[k]["median"]) for k in ("iwae", "dreg"))
+
+
+def test_validation_refuses_unknown_guide_sites_and_misplaced_batch_dims():
+    def model(data):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=data)
+
+    def extra_guide(data):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("stray", dist.Normal(0.0, 1.0))
+
+    def batched_guide(data):
+        pyro.sample("z", dist.Normal(torch.zeros(3), 1.0))  # batch dim not declared by a plate
+
+    data = torch.tensor([0.4, 1.3, -0.2])
+    elbo = ImportanceWeightedELBO(2, max_plate_nesting=1)
+    with pytest.raises(ValueError, match="guide site 'stray' does not appear in the model"):
+        elbo.loss(model, extra_guide, data)
+    with pytest.raises(ValueError, match="'z'"):
+        elbo.loss(model, batched_guide, data)
