@@ -30,14 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import pyro
-import torch
 
-from ._common import PROBLEMS, machine_info, median, quantile, svi_step, time_calls
+from ._common import (
+    PROBLEMS,
+    machine_info,
+    median,
+    quantile,
+    single_thread_no_validation,
+    svi_step,
+    time_calls,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 1.0
@@ -127,17 +133,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.problems, args.particles, args.rounds, args.sample_ms = (
             ["normal_normal"], [8], 3, 5.0)
         options = {"num_data": 50}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pyro.enable_validation(False)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            groups = [time_group(name, k, args.rounds, args.sample_ms, options)
-                      for name in args.problems for k in args.particles]
-    finally:
-        torch.set_num_threads(previous)
-        pyro.enable_validation(True)
+    with single_thread_no_validation():
+        groups = [time_group(name, k, args.rounds, args.sample_ms, options)
+                  for name in args.problems for k in args.particles]
     info = machine_info(probe_numpyro=False)
     text = report(groups, info, args.rounds)
     print(text)
