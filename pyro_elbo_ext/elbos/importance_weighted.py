@@ -428,6 +428,19 @@ class ImportanceWeightedELBO(ELBO):
     outside of is refused when K > 1 (the minibatch's joint log-mean-exp is biased upward
     and is not a bound).
 
+    Traces: the guide is run and the model replayed against it (sample sites only); a
+    :class:`~pyro.infer.autoguide.GuideMessenger` guide (``AutoNormalMessenger``, ...) runs
+    the model itself, as in Pyro's ``get_importance_trace``.  Auxiliary guide sites (guide
+    only, e.g. an AutoGuide's ``_latent``) contribute -log q to log w and the ``Delta`` sites
+    their ``log_density``, as in ``RenyiELBO``.  Under ``pyro.infer.util.is_validation_enabled()``
+    the traces are checked with Pyro's ``check_model_guide_match`` and ``check_site_shape``
+    (plus unknown, enumerated or observed guide sites), and a non-finite estimate warns.  A
+    model latent that the guide does not sample is always an error.
+
+    The VIMCO baseline is its own (a log-sum-exp with one weight replaced by the others'
+    geometric mean), not :class:`~pyro_elbo_ext.elbos.baselines.LeaveOneOutBaseline`'s mean
+    of the other particles' rewards: the signal it centres is the bound itself.
+
     Parameters
     ----------
     num_particles : int
