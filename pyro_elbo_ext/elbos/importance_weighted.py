@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pyro
+import pyro.ops.jit
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -450,7 +452,10 @@ class ImportanceWeightedELBO(ELBO):
         The number of plates the model nests (without the particle plate); guessed from one
         run of model and guide when not given, as Pyro's ELBO does.
     jit : bool
-        Not supported (``False`` only): there is no compiled path for this loss yet.
+        Compile :meth:`differentiable_loss` (and so :meth:`loss_and_grads`) with
+        :func:`pyro.ops.jit.trace`, with the restrictions of Pyro's ``Jit*`` losses (static
+        structure, tensor inputs positional, parameters created on the first call).
+        ``estimator="iwae"`` only: DReG's gradient hook is not kept by a traced graph.
     **kwargs
         Forwarded to :class:`pyro.infer.elbo.ELBO` (``retain_graph``, ...).  The particles
         are always vectorized; ``vectorize_particles=False`` is refused.
@@ -473,9 +478,11 @@ class ImportanceWeightedELBO(ELBO):
     ):
         if estimator not in IW_ESTIMATORS:
             raise ValueError(f"estimator must be one of {IW_ESTIMATORS}, got {estimator!r}")
-        if jit:
+        if jit and estimator == "dreg":
             raise ValueError(
-                "ImportanceWeightedELBO has no compiled path (jit=True) yet; use jit=False"
+                "ImportanceWeightedELBO(estimator='dreg') cannot be compiled (jit=True): its "
+                "gradient is rescaled by a tensor hook, which a traced graph does not keep; "
+                "use jit=False, or estimator='iwae' with jit=True"
             )
         if not vectorize_particles:
             raise ValueError(
@@ -489,7 +496,8 @@ class ImportanceWeightedELBO(ELBO):
             **kwargs,
         )
         self.estimator = estimator
-        self.jit = False
+        self.jit = bool(jit)
+        self._compiled: dict[tuple[int, int], Callable] = {}
         #: guide structure (site names) -> DReG's base sites, or None where DReG falls back
         self._dreg_plan: dict[tuple[str, ...], tuple[str, ...] | None] = {}
 
@@ -590,8 +598,29 @@ class ImportanceWeightedELBO(ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """-L_K as a tensor: its value estimates -L_K, its gradient estimates -dL_K."""
+        if self.jit:
+            return self._compiled_loss(model, guide)(*args, **kwargs)
+        return self._eager_differentiable_loss(model, guide, args, kwargs)
+
+    def _eager_differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
         estimate, surrogate = self._estimate_and_surrogate(model, guide, args, kwargs)
         return (surrogate.detach() - surrogate) - estimate
+
+    def _compiled_loss(self, model, guide) -> Callable:
+        """:func:`pyro.ops.jit.trace` of the differentiable loss of this (model, guide) pair."""
+        key = (id(model), id(guide))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            weak_self = weakref.ref(self)
+
+            def loss_fn(*args, **kwargs):
+                return weak_self()._eager_differentiable_loss(model, guide, args, kwargs)
+
+            compiled = pyro.ops.jit.trace(
+                loss_fn, ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
+            )
+            self._compiled[key] = compiled
+        return compiled
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Estimate -L_K and accumulate the gradient estimate into the parameters' ``.grad``."""
