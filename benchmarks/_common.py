@@ -18,7 +18,9 @@ import importlib
 import math
 import platform
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
@@ -486,6 +488,22 @@ def time_calls(fn: Callable[[], object], repeat: int, both: bool = False):
     cpu = (time.process_time() - cpu0) / repeat
     selected = cpu if CLOCK["name"] == "cpu" else wall
     return (selected, wall, cpu) if both else selected
+
+
+@contextmanager
+def single_thread_no_validation() -> Iterator[None]:
+    """One torch thread, Pyro validation off and warnings silenced; restored on exit
+    (validation is switched back on)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pyro.enable_validation(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.set_num_threads(previous)
+        pyro.enable_validation(True)
 
 
 def machine_info(probe_numpyro: bool = True) -> dict:

@@ -27,7 +27,6 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 
 from pyro_elbo_ext.optim import GroupedOptim
 
-from ._common import PAIRINGS, PROBLEMS, machine_info
+from ._common import PAIRINGS, PROBLEMS, machine_info, single_thread_no_validation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -126,16 +125,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pyro.enable_validation(False)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rows = {name: decompose(name, args.calls) for name in args.problems}
-    finally:
-        torch.set_num_threads(previous)
-        pyro.enable_validation(True)
+    with single_thread_no_validation():
+        rows = {name: decompose(name, args.calls) for name in args.problems}
     info = machine_info(probe_numpyro=False)
     keys = list(next(iter(rows.values())))
     lines = [

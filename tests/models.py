@@ -26,3 +26,19 @@ def local_global_guide(data):
     )
     with pyro.plate("data", data.shape[0], subsample_size=4) as idx:
         pyro.sample("u", dist.Normal(u_loc[idx], u_scale[idx]))
+
+
+def discrete_model(data):
+    """A global discrete component k, then a Normal z around the component's mean."""
+    k = pyro.sample("k", dist.Categorical(data.new_tensor([0.2, 0.5, 0.3])))
+    z = pyro.sample("z", dist.Normal(data.new_tensor([-1.0, 0.0, 2.0])[k], 1.0))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=data)
+
+
+def discrete_guide(data):
+    probs = pyro.param("k_probs", lambda: data.new_tensor([0.3, 0.3, 0.4]),
+                       constraint=constraints.simplex)
+    k = pyro.sample("k", dist.Categorical(probs))  # no rsample: a score-function site
+    loc = pyro.param("z_loc", lambda: data.new_tensor([0.3, 0.1, -0.2]))
+    pyro.sample("z", dist.Normal(loc[k], 0.5))

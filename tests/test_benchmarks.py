@@ -21,6 +21,7 @@ from benchmarks._bound import LowerBoundELBO
 from benchmarks._common import PAIRINGS
 from pyro_elbo_ext.elbos.hard_attention import HardAttentionELBO, empty_guide
 from pyro_elbo_ext.elbos.jensen import JensenELBO
+from tests.models import discrete_guide, discrete_model
 
 DATA = torch.tensor([0.4, 1.3, -0.2, 2.1, 0.9])
 
@@ -35,22 +36,6 @@ def normal_guide(data):
     loc = pyro.param("loc", lambda: data.new_tensor(0.3))
     scale = pyro.param("scale", lambda: data.new_tensor(0.7), constraint=constraints.positive)
     pyro.sample("z", dist.Normal(loc, scale))
-
-
-def discrete_model(data):
-    """A global discrete component k, then a Normal z around the component's mean."""
-    k = pyro.sample("k", dist.Categorical(data.new_tensor([0.2, 0.5, 0.3])))
-    z = pyro.sample("z", dist.Normal(data.new_tensor([-1.0, 0.0, 2.0])[k], 1.0))
-    with pyro.plate("data", data.shape[0]):
-        pyro.sample("obs", dist.Normal(z, 1.0), obs=data)
-
-
-def discrete_guide(data):
-    probs = pyro.param("k_probs", lambda: data.new_tensor([0.3, 0.3, 0.4]),
-                       constraint=constraints.simplex)
-    k = pyro.sample("k", dist.Categorical(probs))  # no rsample: a score-function site
-    loc = pyro.param("z_loc", lambda: data.new_tensor([0.3, 0.1, -0.2]))
-    pyro.sample("z", dist.Normal(loc[k], 0.5))
 
 
 def attention_model(y):

@@ -286,6 +286,21 @@ for _suffix, _baseline, _k, _text in [
     ))
 
 
+# ---------------------------------------------------------------------------- importance weighted
+# (issue 17) L_K with K = the registry's num_particles; its objective is L_K, not L.
+from ..elbos.importance_weighted import ImportanceWeightedELBO  # noqa: E402
+
+for _iw_estimator, _iw_text in [
+    ("iwae", "normalized-weight (IWAE) gradient"),
+    ("dreg", "doubly reparameterized (DReG) gradient for reparameterized guide sites"),
+]:
+    register(EstimatorSpec(
+        f"importance_weighted_{_iw_estimator}",
+        f"ImportanceWeightedELBO, L_K with K = particles, {_iw_text}; VIMCO for discrete sites",
+        "ours", _plain(ImportanceWeightedELBO, estimator=_iw_estimator),
+        objective="importance-weighted bound L_K", rules=(needs_guided_latents,),
+    ))
+
 __all__ = [
     "ESTIMATORS",
     "EstimatorSpec",

@@ -19,6 +19,7 @@ from .baselines import (
 )
 from .decomposition import Decomposition, TermSummary
 from .hard_attention import HardAttentionDecomposition, HardAttentionELBO, empty_guide
+from .importance_weighted import ImportanceWeightedDecomposition, ImportanceWeightedELBO
 from .jensen import JensenELBO
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "Decomposition",
     "HardAttentionDecomposition",
     "HardAttentionELBO",
+    "ImportanceWeightedDecomposition",
+    "ImportanceWeightedELBO",
     "JensenELBO",
     "LearnedBaseline",
     "LearningSignal",
