@@ -20,7 +20,7 @@ from pyro.infer.autoguide import (
     AutoRegressiveMessenger,
 )
 
-from pyro_elbo_ext import AnalyticKLELBO, HardAttentionELBO, JensenELBO
+from pyro_elbo_ext import AnalyticKLELBO, HardAttentionELBO, ImportanceWeightedELBO, JensenELBO
 
 from .mc import K_SE, standard_error
 
@@ -31,6 +31,7 @@ LOSSES = {
     "analytic_kl": lambda **kw: AnalyticKLELBO(**kw),
     "hard_attention": lambda **kw: HardAttentionELBO(estimator="reinforce", entropy="sampled",
                                                      **kw),
+    "importance_weighted": lambda **kw: ImportanceWeightedELBO(num_particles=1, **kw),
 }
 
 
@@ -108,8 +109,10 @@ def _sizeless_guide(data):
     pyro.sample("loc", dist.Normal(loc, 0.7))
 
 
-@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("loss_name", sorted(set(LOSSES) - {"importance_weighted"}))
 def test_plate_without_a_size_matches_trace_elbo(loss_name):
+    """(ImportanceWeightedELBO always vectorizes its particles, which this model's
+    ``.expand(data.shape)`` does not allow, as for any ELBO with vectorize_particles.)"""
     ours = _loss_and_grads(LOSSES[loss_name](), _sizeless_model, _sizeless_guide, DATA, seed=2)
     pyros = _loss_and_grads(Trace_ELBO(), _sizeless_model, _sizeless_guide, DATA, seed=2)
     if loss_name in ("jensen_sampled", "hard_attention"):  # Trace_ELBO's estimator
@@ -277,5 +280,7 @@ def test_batch_dims_beyond_max_plate_nesting_are_an_error(loss_name):
     def guide():
         pyro.sample("z", dist.Normal(torch.zeros(2), 1.0))
 
-    with pytest.raises(ValueError, match="more dimensions than max_plate_nesting=0"):
+    # (ImportanceWeightedELBO's particle plate at dim -1 meets the extra dimension first)
+    with pytest.raises(ValueError, match="more dimensions than max_plate_nesting=0|"
+                       "Shape mismatch inside plate\\('num_particles_vectorized'\\)"):
         LOSSES[loss_name](max_plate_nesting=0).loss(model, guide)

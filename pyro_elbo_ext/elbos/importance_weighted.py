@@ -33,19 +33,12 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_model_guide_match, check_site_shape
 
-from .tracing import record_guide_and_model
-from .treatments import (
-    depends_on,
-    distribution_tensors,
-    has_no_parameters,
-    is_reparameterized,
-    log_density,
-    stop_gradient,
-)
-from .validation import check_guide_sites, check_positive_int
+from .densities import PATHWISE, estimator_kind, log_density, score_function
+from .sites import is_subsample_site
+from .tracing import trace_model_and_guide, validate_traces
+from .treatments import depends_on, distribution_tensors, is_delta, stop_gradient
+from .validation import check_positive_int
 
 #: the name of the plate that vectorizes the K particles
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -174,7 +167,14 @@ class WeightLayout:
 
 
 def _sample_sites(trace: Trace) -> Iterable[tuple[str, dict]]:
-    return ((n, s) for n, s in trace.nodes.items() if s["type"] == "sample")
+    return ((n, s) for n, s in trace.nodes.items()
+            if s["type"] == "sample" and not is_subsample_site(s))
+
+
+def _is_pathwise(site: dict) -> bool:
+    """Reparameterized with no score function (Pyro's ``score_parts``: see
+    :func:`~.densities.estimator_kind`)."""
+    return estimator_kind(site["fn"]) == PATHWISE
 
 
 def _is_subsampled(frame) -> bool:
@@ -233,8 +233,9 @@ class LogWeights:
     """log w per particle and element, and the score of the non-reparameterized guide sites.
 
     ``log_w`` has the particle dim at ``layout.particle_dim`` and the local plates' dims (all
-    other dims have size 1); ``log_q_score`` (same layout, or None) is log q of the guide sites
-    without ``rsample``, unscaled and unmasked (the density the sample was drawn from).
+    other dims have size 1); ``log_q_score`` (same layout, or None) is the score function of
+    the guide sites that have one in Pyro's ``score_parts`` (log q of a discrete site;
+    rejection-sampled sites too), unscaled and unmasked.
     """
 
     log_w: torch.Tensor
@@ -272,13 +273,14 @@ def log_weights(
         _, contribution = _site_log_density(site, layout, False)
         total = contribution if total is None else total + contribution
     for name, site in _sample_sites(guide_trace):
-        raw, contribution = _site_log_density(site, layout, name in stopped)
+        _, contribution = _site_log_density(site, layout, name in stopped)
         total = -contribution if total is None else total - contribution
-        if not is_reparameterized(site):
-            part = reduce_to_elements(raw, layout)
+        function = score_function(site, estimator_kind(site["fn"]))
+        if function is not None:  # Pyro's score_parts: discrete, or rejection-sampled
+            part = reduce_to_elements(function, layout)
             score = part if score is None else score + part
-    if total is None:
-        raise ValueError("ImportanceWeightedELBO: the model and guide have no sample site")
+    if total is None:  # an empty program: log w = 0 (L_K = 0, as Pyro's ELBOs give)
+        total = torch.zeros(())
     nesting = -layout.particle_dim
     if total.dim() < nesting:
         total = total.reshape((1,) * (nesting - total.dim()) + total.shape)
@@ -323,17 +325,17 @@ def dreg_sites(guide_trace: Trace) -> tuple[tuple[str, ...] | None, str]:
     for name, site in _sample_sites(guide_trace):
         fn = site["fn"]
         tensors = distribution_tensors(fn)
-        if has_no_parameters(fn):
+        if is_delta(fn):
             if _reaches_parameter(tensors, upstream_nodes):
                 return None, (f"site '{name}' is a Delta whose value depends on parameters "
                               "other than through a reparameterized sample")
         elif depends_on(tensors, upstream):
             return None, (f"the parameters of q at site '{name}' depend on another "
                           "reparameterized sample (a hierarchical guide)")
-        elif is_reparameterized(site):
+        elif _is_pathwise(site):
             base.append(name)
         value = site["value"]
-        if is_reparameterized(site) and torch.is_tensor(value) and value.grad_fn is not None:
+        if _is_pathwise(site) and torch.is_tensor(value) and value.grad_fn is not None:
             upstream.append(value)
             upstream_nodes.add(value.grad_fn)
     return tuple(base), ""
@@ -435,9 +437,11 @@ class ImportanceWeightedELBO(ELBO):
     the model itself, as in Pyro's ``get_importance_trace``.  Auxiliary guide sites (guide
     only, e.g. an AutoGuide's ``_latent``) contribute -log q to log w and the ``Delta`` sites
     their ``log_density``, as in ``RenyiELBO``.  Under ``pyro.infer.util.is_validation_enabled()``
-    the traces are checked with Pyro's ``check_model_guide_match`` and ``check_site_shape``
-    (plus unknown, enumerated or observed guide sites), and a non-finite estimate warns.  A
-    model latent that the guide does not sample is always an error.
+    the traces are checked as for every loss here (:func:`~.tracing.validate_traces`: Pyro's
+    ``check_model_guide_match`` and ``check_site_shape``, and our stricter checks), and a
+    non-finite estimate warns.  A model latent that the guide does not sample is always an
+    error.  Which guide sites get the score-function (VIMCO) term comes from Pyro's
+    ``score_parts``, as for the other losses: a rejection-sampled site gets one too.
 
     The VIMCO baseline is its own (a log-sum-exp with one weight replaced by the others'
     geometric mean), not :class:`~pyro_elbo_ext.elbos.baselines.LeaveOneOutBaseline`'s mean
@@ -523,6 +527,8 @@ class ImportanceWeightedELBO(ELBO):
             _vectorize(guide, self.num_particles, self.particle_dim),
             args, kwargs, messenger=poutine.unwrap(guide),
         )
+        if is_validation_enabled():  # Pyro's checks and ours, as for every loss here
+            validate_traces(model_trace, guide_trace, -self.particle_dim)
         guide_nodes = guide_trace.nodes
         for name, site in _sample_sites(model_trace):
             if not site["is_observed"] and name not in guide_nodes:
@@ -531,9 +537,6 @@ class ImportanceWeightedELBO(ELBO):
                     f"ImportanceWeightedELBO needs q({name}) for every latent: add "
                     f"pyro.sample('{name}', ...) to the guide"
                 )
-        if is_validation_enabled():
-            check_guide_sites(model_trace, guide_trace, type(self).__name__)
-            check_model_guide_match(model_trace, guide_trace, -self.particle_dim)
         return model_trace, guide_trace
 
     def _log_weights(self, model, guide, args, kwargs) -> tuple[LogWeights, tuple[str, ...]]:
@@ -541,8 +544,6 @@ class ImportanceWeightedELBO(ELBO):
         layout = weight_layout(model_trace, guide_trace, self.particle_dim, self.num_particles)
         base = self._dreg_base(guide_trace) if self.estimator == "dreg" else ()
         weights = log_weights(model_trace, guide_trace, layout, stopped=base)
-        if is_validation_enabled():
-            _check_shapes(model_trace, guide_trace, -self.particle_dim)
         hooked = tuple(guide_trace.nodes[name]["value"] for name in base)
         return weights, hooked
 
@@ -663,18 +664,17 @@ class ImportanceWeightedELBO(ELBO):
 
 # ============================================================================ helpers
 def _run(model, guide, args, kwargs, messenger=None) -> tuple[Trace, Trace]:
-    """(model_trace, guide_trace) of one run, subsample sites dropped.
+    """(model_trace, guide_trace) of one run, recorded as every loss here records them
+    (:func:`~.tracing.trace_model_and_guide`, Pyro's machinery).
 
-    A :class:`~pyro.infer.autoguide.GuideMessenger` guide (``messenger``, or ``guide`` itself)
-    runs the model inside itself and records both traces, as in Pyro's
-    ``get_importance_trace``; any other guide is run and the model replayed against it.
+    A :class:`~pyro.infer.autoguide.GuideMessenger` guide (``messenger``: the vectorizing
+    wrapper hides it from :func:`pyro.poutine.unwrap`) runs the model inside itself.
     """
     messenger = poutine.unwrap(guide) if messenger is None else messenger
     if isinstance(messenger, Messenger):
         guide(*args, **kwargs)
-        model_trace, guide_trace = messenger.get_traces()
-        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
-    return record_guide_and_model(model, guide, args, kwargs)
+        return messenger.get_traces()
+    return trace_model_and_guide(model, guide, args, kwargs)
 
 
 def _vectorize(fn: Callable, num_particles: int, dim: int) -> Callable:
@@ -693,14 +693,6 @@ def _scale_gradient(value: torch.Tensor, path_scale: torch.Tensor) -> None:
     if extra > 0:
         path_scale = path_scale.reshape(path_scale.shape + (1,) * extra)
     value.register_hook(lambda grad: grad * path_scale)
-
-
-def _check_shapes(model_trace: Trace, guide_trace: Trace, nesting: int) -> None:
-    """Pyro's ``check_site_shape`` on every sample site (under validation only)."""
-    for trace in (model_trace, guide_trace):
-        for _, site in _sample_sites(trace):
-            site["log_prob"] = log_density(site)
-            check_site_shape(site, nesting)
 
 
 def _warn_if_nonfinite(estimate: torch.Tensor) -> None:
