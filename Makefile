@@ -14,9 +14,11 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "installing $(TORCH_CPU) (CPU wheel)"; $(PIP) "$(TORCH_CPU)"; }
 	$(PIP) -e ".[all]"
 
-# the main job: compare the estimators on a built-in problem, table to the terminal, files to out/
+# the main job: compare the estimators at the starting point and at the exact posterior, on a
+# conjugate model and on a hard-attention model; tables to the terminal, CSV/JSON/plots to out/
 run: install
-	$(PYTHON) -m pyro_elbo_ext compare normal_normal --out out
+	$(PYTHON) -m pyro_elbo_ext compare normal_normal -R 500 --out out
+	$(PYTHON) -m pyro_elbo_ext compare random_attention -R 500 --out out
 
 # the test suite as CI runs it (tests marked `slow` are left out; `make test-all` runs them too)
 test: install

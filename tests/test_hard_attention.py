@@ -409,7 +409,7 @@ def test_cluttered_digits_full_size():
         assert result["accuracy"] > 5 * result["chance"]
 
 
-# ------------------------------------------------------------------------- review fixes
+# ------------------------------------ model-drawn sites: continuous, sequential; reward's scope
 @pytest.mark.parametrize("baseline", [None, "moving_average"])
 def test_continuous_model_drawn_site_is_pathwise_and_unbiased(baseline):
     """l ~ N(0.5, s), y ~ N(l, 1), y = 2: F = -0.5 log 2pi - ((y - 0.5)^2 + s^2) / 2.

@@ -266,12 +266,13 @@ class SiteTreatmentELBO(ELBO):
         if self.jit:
             loss = self._compiled_loss(model, guide)(*args, **kwargs)
         else:
-            call = self._begin(model, guide, args, kwargs, training=True)
-            loss = self._eager_differentiable_loss(call)
+            loss = self._eager_differentiable_loss(model, guide, args, kwargs)
         self.step_count += 1
         return loss
 
-    def _eager_differentiable_loss(self, call: Call) -> torch.Tensor:
+    def _eager_differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
+        """-L_hat with the surrogate's gradient, on the eager path (what ``jit`` compiles)."""
+        call = self._begin(model, guide, args, kwargs, training=True)
         elbo = surrogate = None
         for est in self._estimates(call):
             self._check_finite(est)
@@ -293,9 +294,7 @@ class SiteTreatmentELBO(ELBO):
             weak_self = weakref.ref(self)
 
             def loss_fn(*args, **kwargs):
-                elbo = weak_self()
-                call = elbo._begin(model, guide, args, kwargs, training=True)
-                return elbo._eager_differentiable_loss(call)
+                return weak_self()._eager_differentiable_loss(model, guide, args, kwargs)
 
             compiled = pyro.ops.jit.trace(
                 loss_fn, ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
