@@ -4,7 +4,7 @@ Nothing here runs a model; every function takes arrays of draws (R repetitions a
 
 * :func:`mean_and_se`, :func:`variance_and_se`, :func:`total_variance_and_se` -- moments and
   their standard errors;
-* :func:`signal_to_noise`, :func:`efficiency` -- |mean| / sd and 1 / (variance x seconds);
+* :func:`signal_to_noise`, :func:`efficiency` -- ``|mean| / sd`` and ``1 / (variance x seconds)``;
 * :func:`parameter_statistics` -- one parameter's :class:`~.records.ParameterRecord`;
 * :func:`max_abs_z`, :func:`standardized_bias`, :func:`rounding_floor` -- the worst
   standardized bias and the rounding allowance it uses;
@@ -186,11 +186,11 @@ def rounding_floor(eps: float, *magnitudes: np.ndarray) -> np.ndarray:
 
 
 def max_z_threshold(num_elements: int, num_repeats: int, level: float = 0.99) -> float:
-    r"""The ``level`` quantile of max |bias| / SE over ``num_elements`` elements of an unbiased
+    r"""The ``level`` quantile of ``max |bias| / SE`` over ``num_elements`` elements of an unbiased
     estimator drawn ``num_repeats`` times.
 
     With an exact reference and Gaussian draws, each element's :math:`\bar g / (s/\sqrt R)`
-    follows Student's t with R - 1 degrees of freedom; the largest of P independent |t| stays
+    follows Student's t with R - 1 degrees of freedom; the largest of P independent ``|t|`` stays
     below :math:`t_{R-1}^{-1}\bigl(1 - (1 - \ell^{1/P})/2\bigr)` with probability
     :math:`\ell` (Šidák; conservative for dependent elements).  An estimated reference adds
     its own, much smaller, error to the SE, which only raises the degrees of freedom: the
