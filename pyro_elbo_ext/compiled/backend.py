@@ -18,6 +18,10 @@ import torch
 #: where Inductor's on-disk caches go unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise
 DEFAULT_CACHE_DIR = Path("~/.cache/pyro_elbo_ext/torchinductor").expanduser()
 
+#: the ``torch.compile`` backend; ``None`` runs the traced step uncompiled (the ATen graph as
+#: Python), which tests use to check the trace without paying for Inductor
+BACKEND: str | None = "inductor"
+
 
 def ensure_cache_dir() -> str:
     """The directory of Inductor's on-disk caches, set to :data:`DEFAULT_CACHE_DIR` if unset."""
@@ -45,6 +49,10 @@ def compile_options(device: torch.device, eager_random: bool = False) -> dict:
 
 def compile_step(fn: Callable, device: torch.device, eager_random: bool = False) -> Callable:
     """``torch.compile`` of a traced step: one graph (``fullgraph``), static shapes."""
+    if BACKEND is None:
+        return fn
+    if BACKEND != "inductor":
+        return torch.compile(fn, backend=BACKEND, fullgraph=True, dynamic=False)
     ensure_cache_dir()
     return torch.compile(
         fn, fullgraph=True, dynamic=False, options=compile_options(device, eager_random)

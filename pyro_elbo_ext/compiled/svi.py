@@ -24,6 +24,7 @@ import warnings
 import pyro
 import torch
 from pyro.infer.util import torch_item
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from .backend import compile_step
 from .cache import BoundedCache
@@ -77,35 +78,51 @@ def _check_loss(loss) -> None:
 
 
 class _Step:
-    """One compiled whole step and the tensors it reads and writes."""
+    """One compiled whole step and the tensors it reads and writes.
+
+    The step (loss graph and every parameter's update) is traced once more
+    into a single ATen graph on copies of the parameters and state, and that graph is compiled:
+    each step then has its own code object (``torch.compile`` caches per code object, so one
+    shared Python function would run into its recompile limit after a few structures).
+    """
 
     def __init__(self, traced: TracedLossGrad, optimizers: list[ParamOptimizer],
-                 states: list[dict], device: torch.device):
+                 states: list[dict], data: list[torch.Tensor], device: torch.device):
         self.traced = traced
-        self.optimizers = optimizers
-        self.states = states
-        self.keys = [sorted(s) for s in states]
-        self.compiled = compile_step(self._step, device)
+        self.keys = [sorted(state) for state in states]
+        # detached aliases (the same storage) of the parameters and state, written in place
+        self.inputs = [t.detach() for t in traced.params] + [
+            state[k].detach() for state, keys in zip(states, self.keys) for k in keys]
+        n, keys = len(traced.params), self.keys
+        guarded = traced.guarded
 
-    def _step(self, params, states, data):
-        traced = self.traced
-        outputs = traced.graph(*params, *data)
-        n = len(params)
-        grads = outputs[1: 1 + n]
-        ok = outputs[-1] if traced.guarded else None
-        for p, g, opt, state in zip(params, grads, self.optimizers, states):
-            new_p, new_state = opt.update(p, g, state)
-            if ok is not None:
-                new_p = torch.where(ok, new_p, p)
-            p.copy_(new_p)
-            for key, value in state.items():
-                new = new_state[key]
-                value.copy_(torch.where(ok, new, value) if ok is not None else new)
-        return outputs[0], (ok if ok is not None else outputs[0].new_ones((), dtype=torch.bool))
+        def whole_step(*flat):
+            params, rest = flat[:n], flat[n:]
+            outputs = traced.graph(*params, *rest[len(rest) - len(data):])
+            ok = outputs[-1] if guarded else None
+            new_params, new_states, position = [], [], n
+            for p, g, opt, names in zip(params, outputs[1: 1 + n], optimizers, keys):
+                state = dict(zip(names, flat[position: position + len(names)]))
+                position += len(names)
+                new_p, new_state = opt.update(p, g, state)
+                new_params.append(new_p if ok is None else torch.where(ok, new_p, p))
+                new_states.extend(new_state[k] if ok is None else
+                                  torch.where(ok, new_state[k], state[k]) for k in names)
+            flag = ok if ok is not None else torch.ones((), dtype=torch.bool)
+            return (outputs[0], flag, *new_params, *new_states)
+
+        copies = [t.detach().clone() for t in self.inputs]
+        with torch.no_grad(), pyro.validation_enabled(False):
+            graph = make_fx(whole_step, tracing_mode="real")(*copies, *data)
+        self.compiled = compile_step(graph, device)
 
     def __call__(self, data):
         with torch.no_grad():
-            return self.compiled(self.traced.params, self.states, data)
+            loss, ok, *new = self.compiled(*self.inputs, *data)
+            # the new values are written back here, not inside the graph: AOTAutograd dropped
+            # the graph's in-place writes to float64 inputs (torch 2.13)
+            torch._foreach_copy_(self.inputs, new)
+        return loss, ok
 
 
 class CompiledSVI:
@@ -227,7 +244,7 @@ class CompiledSVI:
         traced = trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data)
         states = [self._state_for(n, p) for n, p in zip(traced.names, traced.params)]
         optimizers = [self._optimizers[n] for n in traced.names]
-        return _Step(traced, optimizers, states, device_of(traced.params + data))
+        return _Step(traced, optimizers, states, data, device_of(traced.params + data))
 
     def _count_retrace(self, traced: TracedLossGrad) -> None:
         self.retraces += 1
