@@ -47,6 +47,17 @@ def compile_options(device: torch.device, eager_random: bool = False) -> dict:
     return options
 
 
+def warm_up(compiled: Callable, *inputs) -> None:
+    """Compile now by calling ``compiled`` once on ``inputs``, with torch's random state saved
+    and restored around it: whether compilation consumes random numbers depends on what it
+    finds in its caches, and it must not shift the trajectory of a seeded run.  ``compiled``
+    must not write into its inputs."""
+    devices = sorted({t.device.index or 0 for t in inputs
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        compiled(*inputs)
+
+
 def compile_step(fn: Callable, device: torch.device, eager_random: bool = False) -> Callable:
     """``torch.compile`` of a traced step: one graph (``fullgraph``), static shapes."""
     if BACKEND is None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pyro
 import torch
 
-from .backend import compile_step
+from .backend import compile_step, warm_up
 from .cache import BoundedCache, callable_key
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
 
@@ -104,8 +104,9 @@ class CompiledLoss:
                 return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
             self._count_retrace(entry.traced)
         traced = self._trace(args, kwargs, data)
-        self.graphs.insert(key, GraphEntry(traced, compile_step(
-            traced.graph, device_of(traced.params + data), self.eager_random)))
+        compiled = compile_step(traced.graph, device_of(traced.params + data), self.eager_random)
+        warm_up(compiled, *traced.params, *data)
+        self.graphs.insert(key, GraphEntry(traced, compiled))
         params, outputs = traced.params, traced.outputs
         return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
 

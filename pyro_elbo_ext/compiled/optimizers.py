@@ -281,6 +281,19 @@ class ParamOptimizer:
         return self.optimizer.update(param, grad, state)
 
 
+def check_supported(optim) -> type[FunctionalOptimizer]:
+    """The functional optimizer class mirroring ``optim``, or a TypeError listing
+    :data:`SUPPORTED`."""
+    kind = _BY_CONSTRUCTOR.get(getattr(optim, "pt_optim_constructor", None))
+    if not isinstance(optim, PyroOptim) or kind is None:
+        what = getattr(optim, "pt_optim_constructor", type(optim))
+        raise TypeError(
+            f"CompiledSVI cannot compile the optimizer {getattr(what, '__name__', what)}; "
+            f"supported: {SUPPORTED}. Use pyro.infer.SVI for other optimizers"
+        )
+    return kind
+
+
 def functional_optimizer(optim, param: torch.Tensor, saved: dict | None = None) -> ParamOptimizer:
     """The functional mirror of ``optim`` (a :class:`pyro.optim.PyroOptim`) for one parameter.
 
@@ -294,13 +307,7 @@ def functional_optimizer(optim, param: torch.Tensor, saved: dict | None = None) 
     TypeError
         For any other optimizer, listing :data:`SUPPORTED`.
     """
-    kind = _BY_CONSTRUCTOR.get(getattr(optim, "pt_optim_constructor", None))
-    if not isinstance(optim, PyroOptim) or kind is None:
-        what = getattr(optim, "pt_optim_constructor", type(optim))
-        raise TypeError(
-            f"CompiledSVI cannot compile the optimizer {getattr(what, '__name__', what)}; "
-            f"supported: {SUPPORTED}. Use pyro.infer.SVI for other optimizers"
-        )
+    kind = check_supported(optim)
     args = dict(optim._get_optim_args(param))
     clip = optim._get_grad_clip_args(param) or {}
     unknown = set(clip) - {"clip_norm", "clip_value"}
@@ -316,4 +323,4 @@ def functional_optimizer(optim, param: torch.Tensor, saved: dict | None = None) 
 
 
 __all__ = ["SUPPORTED", "ClippedAdam", "Adam", "SGD", "RMSprop", "FunctionalOptimizer",
-           "ParamOptimizer", "clip_gradient", "functional_optimizer"]
+           "ParamOptimizer", "check_supported", "clip_gradient", "functional_optimizer"]

@@ -26,10 +26,10 @@ import torch
 from pyro.infer.util import torch_item
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .backend import compile_step
+from .backend import compile_step, warm_up
 from .cache import BoundedCache
 from .jit import MAX_GRAPHS, MAX_RETRACES, device_of, eager_loss_fn
-from .optimizers import ParamOptimizer, functional_optimizer
+from .optimizers import ParamOptimizer, check_supported, functional_optimizer
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
 
 _GRAPHS_MESSAGE = (
@@ -58,14 +58,12 @@ def learning_signal_refusal(loss) -> str | None:
 
 
 def _check_loss(loss) -> None:
-    from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-
-    ours = hasattr(loss, "_eager_differentiable_loss")
-    if not ours and type(loss) not in (Trace_ELBO, TraceMeanField_ELBO):
+    if not hasattr(loss, "_eager_differentiable_loss"):
         raise TypeError(
-            f"CompiledSVI compiles the losses of pyro_elbo_ext (JensenELBO, AnalyticKLELBO, "
-            f"HardAttentionELBO) and Pyro's Trace_ELBO / TraceMeanField_ELBO; got "
-            f"{type(loss).__name__}: use pyro.infer.SVI for it"
+            "CompiledSVI compiles the losses of pyro_elbo_ext (JensenELBO, AnalyticKLELBO, "
+            f"HardAttentionELBO); got {type(loss).__name__}: use pyro.infer.SVI for it (Pyro's "
+            "Trace_ELBO reads its surrogate's value into Python with .item(), which a graph "
+            "would freeze; JensenELBO(entropy='sampled') estimates the same L)"
         )
     reason = learning_signal_refusal(loss)
     if reason is not None:
@@ -115,6 +113,7 @@ class _Step:
         with torch.no_grad(), pyro.validation_enabled(False):
             graph = make_fx(whole_step, tracing_mode="real")(*copies, *data)
         self.compiled = compile_step(graph, device)
+        warm_up(self.compiled, *self.inputs, *data)
 
     def __call__(self, data):
         with torch.no_grad():
@@ -143,9 +142,9 @@ class CompiledSVI:
         :class:`~pyro_elbo_ext.GroupedOptim` over one of them, with ``clip_args``; anything
         else is refused with the list.  Its state (e.g. after ``optim.set_state`` or steps of
         :class:`pyro.infer.SVI`) is taken over on the first step.
-    loss : ELBO
-        A loss of this package (stateless settings: see :func:`learning_signal_refusal`) or
-        Pyro's ``Trace_ELBO`` / ``TraceMeanField_ELBO``.  Its ``jit`` flag is ignored.
+    loss : SiteTreatmentELBO
+        A loss of this package, in a stateless setting (see :func:`learning_signal_refusal`).
+        Its ``jit`` flag is ignored.
 
     Notes
     -----
@@ -160,7 +159,7 @@ class CompiledSVI:
 
     def __init__(self, model, guide, optim, loss):
         _check_loss(loss)
-        functional_optimizer(optim, torch.zeros(()))  # refuse an unsupported optimizer now
+        check_supported(optim)
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self._loss_fn = eager_loss_fn(loss)
         self._steps = BoundedCache(MAX_GRAPHS, _GRAPHS_MESSAGE)
