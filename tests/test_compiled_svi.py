@@ -318,3 +318,10 @@ def test_a_tensor_requiring_grad_outside_the_param_store_is_refused(traced_only)
     svi = CompiledSVI(model, empty_guide, pyro.optim.Adam({"lr": 0.1}), JensenELBO())
     with pytest.raises(RuntimeError, match="not in Pyro's param store"):
         svi.step(torch.randn(4))
+
+
+def test_an_argument_that_requires_grad_is_refused(traced_only):
+    svi = CompiledSVI(_normal_model, AutoNormal(_normal_model), pyro.optim.Adam({"lr": 0.1}),
+                      JensenELBO())
+    with pytest.raises(ValueError, match="argument tensor of shape \\(4,\\) requires grad"):
+        svi.step(torch.randn(4, requires_grad=True))

@@ -47,19 +47,26 @@ def compile_options(device: torch.device, eager_random: bool = False) -> dict:
     return options
 
 
-def warm_up(compiled: Callable, *inputs) -> None:
+def warm_up(compiled: Callable, *inputs, grad_enabled: bool = False) -> None:
     """Compile now by calling ``compiled`` once on ``inputs``, with torch's random state saved
     and restored around it: whether compilation consumes random numbers depends on what it
     finds in its caches, and it must not shift the trajectory of a seeded run.  ``compiled``
-    must not write into its inputs."""
+    must not write into its inputs.  ``grad_enabled`` is the grad mode of the calls to come
+    (``torch.compile`` guards on it)."""
     devices = sorted({t.device.index or 0 for t in inputs
                       if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(grad_enabled):
         compiled(*inputs)
 
 
 def compile_step(fn: Callable, device: torch.device, eager_random: bool = False) -> Callable:
-    """``torch.compile`` of a traced step: one graph (``fullgraph``), static shapes."""
+    """``torch.compile`` of a traced step: one graph (``fullgraph``), static shapes.
+
+    A :class:`torch.fx.GraphModule` is compiled through its ``forward`` (a plain function
+    call at run time, without ``nn.Module.__call__``'s hook handling on every step).
+    """
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.forward
     if BACKEND is None:
         return fn
     if BACKEND != "inductor":

@@ -113,14 +113,15 @@ class _Step:
         with torch.no_grad(), pyro.validation_enabled(False):
             graph = make_fx(whole_step, tracing_mode="real")(*copies, *data)
         self.compiled = compile_step(graph, device)
-        warm_up(self.compiled, *self.inputs, *data)
+        warm_up(self.compiled, *self.inputs, *data, grad_enabled=True)
 
     def __call__(self, data):
-        with torch.no_grad():
-            loss, ok, *new = self.compiled(*self.inputs, *data)
-            # the new values are written back here, not inside the graph: AOTAutograd dropped
-            # the graph's in-place writes to float64 inputs (torch 2.13)
-            torch._foreach_copy_(self.inputs, new)
+        # no autograd here: the inputs are detached aliases (and the data is the user's; a
+        # data tensor that requires grad is refused when tracing)
+        loss, ok, *new = self.compiled(*self.inputs, *data)
+        # the new values are written back here, not inside the graph: AOTAutograd dropped
+        # the graph's in-place writes to float64 inputs (torch 2.13)
+        torch._foreach_copy_(self.inputs, new)
         return loss, ok
 
 

@@ -161,7 +161,11 @@ class TracedLossGrad:
 
     def params_current(self, store_params: dict) -> bool:
         """Whether the param store still holds the traced parameter tensors."""
-        return all(store_params.get(n) is p for n, p in zip(self.names, self.params))
+        get = store_params.get
+        for name, param in zip(self.names, self.params):
+            if get(name) is not param:
+                return False
+        return True
 
 
 def discover_params(loss_fn) -> tuple[list[str], list[torch.Tensor]]:
@@ -194,10 +198,19 @@ def trace_loss_and_grad(loss_fn, data: list[torch.Tensor]) -> TracedLossGrad:
 
     Raises
     ------
+    ValueError
+        If a tensor in ``data`` requires grad (its gradient would be dropped).
     RuntimeError
         If the loss reads a tensor that requires grad but is not in Pyro's param store (it
         would be frozen into the graph as a constant).
     """
+    for tensor in data:
+        if tensor.requires_grad:
+            raise ValueError(
+                f"an argument tensor of shape {tuple(tensor.shape)} requires grad: a compiled "
+                "loss gives gradients for Pyro's parameters only; pass it detached, or make it "
+                "a pyro.param, or use jit=False / pyro.infer.SVI"
+            )
     names, params = discover_params(loss_fn)
     recorder = _RecordScalarReads()
     outputs: list = []
