@@ -72,6 +72,7 @@ def compile_step(fn: Callable, device: torch.device, eager_random: bool = False)
     if BACKEND != "inductor":
         return torch.compile(fn, backend=BACKEND, fullgraph=True, dynamic=False)
     ensure_cache_dir()
-    return torch.compile(
-        fn, fullgraph=True, dynamic=False, options=compile_options(device, eager_random)
-    )
+    options = compile_options(device, eager_random)
+    if not options:  # options, even empty, patch Inductor's config around every call
+        return torch.compile(fn, fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)

@@ -64,3 +64,29 @@ def callable_key(*fns) -> tuple:
         except TypeError:
             key.append(("id", id(fn)))
     return tuple(key)
+
+
+def count_retrace(count: int, limit: int, who: str, where: str, fallback: str,
+                  stacklevel: int) -> int:
+    """Account for one retrace forced by a changed tensor read; returns the new count.
+
+    Warns naming ``where`` (the lines whose reads changed) while ``count`` stays within
+    ``limit``; beyond it raises a RuntimeError that says what to change (``fallback``: the
+    eager alternative to name).
+    """
+    count += 1
+    if count > limit:
+        raise RuntimeError(
+            f"{who}: the model or guide reads tensor values into Python ({where}) and they "
+            f"changed {count} times, so the compiled graph keeps going stale. Make that "
+            "control flow independent of tensor values (e.g. torch.where), pass the deciding "
+            f"value as a non-tensor argument, or use {fallback}"
+        )
+    warnings.warn(
+        f"{who}: a tensor value read into Python at {where} changed since the graph was "
+        f"traced; the stale result was not used, retracing and recompiling ({count} of at "
+        f"most {limit})",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return count

@@ -15,7 +15,6 @@ reads (see :mod:`pyro_elbo_ext.compiled.trace`) before an error says what to cha
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import pyro
 import torch
 
 from .backend import compile_step, warm_up
-from .cache import BoundedCache, callable_key
+from .cache import BoundedCache, callable_key, count_retrace
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
 
 MAX_PAIRS = 8
@@ -100,6 +99,8 @@ class CompiledLoss:
             params = entry.traced.params
             with torch.no_grad():
                 outputs = entry.compiled(*params, *data)
+            if outputs[0].is_cuda:  # a CUDA graph reuses its output buffers on the next call
+                outputs = [o.clone() for o in outputs]
             if not entry.traced.guarded or bool(outputs[-1]):
                 return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
             self._count_retrace(entry.traced)
@@ -115,23 +116,9 @@ class CompiledLoss:
         return trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data)
 
     def _count_retrace(self, traced: TracedLossGrad) -> None:
-        self.retraces += 1
-        where = traced.where_read()
-        if self.retraces > MAX_RETRACES:
-            raise RuntimeError(
-                f"compiled loss: the model or guide reads tensor values into Python ({where}) "
-                f"and they changed {self.retraces} times, so the compiled graph keeps going "
-                "stale. Make that control flow independent of tensor values (e.g. torch.where, "
-                "or pass the deciding value as a non-tensor argument), or use jit=False / "
-                "pyro.infer.SVI"
-            )
-        warnings.warn(
-            f"compiled loss: a tensor value read into Python at {where} changed since the "
-            f"graph was traced; retracing and recompiling ({self.retraces} of at most "
-            f"{MAX_RETRACES})",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        self.retraces = count_retrace(self.retraces, MAX_RETRACES, "compiled loss",
+                                      traced.where_read(), "jit=False / pyro.infer.SVI",
+                                      stacklevel=4)
 
 
 def compiled_loss_for(loss, model, guide) -> CompiledLoss:

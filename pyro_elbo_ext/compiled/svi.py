@@ -19,7 +19,6 @@ retaken, with a warning.
 from __future__ import annotations
 
 import time
-import warnings
 
 import pyro
 import torch
@@ -27,7 +26,7 @@ from pyro.infer.util import torch_item
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .backend import compile_step, warm_up
-from .cache import BoundedCache
+from .cache import BoundedCache, count_retrace
 from .jit import MAX_GRAPHS, MAX_RETRACES, device_of, eager_loss_fn
 from .optimizers import ParamOptimizer, check_supported, functional_optimizer
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
@@ -156,6 +155,10 @@ class CompiledSVI:
     state outside tensors (a global flag the model reads) is invisible to the graph.
     Checkpoints: :meth:`get_state` / :meth:`set_state` use :meth:`pyro.optim.PyroOptim.get_state`'s
     format, so ``svi.optim.set_state(compiled.get_state())`` continues under ``SVI``.
+
+    On CUDA the step runs as a CUDA graph (Inductor's ``triton.cudagraphs``, what
+    ``mode="reduce-overhead"`` sets); that path has not been run on a GPU yet (no device was
+    available when it was written): only the CPU path is tested.
     """
 
     def __init__(self, model, guide, optim, loss):
@@ -247,22 +250,8 @@ class CompiledSVI:
         return _Step(traced, optimizers, states, data, device_of(traced.params + data))
 
     def _count_retrace(self, traced: TracedLossGrad) -> None:
-        self.retraces += 1
-        where = traced.where_read()
-        if self.retraces > MAX_RETRACES:
-            raise RuntimeError(
-                f"CompiledSVI: the model or guide reads tensor values into Python ({where}) "
-                f"and they changed {self.retraces} times, so the compiled step keeps going "
-                "stale. Make that control flow independent of tensor values (torch.where), "
-                "pass the deciding value as a non-tensor argument, or use pyro.infer.SVI"
-            )
-        warnings.warn(
-            f"CompiledSVI: a tensor value read into Python at {where} changed since the step "
-            f"was compiled; the step was not applied and is retraced and recompiled "
-            f"({self.retraces} of at most {MAX_RETRACES})",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        self.retraces = count_retrace(self.retraces, MAX_RETRACES, "CompiledSVI",
+                                      traced.where_read(), "pyro.infer.SVI", stacklevel=3)
 
 
 __all__ = ["CompiledSVI", "learning_signal_refusal"]
