@@ -163,7 +163,6 @@ def test_hard_attention_refuses_to_compile_state_that_learns(options, match):
 # ---------------------------------------------------------------- Inductor (two compilations)
 def test_inductor_loss_and_gradient_are_unbiased():
     """Inductor's own random numbers: the compiled L and dL average to the closed forms."""
-    torch._dynamo.reset()
     problem = get_problem("normal_normal", dtype=torch.float64)
     problem.set_params()
     elbo = JensenELBO(jit=True)
@@ -183,7 +182,6 @@ def test_inductor_loss_and_gradient_are_unbiased():
 def test_inductor_with_eager_random_equals_eager():
     """With Inductor's fallback_random the compiled graph draws torch's numbers: draw for draw
     equal to the eager loss."""
-    torch._dynamo.reset()
     problem = get_problem("logistic_regression", dtype=torch.float64)
     problem.set_params()
     model, guide = problem.model, problem.guide

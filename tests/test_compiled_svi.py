@@ -39,13 +39,6 @@ def traced_only(monkeypatch):
     monkeypatch.setattr(backend, "BACKEND", None)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _map_model(data):
     """No latent sites: the loss is deterministic, so trajectories can be compared exactly."""
     loc = pyro.param("loc", torch.tensor([0.5, -0.3], dtype=data.dtype))
@@ -99,7 +92,7 @@ def test_trajectory_equals_svi(traced_only, optimizer, dtype):
     assert losses[0] != losses[-1]  # the parameters moved
 
 
-def test_inductor_trajectory_equals_svi(fresh_dynamo):
+def test_inductor_trajectory_equals_svi():
     """The whole step compiled by Inductor takes SVI's steps (ClippedAdam with a decaying lr)."""
     data = _data()
     _, expected, _ = _run(SVI, OPTIMIZERS["clipped-adam-lrd"], 15, data)
@@ -142,7 +135,7 @@ def test_compiled_svi_takes_over_the_optimizers_state(traced_only):
         torch.testing.assert_close(_params()[name], value, rtol=1e-11, atol=1e-12)
 
 
-def test_inductor_step_is_unbiased(fresh_dynamo):
+def test_inductor_step_is_unbiased():
     """Inductor's own random numbers: L and every element of dL, recovered from a tiny SGD
     step, average to their closed forms within K_SE standard errors."""
     problem = get_problem("normal_normal", dtype=torch.float64)
@@ -169,7 +162,7 @@ def test_inductor_step_is_unbiased(fresh_dynamo):
     assert values.std() > 0  # fresh noise on every step
 
 
-def test_inductor_converges_and_same_seed_same_trajectory(fresh_dynamo):
+def test_inductor_converges_and_same_seed_same_trajectory():
     problem = get_problem("normal_normal", dtype=torch.float64)
     problem.set_params()
     optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.999})

@@ -1,4 +1,4 @@
-"""How a traced step is handed to ``torch.compile``: one graph, no recompiles, a persistent cache.
+"""How a traced step is compiled: Inductor on the ATen graph, and a persistent cache.
 
 Inductor keeps compiled graphs on disk (its FX graph cache and AOTAutograd cache, both on by
 default in torch 2.13), so a second process that compiles the same graph loads it in a fraction
@@ -18,8 +18,9 @@ import torch
 #: where Inductor's on-disk caches go unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise
 DEFAULT_CACHE_DIR = Path("~/.cache/pyro_elbo_ext/torchinductor").expanduser()
 
-#: the ``torch.compile`` backend; ``None`` runs the traced step uncompiled (the ATen graph as
-#: Python), which tests use to check the trace without paying for Inductor
+#: ``"inductor"``; ``None`` runs the traced step uncompiled (the ATen graph as Python), which
+#: tests use to check the trace without paying for Inductor; any other ``torch.compile``
+#: backend name (e.g. ``"aot_eager"``) compiles through Dynamo with that backend
 BACKEND: str | None = "inductor"
 
 
@@ -47,32 +48,25 @@ def compile_options(device: torch.device, eager_random: bool = False) -> dict:
     return options
 
 
-def warm_up(compiled: Callable, *inputs, grad_enabled: bool = False) -> None:
-    """Compile now by calling ``compiled`` once on ``inputs``, with torch's random state saved
-    and restored around it: whether compilation consumes random numbers depends on what it
-    finds in its caches, and it must not shift the trajectory of a seeded run.  ``compiled``
-    must not write into its inputs.  ``grad_enabled`` is the grad mode of the calls to come
-    (``torch.compile`` guards on it)."""
-    devices = sorted({t.device.index or 0 for t in inputs
-                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(grad_enabled):
-        compiled(*inputs)
+def compile_step(graph: torch.fx.GraphModule, example_inputs: list, device: torch.device,
+                 eager_random: bool = False) -> Callable:
+    """Compile a traced step (an ATen graph) for inputs like ``example_inputs``.
 
-
-def compile_step(fn: Callable, device: torch.device, eager_random: bool = False) -> Callable:
-    """``torch.compile`` of a traced step: one graph (``fullgraph``), static shapes.
-
-    A :class:`torch.fx.GraphModule` is compiled through its ``forward`` (a plain function
-    call at run time, without ``nn.Module.__call__``'s hook handling on every step).
+    Inductor compiles the graph directly (``compile_fx``, what ``torch.compile`` calls after
+    Dynamo): the graph is already a flat ATen trace, and the callers key their graphs on shapes,
+    dtypes and parameters themselves, so Dynamo's bytecode tracing and its per-call guards
+    (about half the cost of a small step) are not needed.  Compilation happens here, with
+    torch's random state saved and restored around it and gradients off (the graph computes
+    its own gradients).
     """
-    if isinstance(fn, torch.nn.Module):
-        fn = fn.forward
     if BACKEND is None:
-        return fn
+        return graph
     if BACKEND != "inductor":
-        return torch.compile(fn, backend=BACKEND, fullgraph=True, dynamic=False)
+        return torch.compile(graph.forward, backend=BACKEND, fullgraph=True, dynamic=False)
     ensure_cache_dir()
-    options = compile_options(device, eager_random)
-    if not options:  # options, even empty, patch Inductor's config around every call
-        return torch.compile(fn, fullgraph=True, dynamic=False)
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+    from torch._inductor.compile_fx import compile_fx
+
+    devices = sorted({t.device.index or 0 for t in example_inputs if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        return compile_fx(graph, list(example_inputs),
+                          config_patches=compile_options(device, eager_random))

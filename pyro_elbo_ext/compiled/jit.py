@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pyro
 import torch
 
-from .backend import compile_step, warm_up
+from .backend import compile_step
 from .cache import BoundedCache, callable_key, count_retrace
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
 
@@ -105,8 +105,8 @@ class CompiledLoss:
                 return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
             self._count_retrace(entry.traced)
         traced = self._trace(args, kwargs, data)
-        compiled = compile_step(traced.graph, device_of(traced.params + data), self.eager_random)
-        warm_up(compiled, *traced.params, *data)
+        compiled = compile_step(traced.graph, traced.params + data,
+                                device_of(traced.params + data), self.eager_random)
         self.graphs.insert(key, GraphEntry(traced, compiled))
         params, outputs = traced.params, traced.outputs
         return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)

@@ -25,7 +25,7 @@ import torch
 from pyro.infer.util import torch_item
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .backend import compile_step, warm_up
+from .backend import compile_step
 from .cache import BoundedCache, count_retrace
 from .jit import MAX_GRAPHS, MAX_RETRACES, device_of, eager_loss_fn
 from .optimizers import ParamOptimizer, check_supported, functional_optimizer
@@ -77,10 +77,8 @@ def _check_loss(loss) -> None:
 class _Step:
     """One compiled whole step and the tensors it reads and writes.
 
-    The step (loss graph and every parameter's update) is traced once more
-    into a single ATen graph on copies of the parameters and state, and that graph is compiled:
-    each step then has its own code object (``torch.compile`` caches per code object, so one
-    shared Python function would run into its recompile limit after a few structures).
+    The step (loss graph and every parameter's update) is traced once more into a single
+    ATen graph, on copies of the parameters and state, and that graph is compiled.
     """
 
     def __init__(self, traced: TracedLossGrad, optimizers: list[ParamOptimizer],
@@ -111,8 +109,7 @@ class _Step:
         copies = [t.detach().clone() for t in self.inputs]
         with torch.no_grad(), pyro.validation_enabled(False):
             graph = make_fx(whole_step, tracing_mode="real")(*copies, *data)
-        self.compiled = compile_step(graph, device)
-        warm_up(self.compiled, *self.inputs, *data, grad_enabled=True)
+        self.compiled = compile_step(graph, self.inputs + list(data), device)
 
     def __call__(self, data):
         # no autograd here: the inputs are detached aliases (and the data is the user's; a
