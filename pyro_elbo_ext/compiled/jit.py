@@ -1,4 +1,4 @@
-"""``jit=True``: a loss's value and gradient from one compiled graph (torch.compile).
+"""``jit=True``: a loss's value and gradient from one compiled graph (Inductor).
 
 :meth:`SiteTreatmentELBO.differentiable_loss <pyro_elbo_ext.SiteTreatmentELBO.differentiable_loss>`
 with ``jit=True`` calls :func:`compiled_loss_for`.  The returned loss tensor carries the

@@ -5,9 +5,10 @@ Per structure key (see :mod:`pyro_elbo_ext.compiled.trace`) the step is built on
 1. an eager run of the loss finds (and creates, and under validation checks) the parameters;
 2. :func:`~pyro_elbo_ext.compiled.trace.trace_loss_and_grad` traces loss and gradient through
    Pyro's handlers into an ATen graph, parameters and data as inputs;
-3. one function runs that graph, the functional optimizer of every parameter
-   (:mod:`pyro_elbo_ext.compiled.optimizers`) and writes the new parameters and optimizer
-   state into their tensors in place; ``torch.compile`` (Inductor) compiles it whole.
+3. one function runs that graph and the functional optimizer of every parameter
+   (:mod:`pyro_elbo_ext.compiled.optimizers`), returning the new parameters and optimizer
+   state; it is traced into one ATen graph and Inductor compiles it whole.  The new values
+   are copied into the parameters' and state's own tensors (one ``torch._foreach_copy_``).
 
 The parameters are the param store's own tensors, updated in place on every step, so
 ``pyro.param``, ``guide.median()``, ``Predictive`` and ``pyro.get_param_store().get_state()``
@@ -127,8 +128,9 @@ class CompiledSVI:
     The interface of :class:`pyro.infer.SVI`: ``step(*args, **kwargs)`` takes one step and
     returns the loss estimate (a float) before it, ``evaluate_loss`` estimates the loss
     without a step (eager).  The loss, its gradient and the optimizer's update run as one
-    graph (``torch.compile``/Inductor, CUDA graphs on a GPU), built on the first step for each
-    argument structure (a few seconds; Inductor's on-disk cache makes later processes faster).
+    graph (Inductor, torch.compile's compiler; CUDA graphs on a GPU), built on the first step
+    for each argument structure (seconds; Inductor's on-disk cache makes later processes
+    faster).
 
     Parameters
     ----------

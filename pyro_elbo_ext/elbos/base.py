@@ -48,7 +48,7 @@ class SiteTreatmentELBO(ELBO):
         Number of samples per estimate (>= 1).
     jit : bool
         Compute :meth:`differentiable_loss` (and so :meth:`loss_and_grads`) with one compiled
-        graph of the loss and its gradient, parameters as explicit inputs (``torch.compile``;
+        graph of the loss and its gradient, parameters as explicit inputs (Inductor;
         see :mod:`pyro_elbo_ext.compiled`).  One graph per (model, guide, argument structure):
         shapes, dtypes and non-tensor arguments are baked in (a new one compiles anew, in a
         bounded cache); Python control flow on tensor values is guarded and retraced when the
