@@ -4,7 +4,8 @@ Inductor keeps compiled graphs on disk (its FX graph cache and AOTAutograd cache
 default in torch 2.13), so a second process that compiles the same graph loads it in a fraction
 of the first compile's time.  Inductor's default cache directory lies under the system's
 temporary directory; unless ``TORCHINDUCTOR_CACHE_DIR`` is set, :func:`compile_step` points it at
-``~/.cache/pyro_elbo_ext/torchinductor`` (which survives a reboot) the first time it compiles.
+``~/.cache/pyro_elbo_ext/torchinductor`` (which survives a reboot) before the first trace
+(importing ``make_fx`` makes Inductor fix its directory).
 """
 
 from __future__ import annotations

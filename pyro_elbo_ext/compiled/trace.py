@@ -38,6 +38,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
+from .backend import ensure_cache_dir
+
 _aten = torch.ops.aten
 _LIBRARY_DIRS = tuple(
     os.path.dirname(module.__file__) + os.sep for module in (torch, pyro)
@@ -211,6 +213,7 @@ def trace_loss_and_grad(loss_fn, data: list[torch.Tensor]) -> TracedLossGrad:
                 "loss gives gradients for Pyro's parameters only; pass it detached, or make it "
                 "a pyro.param, or use jit=False / pyro.infer.SVI"
             )
+    ensure_cache_dir()  # before make_fx, whose imports fix Inductor's cache directory
     names, params = discover_params(loss_fn)
     recorder = _RecordScalarReads()
     outputs: list = []
