@@ -231,3 +231,14 @@ def test_bound_methods_of_one_object_share_one_entry(traced_only):
     for _ in range(3):
         elbo.loss_and_grads(holder.model, empty_guide, torch.randn(4))
     assert len(elbo._compiled) == 1
+
+
+def test_the_compiled_gradient_refuses_a_second_derivative(traced_only):
+    problem = get_problem("normal_normal", dtype=torch.float64)
+    problem.set_params()
+    elbo = JensenELBO(jit=True)
+    leaves = list(problem.unconstrained_params().values())
+    loss = elbo.differentiable_loss(problem.model, problem.guide, *problem.args)
+    (grad,) = torch.autograd.grad(loss, leaves[:1], create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        torch.autograd.grad(grad, leaves[:1])

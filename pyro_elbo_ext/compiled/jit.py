@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pyro
 import torch
+from torch.autograd.function import once_differentiable
 
 from .backend import compile_step
 from .cache import BoundedCache, callable_key, count_retrace
@@ -74,6 +75,7 @@ class _LossWithGradient(torch.autograd.Function):
         return value.detach()
 
     @staticmethod
+    @once_differentiable  # the gradient is a constant here: refuse to differentiate it again
     def backward(ctx, grad_output):
         return (None,) + tuple(grad_output * g for g in ctx.grads)
 

@@ -45,7 +45,13 @@ def learning_signal_refusal(loss) -> str | None:
 
     Losses whose learning signal carries state from step to step (a moving-average or learned
     baseline, a reward normalizer, a KL-weight schedule's step counter) need that state to
-    enter and leave the graph as tensors, which waits for the engine's explicit-state hook.
+    enter and leave the graph as tensors, which waits for the engine's explicit-state hook:
+    the state as a dict of tensors, and a pure forward ``(model, guide, args, kwargs, state)
+    -> (loss, new_state)`` that reads the state only from its argument and returns the
+    updated tensors (no in-place update, no optimizer step inside; a per-step number such as
+    the KL weight at this step enters as a 0-dim tensor computed in Python).  The step would
+    then take the state among its inputs and write ``new_state`` back as it does the
+    optimizer's state (:class:`_Step`).
     """
     baseline = getattr(loss, "baseline", None)
     if isinstance(baseline, str) and baseline in ("moving_average", "learned"):
