@@ -60,7 +60,8 @@ class ProblemSpec:
         ``floor(problem, estimator, num_particles) -> loss_fn, leaves`` with
         ``loss_fn() -> Tensor`` the hand-written negative surrogate.
     numpyro : callable or None
-        ``numpyro(problem, num_particles) -> step`` (NumPyro's jitted SVI update), or None.
+        ``numpyro(problem, num_particles, run=False) -> step`` (NumPyro's jitted SVI update;
+        with ``run=True`` its ``SVI.run`` loop), or None.
     description : str
         One line for the table.
     """
@@ -190,7 +191,7 @@ def _attention_floor(problem, estimator: str, num_particles: int):
     return loss_fn, params
 
 
-def _numpyro_normal_normal(problem, num_particles: int):
+def _numpyro_normal_normal(problem, num_particles: int, run: bool = False):
     jax, jnp, numpyro, ndist = _numpyro()
     x = jnp.asarray(problem.args[0].numpy())
     sub = problem.notes.get("subsample_size")
@@ -206,10 +207,10 @@ def _numpyro_normal_normal(problem, num_particles: int):
         scale = numpyro.param("scale", 0.5, constraint=ndist.constraints.positive)
         numpyro.sample("z", ndist.Normal(loc, scale))
 
-    return _numpyro_step(model, guide, (x,), num_particles)
+    return _numpyro_step(model, guide, (x,), num_particles, run)
 
 
-def _numpyro_logistic(problem, num_particles: int):
+def _numpyro_logistic(problem, num_particles: int, run: bool = False):
     jax, jnp, numpyro, ndist = _numpyro()
     xs = jnp.asarray(problem.args[0].numpy())
     ys = jnp.asarray(problem.args[1].numpy())
@@ -228,7 +229,7 @@ def _numpyro_logistic(problem, num_particles: int):
         scale = numpyro.param("w_scale", jnp.full(d, 0.5), constraint=ndist.constraints.positive)
         numpyro.sample("w", ndist.Normal(loc, scale).to_event(1))
 
-    return _numpyro_step(model, guide, (xs, ys), num_particles)
+    return _numpyro_step(model, guide, (xs, ys), num_particles, run)
 
 
 def _numpyro():
@@ -241,11 +242,17 @@ def _numpyro():
     return jax, jnp, numpyro, ndist
 
 
-def _numpyro_step(model, guide, args, num_particles: int) -> StepFn:
+def _numpyro_step(model, guide, args, num_particles: int, run: bool = False) -> StepFn:
+    """NumPyro's jitted ``SVI.update``; with ``run``, its ``SVI.run`` loop (several steps a
+    call, see :func:`benchmarks._compiled.numpyro_run_step`)."""
     jax, _, numpyro, _ = _numpyro()
     from numpyro.infer import SVI, Trace_ELBO
 
     svi = SVI(model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO(num_particles=num_particles))
+    if run:
+        from ._compiled import numpyro_run_step
+
+        return numpyro_run_step(lambda _: (svi, args), num_particles)
     state = svi.init(jax.random.PRNGKey(0), *args)
     update = jax.jit(svi.update)
     holder = [state]

@@ -11,7 +11,7 @@ times one optimization step (loss, backward, Adam) of
   eager and compiled, the Pyro ELBO eager;
 - the bound, :class:`benchmarks._bound.LowerBoundELBO`, with either optimizer: it runs the
   guide and replays the model through Pyro's handlers
-  (:func:`pyro_elbo_ext.elbos.tracing.record_guide_and_model`), sums every model site's
+  (:func:`benchmarks._bound.record_guide_and_model`), sums every model site's
   scaled and masked ``log_prob`` and every guide site's closed-form entropy (``-log q`` where
   there is none), adds ``log r(w) * stop_grad(L)`` per non-reparameterized site and
   backpropagates once: the least loss-side work any loss run through Pyro's handlers does
@@ -21,13 +21,23 @@ times one optimization step (loss, backward, Adam) of
 - a hand-written PyTorch loss computing the same estimator on the same problem (the "floor":
   torch.distributions, no poutine, the same data, guide parameterization and Adam leaves,
   one ``torch.optim.Adam`` over all of them);
-- NumPyro's jitted ``SVI.update`` on the same model, where NumPyro is installed.
+- NumPyro's jitted ``SVI.update`` on the same model, where NumPyro is installed, and its
+  ``SVI.run`` loop (``lax.scan`` over ``svi.update``, jitted: no Python between steps), timed
+  per step;
+- the compiled path (``benchmarks/_compiled.py``): :class:`pyro_elbo_ext.CompiledSVI` (loss,
+  gradient and Adam in one Inductor graph), and ``jit=True`` as it was before the compiled
+  path (TorchScript through ``pyro.ops.jit.trace``) to measure the new ``jit=True`` against.
+  Compile times are each contestant's "first call s".
 
 Ratios (per pairing of our loss with a Pyro ELBO; :math:`t_x` the time per step of ``x``):
 
 - eager / Pyro :math:`= t_\text{ours} / t_\text{Pyro}`, target 0.8 (0.3 for reinforce
   against ``TraceGraph_ELBO``); jit / floor :math:`= t_\text{ours jit} / t_\text{floor}`,
   target 1.2; jit / Pyro Jit* < 1; peak memory / Pyro <= 1; jit / NumPyro reported;
+- compiled path (issue 16): CompiledSVI / NumPyro jitted update <= 1; CompiledSVI / Pyro
+  eager <= 0.1 (10x faster; the issue asks it on Normal-Normal and logistic at 1 particle);
+  CompiledSVI / Pyro Jit* < 1; jit / jit before (TorchScript) <= 0.5; CompiledSVI / NumPyro
+  ``SVI.run`` reported;
 - bound / Pyro :math:`= t_\text{bound} / t_\text{Pyro}` (no target): what any loss that runs
   model and guide through Pyro's handlers can reach (AnalyticKLELBO's closed-form KL is
   about as much arithmetic as the closed-form entropy plus ``log p(z)``, so it can land a
@@ -99,6 +109,7 @@ from ._common import (
     svi_step,
     time_calls,
 )
+from ._compiled import compiled_svi_step, torchscript_jit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -115,6 +126,7 @@ class Contestant:
     samples_wall: list[float] = field(default_factory=list)
     samples_cpu: list[float] = field(default_factory=list)
     repeat: int = 1
+    steps_per_call: int = 1
     warmup_s: float = 0.0
     peak_bytes: int | None = None
 
@@ -126,6 +138,7 @@ def _build(key: str, label: str, make, warmup: int) -> Contestant:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             c.step = make()
+            c.steps_per_call = getattr(c.step, "steps_per_call", 1)
             start = time.perf_counter()
             c.step()  # first call: tracing / compilation
             c.warmup_s = time.perf_counter() - start
@@ -173,6 +186,10 @@ def _group_contestants(spec, problem, pairings: list[Pairing], num_particles: in
 
             contestants.append(_build(f"floor:{pairing.floor}", f"floor ({pairing.floor})",
                                       make_floor, warmup))
+        for key_suffix, label_suffix, make in _compiled_contestants(pairing, problem,
+                                                                    num_particles):
+            contestants.append(_build(pairing.ours + key_suffix, pairing.ours + label_suffix,
+                                      make, warmup))
     if any(p.bound_na is None for p in pairings):
         # one bound per group: every pairing's loss runs the problem's own model and guide
         for grouped in (False, True):
@@ -191,7 +208,30 @@ def _group_contestants(spec, problem, pairings: list[Pairing], num_particles: in
             return spec.numpyro(problem, num_particles)
 
         contestants.append(_build("numpyro", "NumPyro jit SVI.update", make_numpyro, warmup))
+
+        def make_numpyro_run():
+            if spec.numpyro is None:
+                raise Unavailable("no NumPyro port of this problem")
+            return spec.numpyro(problem, num_particles, run=True)
+
+        contestants.append(_build("numpyro run", "NumPyro SVI.run (lax.scan loop, per step)",
+                                  make_numpyro_run, warmup))
     return contestants
+
+
+def _compiled_contestants(pairing: Pairing, problem, num_particles: int):
+    """The compiled path's contestants of one pairing: CompiledSVI (the whole step in one
+    graph), and ``jit=True`` on TorchScript as it was before (to measure the new jit=True)."""
+    def make_compiled():
+        elbo, model, guide = pairing.make_ours(problem, num_particles, False)
+        return compiled_svi_step(elbo, model, guide, problem.args, pyro_adam(1e-3))
+
+    def make_torchscript():
+        elbo, model, guide = pairing.make_ours(problem, num_particles, True)
+        return svi_step(torchscript_jit(elbo), model, guide, problem.args, optim=pyro_adam)
+
+    return [(" compiled", " CompiledSVI", make_compiled),
+            (" jit torchscript", " jit (TorchScript, before)", make_torchscript)]
 
 
 def _peak_memory(step: StepFn) -> int:
@@ -230,9 +270,9 @@ def run_group(spec, problem, pairings, num_particles: int, validation: bool, rou
         rng.shuffle(order)
         for c in order:
             selected, wall, cpu = time_calls(c.step, c.repeat, both=True)
-            c.samples.append(selected)
-            c.samples_wall.append(wall)
-            c.samples_cpu.append(cpu)
+            c.samples.append(selected / c.steps_per_call)
+            c.samples_wall.append(wall / c.steps_per_call)
+            c.samples_cpu.append(cpu / c.steps_per_call)
     for c in live:
         try:
             c.peak_bytes = _peak_memory(c.step)
@@ -274,6 +314,8 @@ def _group_ratios(contestants: list[Contestant], pairings: list[Pairing]) -> lis
         og, ojg = by_key.get(ours + " grouped"), by_key.get(ours + " jit grouped")
         pg = by_key.get(pyro_name + " grouped")
         fl, npy = by_key.get(f"floor:{pairing.floor}"), by_key.get("numpyro")
+        oc, npr = by_key.get(ours + " compiled"), by_key.get("numpyro run")
+        ots = by_key.get(ours + " jit torchscript")
         if pairing.bound_na is None:
             bd, bdg = by_key.get("bound"), by_key.get("bound grouped")
         else:
@@ -297,6 +339,12 @@ def _group_ratios(contestants: list[Contestant], pairings: list[Pairing]) -> lis
             (f"{ours} jit grouped / floor", ojg, fl, 1.2, "<=", bound_floor_g, True),
             (bound_floor, bd, fl, None, "", None, False),
             (bound_floor_g, bdg, fl, None, "", None, False),
+            # the compiled path (issue 16)
+            (f"{ours} CompiledSVI / NumPyro", oc, npy, 1.0, "<=", None, True),
+            (f"{ours} CompiledSVI / NumPyro run", oc, npr, None, "", None, True),
+            (f"{ours} CompiledSVI / {pyro_name}", oc, p, 0.1, "<=", None, True),
+            (f"{ours} CompiledSVI / Jit{pyro_name}", oc, pj, 1.0, "<", None, True),
+            (f"{ours} jit / TorchScript jit", oj, ots, 0.5, "<=", None, True),
         ]
         for name, a, b, target, op, bound, compiled in comparisons:
             r = _ratio(name, ours, a, b, target, op)
@@ -369,11 +417,16 @@ def rerender(path: Path) -> str:
 
 def _pair_keys(comparison: str) -> tuple[str, str]:
     left, right = comparison.split(" / ")
+    left = left.replace(" CompiledSVI", " compiled")
     if right == "floor":
         pairing = next(p for p in PAIRINGS if left.split(" ")[0] in (p.ours, p.pyro))
         right = f"floor:{pairing.floor}"
     elif right == "NumPyro":
         right = "numpyro"
+    elif right == "NumPyro run":
+        right = "numpyro run"
+    elif right == "TorchScript jit":
+        right = left.replace(" jit", " jit torchscript")
     elif right.startswith("Jit"):
         right = right[3:] + " jit"
     return left, right
@@ -423,7 +476,11 @@ def markdown(result: dict) -> str:
         "eager / Pyro. "
         "**jit + GroupedOptim / floor**: our compiled loss with GroupedOptim against the floor, "
         "whose optimizer is then the same `torch.optim.Adam` over the same leaves, so the ratio "
-        "isolates the loss and SVI; target 1.2.",
+        "isolates the loss and SVI; target 1.2. "
+        "**Compiled path** (issue 16): CompiledSVI (loss, gradient and Adam in one Inductor "
+        "graph) / NumPyro's jitted `SVI.update` <= 1, / Pyro eager <= 0.1, / Pyro Jit* < 1; "
+        "/ NumPyro's `SVI.run` loop (lax.scan, per step) reported; jit=True (torch.compile) / "
+        "jit=True as it was (TorchScript) <= 0.5. Compile times: the first call column.",
         "",
         ratio_table(result["groups"]),
     ]
@@ -494,6 +551,11 @@ _COLUMNS = (
     ("eager / Pyro, both GroupedOptim", "{ours} grouped / {pyro} grouped"),
     ("bound / Pyro, both GroupedOptim", "bound grouped / {pyro} grouped"),
     ("jit + GroupedOptim / floor", "{ours} jit grouped / floor"),
+    ("CompiledSVI / NumPyro", "{ours} CompiledSVI / NumPyro"),
+    ("CompiledSVI / NumPyro run", "{ours} CompiledSVI / NumPyro run"),
+    ("CompiledSVI / Pyro", "{ours} CompiledSVI / {pyro}"),
+    ("CompiledSVI / Pyro Jit*", "{ours} CompiledSVI / Jit{pyro}"),
+    ("jit / jit before (TorchScript)", "{ours} jit / TorchScript jit"),
 )
 
 

@@ -17,6 +17,7 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
 from torch.distributions import constraints
 
+from pyro_elbo_ext.compiled import backend as compiled_backend
 from pyro_elbo_ext.elbos.analytic_kl import AnalyticKLELBO, analytic_kl, model_parents
 from pyro_elbo_ext.elbos.jensen import JensenELBO
 from pyro_elbo_ext.problems import CONJUGATE_PROBLEMS, Problem, get_problem
@@ -461,10 +462,12 @@ def test_svi_steps_advance_the_schedule_and_evaluation_does_not():
     assert resumed.step_count == 3 and resumed.state_dict() == {"step_count": 3}
 
 
-def test_compiled_loss_equals_eager_and_advances_the_step_count():
-    """jit=True with a constant weight: same values and gradients as eager for the same draws;
-    the count advances once per step on both paths (loss_and_grads calls the compiled
-    differentiable_loss inside it)."""
+def test_compiled_loss_equals_eager_and_advances_the_step_count(monkeypatch):
+    """jit=True with a constant weight: the traced graph (run uncompiled, so that it draws
+    torch's random numbers: see tests/test_compiled.py) gives the eager values and gradients
+    for the same draws; the count advances once per step on both paths (loss_and_grads calls
+    the compiled differentiable_loss inside it)."""
+    monkeypatch.setattr(compiled_backend, "BACKEND", None)
     problem = _problem("tiny_discrete")
     problem.set_params()
     leaves = list(problem.unconstrained_params().values())

@@ -153,6 +153,11 @@ def test_speed_quick_writes_files(tmp_path):
         assert ratios[name]["status"] == "ok" and math.isfinite(ratios[name]["ratio"])
     assert ratios["JensenELBO grouped / Trace_ELBO grouped"]["target"] == 0.8
     assert ratios["JensenELBO jit grouped / floor"]["target"] == 1.2
+    # the compiled path (issue 16): the whole step compiled, and jit=True against TorchScript
+    for name in ("JensenELBO CompiledSVI / Trace_ELBO", "JensenELBO jit / TorchScript jit"):
+        assert ratios[name]["status"] == "ok" and math.isfinite(ratios[name]["ratio"])
+    assert ratios["JensenELBO CompiledSVI / NumPyro"]["target"] == 1.0
+    assert "| CompiledSVI / NumPyro |" in report
 
 
 def _fake(key: str, ms: float) -> speed.Contestant:

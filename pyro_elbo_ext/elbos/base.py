@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pyro.ops.jit
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
@@ -81,10 +79,14 @@ class SiteTreatmentELBO(ELBO):
     num_particles : int
         Number of samples per estimate (>= 1).
     jit : bool
-        Compile :meth:`differentiable_loss` (and so :meth:`loss_and_grads`).  The same
-        restrictions as Pyro's ``Jit*`` losses apply: static model structure, tensor inputs
-        passed positionally, non-tensor inputs as keyword arguments, and every parameter
-        created on the first call.
+        Compute :meth:`differentiable_loss` (and so :meth:`loss_and_grads`) with one compiled
+        graph of the loss and its gradient, parameters as explicit inputs (Inductor;
+        see :mod:`pyro_elbo_ext.compiled`).  One graph per (model, guide, argument structure):
+        shapes, dtypes and non-tensor arguments are baked in (a new one compiles anew, in a
+        bounded cache); Python control flow on tensor values is guarded and retraced when the
+        values change.  The compiled loss draws its own random numbers (Inductor's), so it
+        agrees with the eager one in distribution, not draw for draw; its gradient is
+        first-order only.
     **kwargs
         Forwarded to :class:`pyro.infer.elbo.ELBO` (``max_plate_nesting``,
         ``vectorize_particles``, ``retain_graph``, ``ignore_jit_warnings``, ``jit_options``).
@@ -103,7 +105,6 @@ class SiteTreatmentELBO(ELBO):
         #: training calls taken (``differentiable_loss`` / ``loss_and_grads``)
         self.step_count = 0
         self._plans = PlanCache(MAX_CACHED_PLANS)
-        self._compiled: dict[tuple[int, int], object] = {}
         self._leaf_cache: dict[tuple[int, int], tuple[int, list[torch.Tensor] | None]] = {}
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -287,20 +288,10 @@ class SiteTreatmentELBO(ELBO):
         return (surrogate.detach() - surrogate) - elbo
 
     def _compiled_loss(self, model, guide):
-        """The compiled differentiable loss of this (model, guide) pair, built on first use."""
-        key = (id(model), id(guide))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            weak_self = weakref.ref(self)
+        """The compiled differentiable loss of this (model, guide) pair (torch.compile)."""
+        from ..compiled.jit import compiled_loss_for
 
-            def loss_fn(*args, **kwargs):
-                return weak_self()._eager_differentiable_loss(model, guide, args, kwargs)
-
-            compiled = pyro.ops.jit.trace(
-                loss_fn, ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
-            )
-            self._compiled[key] = compiled
-        return compiled
+        return compiled_loss_for(self, model, guide)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Estimate -L and accumulate the gradient estimate into the parameters' ``.grad``.

@@ -117,7 +117,7 @@ class HardAttentionELBO(JensenELBO):
     the attention policy), not the gradient of F.  The reported loss is -F in every case
     (plus the entropy bonus when ``entropy_weight > 0``).
 
-    ``jit=True`` compiles the loss as for the other losses (:func:`pyro.ops.jit.trace`) where
+    ``jit=True`` compiles the loss as for the other losses (:mod:`pyro_elbo_ext.compiled`) where
     nothing in it changes from call to call: ``estimator="enum"``, and ``"reinforce"`` with
     ``baseline=None`` or ``"leave_one_out"`` and ``normalize=False``.  The moving-average and
     learned baselines and the normalizer learn on every call, which a compiled trace would

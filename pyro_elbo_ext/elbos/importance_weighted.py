@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pyro
-import pyro.ops.jit
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -456,10 +454,10 @@ class ImportanceWeightedELBO(ELBO):
         The number of plates the model nests (without the particle plate); guessed from one
         run of model and guide when not given, as Pyro's ELBO does.
     jit : bool
-        Compile :meth:`differentiable_loss` (and so :meth:`loss_and_grads`) with
-        :func:`pyro.ops.jit.trace`, with the restrictions of Pyro's ``Jit*`` losses (static
-        structure, tensor inputs positional, parameters created on the first call).
-        ``estimator="iwae"`` only: DReG's gradient hook is not kept by a traced graph.
+        Compute :meth:`differentiable_loss` (and so :meth:`loss_and_grads`) with one compiled
+        graph of the loss and its gradient (Inductor; see :mod:`pyro_elbo_ext.compiled`), as
+        every loss here does.  ``estimator="iwae"`` only: DReG's gradient hook is not kept by
+        a traced graph.
     **kwargs
         Forwarded to :class:`pyro.infer.elbo.ELBO` (``retain_graph``, ...).  The particles
         are always vectorized; ``vectorize_particles=False`` is refused.
@@ -501,7 +499,6 @@ class ImportanceWeightedELBO(ELBO):
         )
         self.estimator = estimator
         self.jit = bool(jit)
-        self._compiled: dict[tuple[int, int], Callable] = {}
         #: guide structure (site names) -> DReG's base sites, or None where DReG falls back
         self._dreg_plan: dict[tuple[str, ...], tuple[str, ...] | None] = {}
 
@@ -608,20 +605,10 @@ class ImportanceWeightedELBO(ELBO):
         return (surrogate.detach() - surrogate) - estimate
 
     def _compiled_loss(self, model, guide) -> Callable:
-        """:func:`pyro.ops.jit.trace` of the differentiable loss of this (model, guide) pair."""
-        key = (id(model), id(guide))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            weak_self = weakref.ref(self)
+        """The compiled differentiable loss of this (model, guide) pair (see ``jit``)."""
+        from ..compiled.jit import compiled_loss_for
 
-            def loss_fn(*args, **kwargs):
-                return weak_self()._eager_differentiable_loss(model, guide, args, kwargs)
-
-            compiled = pyro.ops.jit.trace(
-                loss_fn, ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
-            )
-            self._compiled[key] = compiled
-        return compiled
+        return compiled_loss_for(self, model, guide)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Estimate -L_K and accumulate the gradient estimate into the parameters' ``.grad``."""

@@ -1,0 +1,137 @@
+"""``jit=True``: a loss's value and gradient from one compiled graph (Inductor).
+
+:meth:`SiteTreatmentELBO.differentiable_loss <pyro_elbo_ext.SiteTreatmentELBO.differentiable_loss>`
+with ``jit=True`` calls :func:`compiled_loss_for`.  The returned loss tensor carries the
+compiled gradient: its ``backward()`` writes ``grad_output * d(-L_hat)/dparam`` into each
+parameter's ``.grad`` (first-order only; differentiating it twice is not supported).
+
+Per loss, one :class:`CompiledLoss` per (model, guide) pair, in a bounded cache (at most
+:data:`MAX_PAIRS`; a model or guide built anew on each call, such as a ``functools.partial``,
+would otherwise compile on every call and hold every graph: the cache drops the oldest and
+warns).  Per pair, one graph per structure key (shapes, dtypes, non-tensor arguments), at
+most :data:`MAX_GRAPHS`, and at most :data:`MAX_RETRACES` retraces forced by changed tensor
+reads (see :mod:`pyro_elbo_ext.compiled.trace`) before an error says what to change.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import pyro
+import torch
+from torch.autograd.function import once_differentiable
+
+from .backend import compile_step
+from .cache import BoundedCache, callable_key, count_retrace
+from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
+
+MAX_PAIRS = 8
+MAX_GRAPHS = 8
+MAX_RETRACES = 8
+
+_PAIRS_MESSAGE = (
+    "jit=True: this loss has now compiled for more than {maxsize} (model, guide) pairs and "
+    "drops the oldest ({evictions} so far); a model or guide created anew for every call "
+    "(e.g. a functools.partial built per step) is compiled on every call: create it once"
+)
+_GRAPHS_MESSAGE = (
+    "compiled loss: more than {maxsize} argument structures (shapes, dtypes, non-tensor "
+    "arguments) for one (model, guide) pair; dropping the oldest graph ({evictions} so far). "
+    "Each new structure is a new compilation: keep shapes fixed (e.g. pad minibatches) and pass "
+    "changing numbers as tensors"
+)
+
+
+def eager_loss_fn(loss):
+    """``(model, guide, args, kwargs) -> -L_hat`` on the eager path of ``loss``."""
+    eager = getattr(loss, "_eager_differentiable_loss", None)
+    if eager is not None:
+        return eager
+    return lambda model, guide, args, kwargs: loss.differentiable_loss(
+        model, guide, *args, **kwargs
+    )
+
+
+def device_of(tensors) -> torch.device:
+    for t in tensors:
+        return t.device
+    return torch.device("cpu")
+
+
+@dataclass
+class GraphEntry:
+    traced: TracedLossGrad
+    compiled: object
+
+
+class _LossWithGradient(torch.autograd.Function):
+    """A loss value whose backward hands out a gradient computed in advance."""
+
+    @staticmethod
+    def forward(ctx, value_and_grads, *params):
+        value, grads = value_and_grads
+        ctx.grads = grads
+        return value.detach()
+
+    @staticmethod
+    @once_differentiable  # the gradient is a constant here: refuse to differentiate it again
+    def backward(ctx, grad_output):
+        return (None,) + tuple(grad_output * g for g in ctx.grads)
+
+
+class CompiledLoss:
+    """The compiled ``differentiable_loss`` of one (loss, model, guide).
+
+    Calls trace and compile on first use of each structure key; see the module docstring.
+    """
+
+    def __init__(self, loss, model, guide, eager_random: bool = False):
+        self._loss = weakref.ref(loss)
+        self.model, self.guide = model, guide
+        self.eager_random = eager_random
+        self.graphs = BoundedCache(MAX_GRAPHS, _GRAPHS_MESSAGE)
+        self.retraces = 0
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        key, data = structure_key(args, kwargs)
+        entry = self.graphs.lookup(key)
+        store = pyro.get_param_store()._params
+        if entry is not None and entry.traced.params_current(store):
+            params = entry.traced.params
+            with torch.no_grad():
+                outputs = entry.compiled(*params, *data)
+            if outputs[0].is_cuda:  # a CUDA graph reuses its output buffers on the next call
+                outputs = [o.clone() for o in outputs]
+            if not entry.traced.guarded or bool(outputs[-1]):
+                return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
+            self._count_retrace(entry.traced)
+        traced = self._trace(args, kwargs, data)
+        compiled = compile_step(traced.graph, traced.params + data,
+                                device_of(traced.params + data), self.eager_random)
+        self.graphs.insert(key, GraphEntry(traced, compiled))
+        params, outputs = traced.params, traced.outputs
+        return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
+
+    def _trace(self, args, kwargs, data) -> TracedLossGrad:
+        loss_fn, model, guide = eager_loss_fn(self._loss()), self.model, self.guide
+        return trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data)
+
+    def _count_retrace(self, traced: TracedLossGrad) -> None:
+        self.retraces = count_retrace(self.retraces, MAX_RETRACES, "compiled loss",
+                                      traced.where_read(), "jit=False / pyro.infer.SVI",
+                                      stacklevel=4)
+
+
+def compiled_loss_for(loss, model, guide) -> CompiledLoss:
+    """The :class:`CompiledLoss` of ``(model, guide)`` under ``loss``, from ``loss``'s bounded
+    cache of pairs (created on first use)."""
+    cache = loss.__dict__.get("_compiled")
+    if not isinstance(cache, BoundedCache):
+        cache = loss._compiled = BoundedCache(MAX_PAIRS, _PAIRS_MESSAGE)
+    key = callable_key(model, guide)
+    compiled = cache.lookup(key)
+    if compiled is None:
+        compiled = CompiledLoss(loss, model, guide)
+        cache.insert(key, compiled)
+    return compiled
