@@ -593,6 +593,11 @@ def test_bad_input_is_refused_with_a_message():
         ImportanceWeightedELBO(estimator="vimco")
     with pytest.raises(ValueError, match="cannot be compiled"):
         ImportanceWeightedELBO(estimator="dreg", jit=True)
+    from pyro_elbo_ext import CompiledSVI
+
+    with pytest.raises(ValueError, match=r"CompiledSVI cannot compile .*estimator='dreg'"):
+        CompiledSVI(lambda: None, lambda: None, pyro.optim.Adam({"lr": 0.1}),
+                    ImportanceWeightedELBO(estimator="dreg"))
     with pytest.raises(ValueError, match="always vectorizes"):
         ImportanceWeightedELBO(vectorize_particles=False)
 
@@ -651,3 +656,4 @@ def test_validation_refuses_unknown_guide_sites_and_misplaced_batch_dims():
         elbo.loss(model, extra_guide, data)
     with pytest.raises(ValueError, match="'z'"):
         elbo.loss(model, batched_guide, data)
+

@@ -79,6 +79,12 @@ def _check_loss(loss) -> None:
             "stateless one: baseline=None or 'leave_one_out', normalize=False, a constant "
             "kl_weight)"
         )
+    if getattr(loss, "estimator", None) == "dreg":
+        raise ValueError(
+            f"CompiledSVI cannot compile {type(loss).__name__}(estimator='dreg'): its gradient "
+            "is rescaled by a tensor hook, which a traced graph does not keep (the compiled "
+            "gradient would be wrong). Use pyro.infer.SVI for DReG, or estimator='iwae'"
+        )
 
 
 class _Step:
