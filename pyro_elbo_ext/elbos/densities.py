@@ -37,24 +37,24 @@ def scaled_and_masked(site: dict, tensor: torch.Tensor) -> torch.Tensor:
     return scale_and_mask(tensor, site["scale"], site["mask"])
 
 
-def _log_prob_error(site: dict, error: Exception) -> ValueError:
-    what = "observed value" if site.get("is_observed") else "value"
-    return ValueError(
-        f"site '{site['name']}' ({type(site['fn']).__name__}): cannot evaluate log_prob of its "
-        f"{what}: {error}. Check the data (NaN, out of the distribution's support) or the "
-        "distribution's parameters"
-    )
+def _evaluate(site: dict, method: str):
+    """``fn.<method>(value, ...)`` of a site, with a ValueError that names the site."""
+    try:
+        return getattr(site["fn"], method)(site["value"], *site["args"], **site["kwargs"])
+    except ValueError as error:
+        what = "observed value" if site.get("is_observed") else "value"
+        raise ValueError(
+            f"site '{site['name']}' ({type(site['fn']).__name__}): cannot evaluate log_prob of "
+            f"its {what}: {error}. Check the data (NaN, out of the distribution's support) or "
+            "the distribution's parameters"
+        ) from error
 
 
 def log_density(site: dict) -> torch.Tensor:
     """``fn.log_prob(value)`` of a site, unscaled, computed once and memoized on the site."""
     cached = site.get("unscaled_log_prob")
     if cached is None:
-        try:
-            cached = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-        except ValueError as error:
-            raise _log_prob_error(site, error) from error
-        site["unscaled_log_prob"] = cached
+        cached = site["unscaled_log_prob"] = _evaluate(site, "log_prob")
     return cached
 
 
@@ -69,10 +69,7 @@ def score_parts(site: dict) -> ScoreParts:
     """
     parts = site.get("score_parts")
     if parts is None:
-        try:
-            raw = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
-        except ValueError as error:
-            raise _log_prob_error(site, error) from error
+        raw = _evaluate(site, "score_parts")
         site.setdefault("unscaled_log_prob", raw.log_prob)
         parts = raw.scale_and_mask(site["scale"], site["mask"])
         site["score_parts"] = parts

@@ -1,8 +1,7 @@
 """Closed-form KL divergences through the wrappers Pyro puts around distributions.
 
-Contents: :func:`analytic_kl` (KL[q || p] element by element), :func:`same_value` (are two
-scales or masks equal) and :func:`distribution_structure` (the wrapper/base types that decide
-whether a KL is registered).
+Contents: :func:`analytic_kl` (KL[q || p] element by element) and :func:`same_value` (are two
+scales or masks equal).
 """
 
 from __future__ import annotations
@@ -87,13 +86,4 @@ def same_value(a, b) -> bool:
     return a == b
 
 
-def distribution_structure(fn) -> tuple:
-    """The wrapper/base types of a distribution: what decides whether a KL is registered."""
-    types = []
-    while fn is not None:
-        types.append(type(fn))
-        fn = getattr(fn, "base_dist", None)
-    return tuple(types)
-
-
-__all__ = ["analytic_kl", "distribution_structure", "same_value"]
+__all__ = ["analytic_kl", "same_value"]

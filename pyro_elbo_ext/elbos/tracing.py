@@ -112,14 +112,8 @@ def validate_traces(model_trace: Trace, guide_trace: Trace, max_plate_nesting: f
 def _sampled_view(guide_trace: Trace) -> Trace:
     """The guide trace without ``pyro.deterministic`` sites, which hold no density: Pyro's
     check would report them as guide sites missing from the model."""
-    deterministic = [name for name, site in guide_trace.nodes.items()
-                     if site["type"] == "sample" and is_deterministic_site(site)]
-    if not deterministic:
-        return guide_trace
-    view = guide_trace.copy()
-    for name in deterministic:
-        view.remove_node(name)
-    return view
+    return _without(guide_trace, [name for name, site in guide_trace.nodes.items()
+                                  if site["type"] == "sample" and is_deterministic_site(site)])
 
 
 def _guided_view(model_trace: Trace, guide_trace: Trace) -> Trace:
@@ -130,15 +124,19 @@ def _guided_view(model_trace: Trace, guide_trace: Trace) -> Trace:
     already an error), so the check is shown the guided sites only.
     """
     guide_nodes = guide_trace.nodes
-    unguided = [
+    return _without(model_trace, [
         name for name, site in model_trace.nodes.items()
         if is_latent_site(site) and name not in guide_nodes
         and site["infer"].get("_enumerate_dim") is None
-    ]
-    if not unguided:
-        return model_trace
-    view = model_trace.copy()
-    for name in unguided:
+    ])
+
+
+def _without(trace: Trace, names: list[str]) -> Trace:
+    """``trace`` itself, or a shallow copy without the nodes ``names``."""
+    if not names:
+        return trace
+    view = trace.copy()
+    for name in names:
         view.remove_node(name)
     return view
 
