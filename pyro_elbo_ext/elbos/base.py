@@ -94,9 +94,6 @@ class SiteTreatmentELBO(ELBO):
 
     #: the loss's learning signal (hard attention's baselines), or ``None``
     learning_signal = None
-    #: whether model latents that the guide does not sample are drawn from the model on
-    #: purpose (hard attention) rather than an error
-    draws_latents_from_model = False
 
     def __init__(self, num_particles: int = 1, jit: bool = False, **kwargs):
         super().__init__(num_particles=check_positive_int("num_particles", num_particles),
@@ -161,8 +158,7 @@ class SiteTreatmentELBO(ELBO):
             return plan
         if validating:
             validate_traces(model_trace, guide_trace, self.max_plate_nesting,
-                            enumerated=self._model_wrapper() is not None,
-                            unguided_latents=self.draws_latents_from_model)
+                            enumerated=self._model_wrapper() is not None)
         if plan is None:
             planning = Planning(call.model, call.guide, call.args, call.kwargs, model_trace,
                                 guide_trace)
@@ -170,21 +166,6 @@ class SiteTreatmentELBO(ELBO):
             if not planning.memo.get("provisional"):
                 self._plans.put(key, plan)
         plan.validated = validating
-        return plan
-        if is_validation_enabled():
-            validate_traces(model_trace, guide_trace, self.max_plate_nesting,
-                            enumerated=self._model_wrapper() is not None,
-                            unguided_latents=self.draws_latents_from_model)
-            if plan is not None:
-                plan.validated = True
-                return plan
-        if plan is None:
-            planning = Planning(call.model, call.guide, call.args, call.kwargs, model_trace,
-                                guide_trace)
-            plan = make_plan(site_views(model_trace, guide_trace), self._treat, planning)
-            plan.validated = is_validation_enabled()
-            if not planning.memo.get("provisional"):
-                self._plans.put(key, plan)
         return plan
 
     # ------------------------------------------------------------------ the engine loop

@@ -170,8 +170,6 @@ class HardAttentionELBO(JensenELBO):
     >>> elbo.decompose(model, empty_guide, data)   # F, log p(y) and the gap  # doctest: +SKIP
     """
 
-    draws_latents_from_model = True
-
     def __init__(
         self,
         estimator: str = "enum",

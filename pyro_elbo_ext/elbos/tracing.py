@@ -73,7 +73,7 @@ def trace_model_and_guide(
 
 
 def validate_traces(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float,
-                    enumerated: bool = False, unguided_latents: bool = False) -> None:
+                    enumerated: bool = False) -> None:
     """Pyro's validation of a trace pair, after the checks by which we are stricter.
 
     Pyro's ``check_model_guide_match``, ``check_if_enumerated``, and ``check_site_shape`` of
@@ -87,14 +87,10 @@ def validate_traces(model_trace: Trace, guide_trace: Trace, max_plate_nesting: f
     ----------
     enumerated : bool
         Sites were enumerated in parallel (their dimensions lie left of the plates).
-    unguided_latents : bool
-        Model latents that the guide does not sample are part of the loss's design
-        (hard-attention sites): Pyro's check is then not shown them (it would warn); for any
-        other loss such a site is an error when the loss plans its treatments.
     """
     check_guide_sites(model_trace, guide_trace)
-    model_view = _guided_view(model_trace, guide_trace) if unguided_latents else model_trace
-    check_model_guide_match(model_view, _sampled_view(guide_trace), max_plate_nesting)
+    check_model_guide_match(_guided_view(model_trace, guide_trace), _sampled_view(guide_trace),
+                            max_plate_nesting)
     check_if_enumerated(guide_trace)
     model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(
         guide_trace)
@@ -117,11 +113,11 @@ def _sampled_view(guide_trace: Trace) -> Trace:
 
 
 def _guided_view(model_trace: Trace, guide_trace: Trace) -> Trace:
-    """The model trace without the latents the guide leaves to the model on purpose.
+    """The model trace without the latents the guide does not sample.
 
     Pyro's ``check_model_guide_match`` warns about every model latent the guide does not
-    sample; a hard-attention site is one by design (and a missing site of any other loss is
-    already an error), so the check is shown the guided sites only.
+    sample; a hard-attention site is one by design, and a missing site of any other loss is an
+    error of ours that names it, so the check is shown the guided sites only.
     """
     guide_nodes = guide_trace.nodes
     return _without(model_trace, [
