@@ -221,7 +221,8 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         """The sites whose model distribution depends on a later guide sample (raise or warn)."""
         model_trace, guide_trace = planning.model_trace, planning.guide_trace
         try:
-            parents = model_parents(planning.model, guide_trace, planning.args, planning.kwargs)
+            parents = model_parents(self._as_traced(planning.model), guide_trace,
+                                    planning.args, planning.kwargs)
         except Exception as error:  # noqa: BLE001 - any failure: the conservative rule
             parents = preceding_latents(model_trace)
             warnings.warn(
@@ -243,6 +244,11 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         if violations:
             self._report_violations(violations)
         return violations
+
+    def _as_traced(self, fn):
+        """``fn`` as the traces were recorded from it: inside the vectorized particle plate
+        when particles are vectorized (the replay must see the traces' shapes)."""
+        return self._vectorized_num_particles(fn) if self.vectorize_particles else fn
 
     def _report_violations(self, violations: dict[str, tuple[str, ...]]) -> None:
         listing = "; ".join(
@@ -291,8 +297,8 @@ class AnalyticKLELBO(SiteTreatmentELBO):
                      if site["type"] == "sample" and name not in planning.model_trace.nodes]
         latents = self._guided_latents(planning)
         try:
-            children = auxiliary_children(planning.guide, guide_trace, auxiliary,
-                                          planning.args, planning.kwargs)
+            children = auxiliary_children(self._as_traced(planning.guide), guide_trace,
+                                          auxiliary, planning.args, planning.kwargs)
         except Exception as error:  # noqa: BLE001 - conservative: it may feed every latent
             children = {name: frozenset(latents) for name in auxiliary}
             warnings.warn(
