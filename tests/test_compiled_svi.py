@@ -276,7 +276,6 @@ def test_new_shapes_compile_new_steps_in_a_bounded_cache(traced_only, monkeypatc
         (HardAttentionELBO(estimator="reinforce", normalize=True, baseline="moving_average"),
          "baseline='moving_average'"),
         (HardAttentionELBO(estimator="reinforce", normalize=True), "normalize=True"),
-        (AnalyticKLELBO(kl_weight=lambda step: min(1.0, step / 100)), "kl_weight schedule"),
         (TraceGraph_ELBO(), "TraceGraph_ELBO: use pyro.infer.SVI"),
         (Trace_ELBO(), "Trace_ELBO: use pyro.infer.SVI"),
     ],

@@ -95,6 +95,7 @@ class CompiledLoss:
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         key, data = structure_key(args, kwargs)
+        data = data + list(step_inputs(self._loss()))  # e.g. a scheduled KL weight
         entry = self.graphs.lookup(key)
         store = pyro.get_param_store()._params
         if entry is not None and entry.traced.params_current(store):
@@ -104,6 +105,7 @@ class CompiledLoss:
             if outputs[0].is_cuda:  # a CUDA graph reuses its output buffers on the next call
                 outputs = [o.clone() for o in outputs]
             if not entry.traced.guarded or bool(outputs[-1]):
+                _announce_params(entry.traced.names)
                 return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
             self._count_retrace(entry.traced)
         traced = self._trace(args, kwargs, data)
@@ -121,6 +123,30 @@ class CompiledLoss:
         self.retraces = count_retrace(self.retraces, MAX_RETRACES, "compiled loss",
                                       traced.where_read(), "jit=False / pyro.infer.SVI",
                                       stacklevel=4)
+
+
+def step_inputs(loss) -> tuple:
+    """The loss's per-step input tensors (``()`` for a loss without the protocol)."""
+    inputs = getattr(loss, "step_inputs", None)
+    return inputs() if inputs is not None else ()
+
+
+def prepare_step_inputs(loss) -> None:
+    """Refresh the loss's per-step inputs, where it has any."""
+    prepare = getattr(loss, "prepare_step_inputs", None)
+    if prepare is not None:
+        prepare()
+
+
+def _announce_params(names) -> None:
+    """Read each parameter through ``pyro.param``, as the eager loss does.
+
+    The graph reads the parameters directly, but :class:`pyro.infer.SVI` learns which
+    parameters to step from the ``pyro.param`` calls it traces during ``loss_and_grads``:
+    without these reads it would step none of them after the first (traced) call.
+    """
+    for name in names:
+        pyro.param(name)
 
 
 def compiled_loss_for(loss, model, guide) -> CompiledLoss:

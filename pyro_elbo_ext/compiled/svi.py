@@ -28,7 +28,14 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .backend import compile_step
 from .cache import BoundedCache, count_retrace
-from .jit import MAX_GRAPHS, MAX_RETRACES, device_of, eager_loss_fn
+from .jit import (
+    MAX_GRAPHS,
+    MAX_RETRACES,
+    device_of,
+    eager_loss_fn,
+    prepare_step_inputs,
+    step_inputs,
+)
 from .optimizers import ParamOptimizer, check_supported, functional_optimizer
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
 
@@ -43,23 +50,22 @@ _GRAPHS_MESSAGE = (
 def learning_signal_refusal(loss) -> str | None:
     """Why ``loss`` cannot be compiled today, or ``None``.
 
+    A per-step number (a KL-weight schedule's weight) already enters the graph as an input:
+    the loss's ``step_inputs()``, refreshed by ``prepare_step_inputs()`` before each step.
     Losses whose learning signal carries state from step to step (a moving-average or learned
-    baseline, a reward normalizer, a KL-weight schedule's step counter) need that state to
-    enter and leave the graph as tensors, which waits for the engine's explicit-state hook:
-    the state as a dict of tensors, and a pure forward ``(model, guide, args, kwargs, state)
-    -> (loss, new_state)`` that reads the state only from its argument and returns the
-    updated tensors (no in-place update, no optimizer step inside; a per-step number such as
-    the KL weight at this step enters as a 0-dim tensor computed in Python).  The step would
-    then take the state among its inputs and write ``new_state`` back as it does the
-    optimizer's state (:class:`_Step`).
+    baseline, a reward normalizer) need that state to enter *and leave* the graph as tensors:
+    the state as tensors, and a pure forward ``(model, guide, args, kwargs, state) -> (loss,
+    new_state)`` that reads the state only from its argument and returns the updated tensors
+    (no in-place update, no optimizer step inside: the baselines' ``update`` after the
+    gradient is where that would be written functionally).  The step would then take the
+    state among its inputs and write ``new_state`` back as it does the optimizer's state
+    (:class:`_Step`).
     """
     baseline = getattr(loss, "baseline", None)
     if isinstance(baseline, str) and baseline in ("moving_average", "learned"):
         return f"baseline={baseline!r} (its state updates on every step)"
     if getattr(loss, "normalize", False) is True:
         return "normalize=True (the reward normalizer updates on every step)"
-    if callable(getattr(loss, "kl_weight", None)):
-        return "a kl_weight schedule (a callable of the step counter)"
     return None
 
 
@@ -76,8 +82,7 @@ def _check_loss(loss) -> None:
         raise ValueError(
             f"CompiledSVI cannot compile {type(loss).__name__} with {reason} yet: its state "
             "would be frozen into the graph. Use pyro.infer.SVI for this setting (or a "
-            "stateless one: baseline=None or 'leave_one_out', normalize=False, a constant "
-            "kl_weight)"
+            "stateless one: baseline=None or 'leave_one_out', normalize=False)"
         )
     if getattr(loss, "estimator", None) == "dreg":
         raise ValueError(
@@ -189,10 +194,13 @@ class CompiledSVI:
     def step(self, *args, **kwargs) -> float:
         """Take one step; returns the loss estimate at the parameters before it."""
         key, data = structure_key(args, kwargs)
+        prepare_step_inputs(self.loss)  # this step's scheduled values (a KL weight)
+        data = data + list(step_inputs(self.loss))
         step = self._steps.lookup(key)
         if step is not None and step.traced.params_current(pyro.get_param_store()._params):
             loss, ok = step(data)
             if not step.traced.guarded or bool(ok):
+                self._advance()
                 return torch_item(loss)
             self._count_retrace(step.traced)
         start = time.perf_counter()
@@ -202,7 +210,13 @@ class CompiledSVI:
         self.compile_seconds.append(time.perf_counter() - start)
         if not bool(ok):  # a read changed between the trace and this call: take it again
             return self.step(*args, **kwargs)
+        self._advance()
         return torch_item(loss)
+
+    def _advance(self) -> None:
+        """One training step taken: the loss's step counter moves (a schedule's position)."""
+        if hasattr(self.loss, "step_count"):
+            self.loss.step_count += 1
 
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The loss estimate at the current parameters, eager, without a step."""

@@ -139,8 +139,8 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     **kwargs
         Forwarded to :class:`SiteTreatmentELBO` and :class:`pyro.infer.elbo.ELBO`
         (``vectorize_particles``, ``max_plate_nesting``, ``retain_graph``, ``jit``, ...).
-        ``jit=True`` works with a constant ``kl_weight``; with a schedule it raises a
-        ``ValueError`` (a compiled trace would freeze the weight).
+        ``jit=True`` (and :class:`~pyro_elbo_ext.CompiledSVI`) read a schedule's weight as a
+        graph input, refreshed at every step (:meth:`step_inputs`).
 
     Examples
     --------
@@ -160,12 +160,11 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         super().__init__(num_particles=num_particles, **kwargs)
         if not callable(kl_weight):
             kl_weight = check_number("kl_weight", kl_weight, low=0.0)
-        elif self.jit:
-            raise ValueError(
-                "kl_weight is a schedule (a callable), which a compiled loss (jit=True) would "
-                "freeze at its first value; use jit=False, or a constant kl_weight"
-            )
         self.kl_weight = kl_weight
+        #: a schedule's weight at the current step, a 0-dim tensor refreshed in place: the
+        #: value a compiled graph reads as an input (see :meth:`step_inputs`)
+        self._scheduled_weight = torch.zeros((), dtype=torch.float64) if callable(
+            kl_weight) else None
         self.kl_sites = _check_kl_sites(kl_sites)
         self.on_dependency_violation = check_choice(
             "on_dependency_violation", on_dependency_violation, DEPENDENCY_VIOLATION_ACTIONS
@@ -179,8 +178,21 @@ class AnalyticKLELBO(SiteTreatmentELBO):
 
     def _step_settings(self, training: bool) -> KLStep:
         """This call's KL weight: that of the current step (the count advances after a
-        training call)."""
-        return KLStep(self._weight_at(self.step_count), self.step_count)
+        training call).  A schedule's weight is the tensor :meth:`step_inputs` holds, written
+        here for the current step (a compiled call reads it as a graph input instead)."""
+        if self._scheduled_weight is None:
+            return KLStep(self.kl_weight, self.step_count)
+        if not torch._C._get_tracing_state() and not _is_being_traced(self._scheduled_weight):
+            self.prepare_step_inputs()
+        return KLStep(self._scheduled_weight, self.step_count)
+
+    def step_inputs(self) -> tuple[torch.Tensor, ...]:
+        """``(w,)``, the schedule's weight at the current step; ``()`` for a constant weight."""
+        return () if self._scheduled_weight is None else (self._scheduled_weight,)
+
+    def prepare_step_inputs(self) -> None:
+        if self._scheduled_weight is not None:
+            self._scheduled_weight.fill_(self._weight_at(self.step_count))
 
     def state_dict(self) -> dict:
         """The estimator's state: ``{"step_count": int}`` (the schedule position)."""
@@ -334,7 +346,7 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         if not any(isinstance(site.treatment, (KLTreatment, WeightedTreatment))
                    and site.treatment.weighted for plan in plans for site in plan.sites):
             return ()  # kl_sites names no site of this model: L itself
-        w = settings.weight
+        w = float(settings.weight)
         which = (
             "every latent site"
             if self.kl_sites is None
@@ -380,11 +392,12 @@ class KLTreatment(Treatment):
     def terms(self, ctx, model_site, guide_site):
         name = model_site["name"]
         weight = ctx.settings.weight if self.weighted else 1.0
+        unweighted = _is_one(weight)
         frames = plate_frames(model_site)
         kl = _closed_form_kl(model_site, guide_site) if self.analytic else None
         if kl is not None:
             value = scaled_and_masked(guide_site, kl)
-            contribution = -value if weight == 1.0 else -weight * value
+            contribution = -value if unweighted else -weight * value
             return [Term(name, "kl", contribution, contribution, frames, analytic=True)]
         log_p = scaled_and_masked(model_site, log_density(model_site))
         log_q = scaled_and_masked(guide_site, log_density(guide_site))
@@ -398,7 +411,7 @@ class KLTreatment(Treatment):
             pathwise = contribution
         else:
             pathwise = log_p - pathwise_q
-        if weight != 1.0:
+        if not unweighted:
             contribution, pathwise = weight * contribution, weight * pathwise
         return [Term(name, "kl", contribution, pathwise, frames, analytic=False)]
 
@@ -413,7 +426,7 @@ class WeightedTreatment(Treatment):
     def terms(self, ctx, model_site, guide_site):
         terms = self.inner.terms(ctx, model_site, guide_site)
         weight = ctx.settings.weight if self.weighted else 1.0
-        if weight == 1.0:
+        if _is_one(weight):
             return terms
         out = []
         for term in terms:
@@ -427,6 +440,20 @@ class WeightedTreatment(Treatment):
             out.append(Term(term.site, term.kind, contribution, pathwise, term.frames,
                             term.analytic))
         return out
+
+
+def _is_one(weight) -> bool:
+    """A constant weight of exactly 1 (a schedule's tensor weight is always applied: a graph
+    must not branch on its value)."""
+    return not isinstance(weight, torch.Tensor) and weight == 1.0
+
+
+def _is_being_traced(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a graph input during a make_fx trace (its value is then the
+    input's: it must not be overwritten from Python)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None
 
 
 def _closed_form_kl(model_site: dict, guide_site: dict) -> torch.Tensor | None:

@@ -126,6 +126,18 @@ class SiteTreatmentELBO(ELBO):
         """The loss's settings for this call (e.g. a scheduled weight); none by default."""
         return None
 
+    def step_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Tensors the loss reads that change from step to step (a scheduled weight).
+
+        A compiled graph takes them as inputs (the same tensor objects, refreshed in place by
+        :meth:`prepare_step_inputs` before every call), so a schedule is never frozen into it.
+        None by default.
+        """
+        return ()
+
+    def prepare_step_inputs(self) -> None:
+        """Write this step's values into :meth:`step_inputs` (before a compiled call)."""
+
     def _model_wrapper(self) -> ModelWrapper | None:
         """A wrapper applied to the model before replay (enumeration); none by default."""
         return None
@@ -246,6 +258,7 @@ class SiteTreatmentELBO(ELBO):
         surrogate is built (its values are detached, so the gradient is unaffected).
         """
         if self.jit:
+            self.prepare_step_inputs()
             loss = self._compiled_loss(model, guide)(*args, **kwargs)
         else:
             loss = self._eager_differentiable_loss(model, guide, args, kwargs)
