@@ -182,7 +182,7 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         here for the current step (a compiled call reads it as a graph input instead)."""
         if self._scheduled_weight is None:
             return KLStep(self.kl_weight, self.step_count)
-        if not torch._C._get_tracing_state() and not _is_being_traced(self._scheduled_weight):
+        if not _tracing():  # traced, the tensor is a graph input: its value is the caller's
             self.prepare_step_inputs()
         return KLStep(self._scheduled_weight, self.step_count)
 
@@ -448,12 +448,11 @@ def _is_one(weight) -> bool:
     return not isinstance(weight, torch.Tensor) and weight == 1.0
 
 
-def _is_being_traced(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a graph input during a make_fx trace (its value is then the
-    input's: it must not be overwritten from Python)."""
+def _tracing() -> bool:
+    """Whether a graph is being traced (make_fx, or TorchScript's tracer)."""
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-    return get_proxy_mode() is not None
+    return get_proxy_mode() is not None or torch._C._get_tracing_state() is not None
 
 
 def _closed_form_kl(model_site: dict, guide_site: dict) -> torch.Tensor | None:

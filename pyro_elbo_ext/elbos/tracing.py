@@ -21,16 +21,11 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
-from .sites import is_deterministic_site, is_latent_site
+from .sites import is_deterministic_site, is_enumerated_site, is_latent_site
 from .validation import check_batch_dims, check_guide_sites
 
 #: ``wrap_model(model, guide_trace) -> model``: e.g. enumerate the sites the guide does not sample
 ModelWrapper = Callable[[Callable, Trace], Callable]
-
-
-def is_guide_messenger(guide) -> bool:
-    """Whether ``guide`` is an effect-based guide that runs the model itself."""
-    return isinstance(poutine.unwrap(guide), poutine.messenger.Messenger)
 
 
 def trace_model_and_guide(
@@ -123,7 +118,7 @@ def _guided_view(model_trace: Trace, guide_trace: Trace) -> Trace:
     return _without(model_trace, [
         name for name, site in model_trace.nodes.items()
         if is_latent_site(site) and name not in guide_nodes
-        and site["infer"].get("_enumerate_dim") is None
+        and not is_enumerated_site(site)
     ])
 
 
@@ -137,4 +132,4 @@ def _without(trace: Trace, names: list[str]) -> Trace:
     return view
 
 
-__all__ = ["ModelWrapper", "is_guide_messenger", "trace_model_and_guide", "validate_traces"]
+__all__ = ["ModelWrapper", "trace_model_and_guide", "validate_traces"]
