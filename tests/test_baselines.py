@@ -49,12 +49,15 @@ def _state_tensors(elbo) -> dict[str, torch.Tensor]:
 
 
 def test_moving_average_advance_is_a_pure_state_transition():
-    average, count = MovingAverageBaseline.advance(None, 0, torch.tensor(2.0), 0.9)
-    assert float(average) == pytest.approx(0.2) and count == 1
+    zero = torch.zeros(())
+    average, count = MovingAverageBaseline.advance(zero, zero, torch.tensor(2.0), 0.9)
+    assert float(average) == pytest.approx(0.2) and float(count) == 1
     average, count = MovingAverageBaseline.advance(average, count, torch.tensor(4.0), 0.9)
-    assert float(average) == pytest.approx(0.9 * 0.2 + 0.1 * 4.0) and count == 2
+    assert float(average) == pytest.approx(0.9 * 0.2 + 0.1 * 4.0) and float(count) == 2
+    assert float(zero) == 0.0  # the input state is untouched
     baseline = MovingAverageBaseline(0.9)
-    baseline.averages["l"], baseline.counts["l"] = average, count
+    assert float(baseline.value("l", torch.zeros(()))) == 0.0  # before the first update
+    baseline.slots[("l", "average")], baseline.slots[("l", "count")] = average, count
     assert float(baseline.value("l", torch.zeros(()))) == pytest.approx(
         float(average) / (1 - 0.9**2))
 

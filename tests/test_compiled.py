@@ -147,19 +147,6 @@ def test_hard_attention_traced_graph_equals_eager(traced_only, name, options):
         assert not torch.equal(results[0][0], results[1][0])
 
 
-@pytest.mark.parametrize(
-    "options, match",
-    [
-        ({"baseline": "moving_average"}, "baseline='moving_average' cannot be compiled"),
-        ({"baseline": "learned"}, "baseline='learned' cannot be compiled"),
-        ({"normalize": True}, "normalize=True cannot be compiled"),
-    ],
-)
-def test_hard_attention_refuses_to_compile_state_that_learns(options, match):
-    with pytest.raises(ValueError, match=match):
-        HardAttentionELBO(estimator="reinforce", jit=True, **options)
-
-
 # ---------------------------------------------------------------- Inductor (two compilations)
 def test_inductor_loss_and_gradient_are_unbiased():
     """Inductor's own random numbers: the compiled L and dL average to the closed forms."""

@@ -28,8 +28,10 @@ from pyro_elbo_ext import (
     empty_guide,
 )
 from pyro_elbo_ext.compiled import backend
+from pyro_elbo_ext.compiled import cache as jit_module
 from pyro_elbo_ext.compiled import svi as svi_module
 from pyro_elbo_ext.problems import get_problem
+from pyro_elbo_ext.problems.hard_attention import random_attention
 from tests.mc import assert_mean_close
 
 
@@ -266,22 +268,120 @@ def test_new_shapes_compile_new_steps_in_a_bounded_cache(traced_only, monkeypatc
     assert len(svi._steps) == 2
 
 
+# ---------------------------------------------------------------- learning signals with state
+STATEFUL = {
+    "moving-average": dict(baseline="moving_average"),
+    "learned-normalized": dict(baseline="learned", normalize=True, num_particles=4,
+                               vectorize_particles=True),
+    "moving-average-2-sequential": dict(baseline="moving_average", normalize=True,
+                                        num_particles=2),
+}
+
+
+def _attention(dtype=torch.float64):
+    problem = random_attention(num_glimpses=2, num_data=6, num_locations=3, dtype=dtype)
+    problem.set_params()
+    return problem
+
+
+def _signal_state(loss) -> dict:
+    return {str(k): v.detach().clone() for k, v in loss.carried_state().items()
+            if k[-1] != "skipped"}
+
+
+def _one_step_each_way(path, options, problem, eager_random=False):
+    """A compiled path takes a step (seed 1) from the state its first step (seed 0) left;
+    pyro.infer.SVI then takes the seed-1 step from that same state (params, optimizer, signal).
+    Returns (compiled, eager) x (loss, params, signal state), and the state before."""
+    make = lambda jit: HardAttentionELBO(estimator="reinforce", max_plate_nesting=1,  # noqa: E731
+                                         jit=jit, **options)
+    optim = lambda: pyro.optim.Adam({"lr": 0.05})  # noqa: E731
+    loss = make(path == "jit")
+    if path == "jit":
+        svi = SVI(problem.model, problem.guide, optim(), loss)
+    else:
+        svi = CompiledSVI(problem.model, problem.guide, optim(), loss)
+        svi.eager_random = eager_random
+    pyro.set_rng_seed(0)
+    svi.step(*problem.args)  # builds (traces, compiles) and steps
+    params, checkpoint = _params(), loss.state_dict()
+    # (a copy: torch's optimizer state_dict holds the live moment tensors)
+    optimizer_state = copy.deepcopy(svi.optim.get_state() if path == "jit" else svi.get_state())
+    before = _signal_state(loss)
+    pyro.set_rng_seed(1)
+    compiled = (svi.step(*problem.args), _params(), _signal_state(loss))
+    with torch.no_grad():  # back to the state before the seed-1 step, in the same tensors
+        for name, leaf in pyro.get_param_store().named_parameters():
+            leaf.copy_(params[name])
+    eager_loss = make(False)
+    eager_loss.load_state_dict(checkpoint)
+    eager_svi = SVI(problem.model, problem.guide, optim(), eager_loss)
+    eager_svi.optim.set_state(optimizer_state)
+    pyro.set_rng_seed(1)
+    eager = (eager_svi.step(*problem.args), _params(), _signal_state(eager_loss))
+    return compiled, eager, before
+
+
+def _assert_same_step(compiled, eager, before, **tol):
+    assert compiled[0] == pytest.approx(eager[0], rel=tol["rtol"])
+    for name, value in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], value, **tol)
+    assert compiled[2].keys() == eager[2].keys() == before.keys()
+    for key, value in eager[2].items():
+        torch.testing.assert_close(compiled[2][key], value, **tol, msg=key)
+    assert any(not torch.equal(before[k], compiled[2][k]) for k in before)  # the state moved
+
+
+@pytest.mark.parametrize("path", ["CompiledSVI", "jit"])
+@pytest.mark.parametrize("options", list(STATEFUL.values()), ids=list(STATEFUL))
+def test_learning_signal_state_steps_as_in_svi(traced_only, path, options):
+    """The compiled step carries the baseline's and normalizer's state through its graph: from
+    the same state and draws it takes SVI's step, parameters and state alike (issue 16.3)."""
+    problem = _attention()
+    compiled, eager, before = _one_step_each_way(path, options, problem)
+    _assert_same_step(compiled, eager, before, rtol=1e-9, atol=1e-10)
+
+
+def test_inductor_learning_signal_state_steps_as_in_svi():
+    """Compiled by Inductor (with torch's random kernels, so that the draws are SVI's): the
+    learned baseline's Adam step and the normalizer's update happen inside the graph."""
+    problem = _attention()
+    compiled, eager, before = _one_step_each_way(
+        "CompiledSVI", STATEFUL["learned-normalized"], problem, eager_random=True)
+    _assert_same_step(compiled, eager, before, rtol=1e-6, atol=1e-8)
+
+
+def test_a_non_finite_compiled_step_keeps_the_state_and_names_the_site(traced_only):
+    problem = _attention()
+    loss = HardAttentionELBO(estimator="reinforce", baseline="moving_average", normalize=True,
+                             max_plate_nesting=1, jit=True)
+    with pyro.validation_enabled(False):
+        loss.differentiable_loss(problem.model, problem.guide, *problem.args)  # trace
+        loss.differentiable_loss(problem.model, problem.guide, *problem.args)  # compiled
+        before = _signal_state(loss)
+        x, glimpses, y = problem.args
+        bad = (x, glimpses.clone().fill_(float("nan")), y)
+        with pytest.warns(RuntimeWarning, match=r"site 'l\d' was not updated"):
+            loss.differentiable_loss(problem.model, problem.guide, *bad)
+        assert all(torch.equal(v, _signal_state(loss)[k]) for k, v in before.items())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            value = loss.differentiable_loss(problem.model, problem.guide, *problem.args)
+        assert bool(torch.isfinite(value))
+    assert len(loss._compiled.lookup(
+        jit_module.callable_key(problem.model, problem.guide)).graphs) == 1  # no retrace
+
+
 # ---------------------------------------------------------------- what is refused
 @pytest.mark.parametrize(
     "loss, match",
     [
-        (HardAttentionELBO(estimator="reinforce", baseline="moving_average"),
-         "baseline='moving_average'.*Use pyro.infer.SVI"),
-        (HardAttentionELBO(estimator="reinforce", baseline="learned"), "baseline='learned'"),
-        (HardAttentionELBO(estimator="reinforce", normalize=True, baseline="moving_average"),
-         "baseline='moving_average'"),
-        (HardAttentionELBO(estimator="reinforce", normalize=True), "normalize=True"),
         (TraceGraph_ELBO(), "TraceGraph_ELBO: use pyro.infer.SVI"),
         (Trace_ELBO(), "Trace_ELBO: use pyro.infer.SVI"),
     ],
 )
-def test_learning_signals_with_state_and_other_losses_are_refused(loss, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_other_losses_are_refused(loss, match):
+    with pytest.raises(TypeError, match=match):
         CompiledSVI(_normal_model, empty_guide, pyro.optim.Adam({"lr": 0.1}), loss)
 
 

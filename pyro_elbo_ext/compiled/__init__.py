@@ -8,6 +8,6 @@
 * :mod:`.backend`: Inductor (torch.compile's compiler) on the ATen graph; its on-disk cache.
 """
 
-from .svi import CompiledSVI, learning_signal_refusal
+from .svi import CompiledSVI
 
-__all__ = ["CompiledSVI", "learning_signal_refusal"]
+__all__ = ["CompiledSVI"]

@@ -94,30 +94,41 @@ class CompiledLoss:
         self.retraces = 0
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
+        loss = self._loss()
         key, data = structure_key(args, kwargs)
-        data = data + list(step_inputs(self._loss()))  # e.g. a scheduled KL weight
+        data = data + list(step_inputs(loss))  # e.g. a scheduled KL weight
         entry = self.graphs.lookup(key)
         store = pyro.get_param_store()._params
-        if entry is not None and entry.traced.params_current(store):
+        state = entry.traced.state_inputs(loss) if entry is not None else None
+        if state is not None and entry.traced.params_current(store):
             params = entry.traced.params
             with torch.no_grad():
-                outputs = entry.compiled(*params, *data)
+                outputs = entry.compiled(*params, *data, *state)
             if outputs[0].is_cuda:  # a CUDA graph reuses its output buffers on the next call
                 outputs = [o.clone() for o in outputs]
             if not entry.traced.guarded or bool(outputs[-1]):
                 _announce_params(entry.traced.names)
-                return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
+                return self._result(loss, entry.traced, outputs)
             self._count_retrace(entry.traced)
-        traced = self._trace(args, kwargs, data)
-        compiled = compile_step(traced.graph, traced.params + data,
-                                device_of(traced.params + data), self.eager_random)
+        traced = self._trace(loss, args, kwargs, data)
+        inputs = traced.params + data + (traced.state_inputs(loss) or [])
+        compiled = compile_step(traced.graph, inputs, device_of(inputs), self.eager_random)
         self.graphs.insert(key, GraphEntry(traced, compiled))
-        params, outputs = traced.params, traced.outputs
+        return self._result(loss, traced, traced.outputs)
+
+    @staticmethod
+    def _result(loss, traced: TracedLossGrad, outputs) -> torch.Tensor:
+        """The loss tensor of a call's outputs; the loss takes its new carried state."""
+        if traced.state_keys:
+            loss.load_carried_state(traced.new_state(outputs))
+            loss.report_carried_state()
+        params = traced.params
         return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
 
-    def _trace(self, args, kwargs, data) -> TracedLossGrad:
-        loss_fn, model, guide = eager_loss_fn(self._loss()), self.model, self.guide
-        return trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data)
+    def _trace(self, loss, args, kwargs, data) -> TracedLossGrad:
+        loss_fn, model, guide = eager_loss_fn(loss), self.model, self.guide
+        carrier = loss if hasattr(loss, "carried_state") else None
+        return trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data, carrier)
 
     def _count_retrace(self, traced: TracedLossGrad) -> None:
         self.retraces = count_retrace(self.retraces, MAX_RETRACES, "compiled loss",

@@ -47,28 +47,6 @@ _GRAPHS_MESSAGE = (
 )
 
 
-def learning_signal_refusal(loss) -> str | None:
-    """Why ``loss`` cannot be compiled today, or ``None``.
-
-    A per-step number (a KL-weight schedule's weight) already enters the graph as an input:
-    the loss's ``step_inputs()``, refreshed by ``prepare_step_inputs()`` before each step.
-    Losses whose learning signal carries state from step to step (a moving-average or learned
-    baseline, a reward normalizer) need that state to enter *and leave* the graph as tensors:
-    the state as tensors, and a pure forward ``(model, guide, args, kwargs, state) -> (loss,
-    new_state)`` that reads the state only from its argument and returns the updated tensors
-    (no in-place update, no optimizer step inside: the baselines' ``update`` after the
-    gradient is where that would be written functionally).  The step would then take the
-    state among its inputs and write ``new_state`` back as it does the optimizer's state
-    (:class:`_Step`).
-    """
-    baseline = getattr(loss, "baseline", None)
-    if isinstance(baseline, str) and baseline in ("moving_average", "learned"):
-        return f"baseline={baseline!r} (its state updates on every step)"
-    if getattr(loss, "normalize", False) is True:
-        return "normalize=True (the reward normalizer updates on every step)"
-    return None
-
-
 def _check_loss(loss) -> None:
     if not hasattr(loss, "_eager_differentiable_loss"):
         raise TypeError(
@@ -76,13 +54,6 @@ def _check_loss(loss) -> None:
             f"HardAttentionELBO); got {type(loss).__name__}: use pyro.infer.SVI for it (Pyro's "
             "Trace_ELBO reads its surrogate's value into Python with .item(), which a graph "
             "would freeze; JensenELBO(entropy='sampled') estimates the same L)"
-        )
-    reason = learning_signal_refusal(loss)
-    if reason is not None:
-        raise ValueError(
-            f"CompiledSVI cannot compile {type(loss).__name__} with {reason} yet: its state "
-            "would be frozen into the graph. Use pyro.infer.SVI for this setting (or a "
-            "stateless one: baseline=None or 'leave_one_out', normalize=False)"
         )
     if getattr(loss, "estimator", None) == "dreg":
         raise ValueError(
@@ -95,47 +66,72 @@ def _check_loss(loss) -> None:
 class _Step:
     """One compiled whole step and the tensors it reads and writes.
 
-    The step (loss graph and every parameter's update) is traced once more into a single
-    ATen graph, on copies of the parameters and state, and that graph is compiled.
+    The step (loss graph, every parameter's update, and the loss's carried state) is traced
+    once more into a single ATen graph, on copies of the parameters and state, and that graph
+    is compiled.  Inputs: parameters, optimizer state, data, carried state; outputs: loss,
+    guard, new parameters, new optimizer state, new carried state.
     """
 
     def __init__(self, traced: TracedLossGrad, optimizers: list[ParamOptimizer],
-                 states: list[dict], data: list[torch.Tensor], device: torch.device):
+                 states: list[dict], data: list[torch.Tensor], device: torch.device, loss,
+                 eager_random: bool = False):
         self.traced = traced
+        self.loss = loss
         self.keys = [sorted(state) for state in states]
         # detached aliases (the same storage) of the parameters and state, written in place
         self.inputs = [t.detach() for t in traced.params] + [
             state[k].detach() for state, keys in zip(states, self.keys) for k in keys]
         n, keys = len(traced.params), self.keys
+        n_inputs, n_data = len(self.inputs), len(data)
         guarded = traced.guarded
 
         def whole_step(*flat):
-            params, rest = flat[:n], flat[n:]
-            outputs = traced.graph(*params, *rest[len(rest) - len(data):])
+            params, carried = flat[:n], flat[n_inputs + n_data:]
+            outputs = traced.graph(*params, *flat[n_inputs: n_inputs + n_data], *carried)
             ok = outputs[-1] if guarded else None
+
+            def kept(new, old):
+                return new if ok is None else torch.where(ok, new, old)
+
             new_params, new_states, position = [], [], n
             for p, g, opt, names in zip(params, outputs[1: 1 + n], optimizers, keys):
                 state = dict(zip(names, flat[position: position + len(names)]))
                 position += len(names)
                 new_p, new_state = opt.update(p, g, state)
-                new_params.append(new_p if ok is None else torch.where(ok, new_p, p))
-                new_states.extend(new_state[k] if ok is None else
-                                  torch.where(ok, new_state[k], state[k]) for k in names)
+                new_params.append(kept(new_p, p))
+                new_states.extend(kept(new_state[k], state[k]) for k in names)
+            new_carried = [kept(new, old) for new, old in
+                           zip(outputs[1 + n: 1 + n + len(carried)], carried)]
             flag = ok if ok is not None else torch.ones((), dtype=torch.bool)
-            return (outputs[0], flag, *new_params, *new_states)
+            return (outputs[0], flag, *new_params, *new_states, *new_carried)
 
-        copies = [t.detach().clone() for t in self.inputs]
+        carried = traced.state_inputs(loss) or []
+        copies = [t.detach().clone() for t in self.inputs + carried]
         with torch.no_grad(), pyro.validation_enabled(False):
-            graph = make_fx(whole_step, tracing_mode="real")(*copies, *data)
-        self.compiled = compile_step(graph, self.inputs + list(data), device)
+            graph = make_fx(whole_step, tracing_mode="real")(
+                *copies[:n_inputs], *data, *copies[n_inputs:])
+        self.compiled = compile_step(graph, self.inputs + list(data) + carried, device,
+                                     eager_random)
 
     def __call__(self, data):
+        """Take the step, or return ``None`` when the loss's carried state no longer has the
+        traced keys (the caller then builds anew)."""
+        carried = self.traced.state_inputs(self.loss)
+        if carried is None:
+            return None
         # no autograd here: the inputs are detached aliases (and the data is the user's; a
         # data tensor that requires grad is refused when tracing)
-        loss, ok, *new = self.compiled(*self.inputs, *data)
+        loss, ok, *new = self.compiled(*self.inputs, *data, *carried)
         # the new values are written back here, not inside the graph: AOTAutograd dropped
         # the graph's in-place writes to float64 inputs (torch 2.13)
-        torch._foreach_copy_(self.inputs, new)
+        count = len(self.inputs)
+        torch._foreach_copy_(self.inputs, new[:count])
+        if carried:
+            fresh = new[count:]
+            if fresh[0].is_cuda:  # a CUDA graph reuses its output buffers on the next call
+                fresh = [t.clone() for t in fresh]
+            self.loss.load_carried_state(dict(zip(self.traced.state_keys, fresh)))
+            self.loss.report_carried_state()
         return loss, ok
 
 
@@ -159,8 +155,10 @@ class CompiledSVI:
         else is refused with the list.  Its state (e.g. after ``optim.set_state`` or steps of
         :class:`pyro.infer.SVI`) is taken over on the first step.
     loss : SiteTreatmentELBO
-        A loss of this package, in a stateless setting (see :func:`learning_signal_refusal`).
-        Its ``jit`` flag is ignored.
+        A loss of this package (not ``ImportanceWeightedELBO(estimator="dreg")``).  Its
+        ``jit`` flag is ignored.  A learning signal's state (moving-average or learned
+        baseline, normalizer) enters the graph as inputs and leaves it as outputs, and is
+        handed back to the loss after every step (``loss.state_dict()`` stays current).
 
     Notes
     -----
@@ -187,6 +185,9 @@ class CompiledSVI:
         self._optimizers: dict[str, ParamOptimizer] = {}
         self._waiting: dict[str, dict] | None = None
         self.retraces = 0
+        #: compile with Inductor's ``fallback_random``: torch's own random kernels, so the
+        #: step draws the numbers the eager loss would (tests)
+        self.eager_random = False
         #: seconds each build took (trace and first compiled call), most recent last
         self.compile_seconds: list[float] = []
 
@@ -198,11 +199,13 @@ class CompiledSVI:
         data = data + list(step_inputs(self.loss))
         step = self._steps.lookup(key)
         if step is not None and step.traced.params_current(pyro.get_param_store()._params):
-            loss, ok = step(data)
-            if not step.traced.guarded or bool(ok):
-                self._advance()
-                return torch_item(loss)
-            self._count_retrace(step.traced)
+            result = step(data)
+            if result is not None:
+                loss, ok = result
+                if not step.traced.guarded or bool(ok):
+                    self._advance()
+                    return torch_item(loss)
+                self._count_retrace(step.traced)
         start = time.perf_counter()
         step = self._build(args, kwargs, data)
         self._steps.insert(key, step)
@@ -269,14 +272,16 @@ class CompiledSVI:
 
     def _build(self, args, kwargs, data) -> _Step:
         loss_fn, model, guide = self._loss_fn, self.model, self.guide
-        traced = trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data)
+        traced = trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data,
+                                     self.loss)
         states = [self._state_for(n, p) for n, p in zip(traced.names, traced.params)]
         optimizers = [self._optimizers[n] for n in traced.names]
-        return _Step(traced, optimizers, states, data, device_of(traced.params + data))
+        return _Step(traced, optimizers, states, data, device_of(traced.params + data),
+                     self.loss, self.eager_random)
 
     def _count_retrace(self, traced: TracedLossGrad) -> None:
         self.retraces = count_retrace(self.retraces, MAX_RETRACES, "CompiledSVI",
                                       traced.where_read(), "pyro.infer.SVI", stacklevel=3)
 
 
-__all__ = ["CompiledSVI", "learning_signal_refusal"]
+__all__ = ["CompiledSVI"]

@@ -22,6 +22,15 @@ What a graph cannot see, and how it is guarded
   does not see (``tolist()``, ``numpy()``) are not guarded.
 * **Parameters created later** (a model whose parameter set changes) show up as a missing
   or reshaped parameter, and the caller retraces.
+
+State the loss carries from step to step
+----------------------------------------
+A loss with a learning signal (a moving-average or learned baseline, a reward normalizer)
+exposes its state as tensors (``carried_state()``) that its updates replace rather than write
+into.  The trace takes them as inputs after the data and returns their new values after the
+gradient, so the graph is a pure map ``(params, data, state) -> (loss, grads, new_state)``; the
+caller hands the new state back to the loss (``load_carried_state``).  The run that discovers
+the parameters pauses the updates (it is not a step), and the trace's own update is undone.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
@@ -129,14 +139,16 @@ def _still_equal(read: ScalarRead) -> torch.Tensor:
 
 @dataclass
 class TracedLossGrad:
-    """An ATen graph ``(*params, *data) -> (loss, *grads[, guard])`` and what it was traced on.
+    """An ATen graph ``(*params, *data, *state) -> (loss, *grads, *new_state[, guard])`` and
+    what it was traced on.
 
     Attributes
     ----------
     graph : torch.fx.GraphModule
         The traced loss and gradient.  Its outputs are ``-L_hat`` (detached), the gradient for
-        each parameter (zeros where the loss does not depend on it) and, when ``reads`` is not
-        empty, one boolean: every value Python read during the trace is unchanged.
+        each parameter (zeros where the loss does not depend on it), the new value of each
+        carried state tensor (``state_keys``) and, when ``reads`` is not empty, one boolean:
+        every value Python read during the trace is unchanged.
     names : list of str
         Param-store names of the parameter inputs, in input order.
     params : list of Tensor
@@ -144,7 +156,9 @@ class TracedLossGrad:
     reads : list of ScalarRead
         The tensor values Python read during the trace, with where.
     outputs : tuple of Tensor
-        The trace's own outputs: the loss and gradient of the traced call itself.
+        The trace's own outputs: the loss, gradient and new state of the traced call itself.
+    state_keys : list
+        The keys of the loss's carried state, in input (and output) order.
     """
 
     graph: torch.fx.GraphModule
@@ -152,6 +166,7 @@ class TracedLossGrad:
     params: list[torch.Tensor]
     reads: list[ScalarRead] = field(default_factory=list)
     outputs: tuple = ()
+    state_keys: list = field(default_factory=list)
 
     @property
     def guarded(self) -> bool:
@@ -168,6 +183,33 @@ class TracedLossGrad:
             if get(name) is not param:
                 return False
         return True
+
+    def state_inputs(self, carrier) -> list[torch.Tensor] | None:
+        """The carrier's current state tensors in the graph's order; ``None`` when its keys are
+        not the traced ones (a site appeared or went: the graph is stale)."""
+        if not self.state_keys:
+            return []
+        state = carrier.carried_state()
+        if len(state) != len(self.state_keys):
+            return None
+        try:
+            return [state[key] for key in self.state_keys]
+        except KeyError:
+            return None
+
+    def new_state(self, outputs) -> dict:
+        """The new carried state among a call's ``outputs``."""
+        start = 1 + len(self.params)
+        return dict(zip(self.state_keys, outputs[start: start + len(self.state_keys)]))
+
+
+@contextmanager
+def _paused(carrier):
+    if carrier is None:
+        yield
+    else:
+        with carrier.state_updates_paused():
+            yield
 
 
 def discover_params(loss_fn) -> tuple[list[str], list[torch.Tensor]]:
@@ -187,7 +229,7 @@ def discover_params(loss_fn) -> tuple[list[str], list[torch.Tensor]]:
     return names, leaves
 
 
-def trace_loss_and_grad(loss_fn, data: list[torch.Tensor]) -> TracedLossGrad:
+def trace_loss_and_grad(loss_fn, data: list[torch.Tensor], carrier=None) -> TracedLossGrad:
     """Trace ``loss_fn() -> -L_hat`` and its gradient into an ATen graph.
 
     Parameters
@@ -197,6 +239,10 @@ def trace_loss_and_grad(loss_fn, data: list[torch.Tensor]) -> TracedLossGrad:
         ``data`` (the same objects), which become graph inputs after the parameters.
     data : list of Tensor
         The call's tensors (see :func:`structure_key`).
+    carrier : loss, optional
+        The loss whose carried state (``carried_state``, ``load_carried_state``,
+        ``state_updates_paused``) enters and leaves the graph; its state is as before on
+        return (the trace's own new state is in ``outputs``).
 
     Raises
     ------
@@ -214,7 +260,10 @@ def trace_loss_and_grad(loss_fn, data: list[torch.Tensor]) -> TracedLossGrad:
                 "a pyro.param, or use jit=False / pyro.infer.SVI"
             )
     ensure_cache_dir()  # before make_fx, whose imports fix Inductor's cache directory
-    names, params = discover_params(loss_fn)
+    with _paused(carrier):
+        names, params = discover_params(loss_fn)
+    carried = carrier.carried_state() if carrier is not None else {}
+    keys, state = list(carried), list(carried.values())
     recorder = _RecordScalarReads()
     outputs: list = []
 
@@ -225,16 +274,35 @@ def trace_loss_and_grad(loss_fn, data: list[torch.Tensor]) -> TracedLossGrad:
         result = (loss.detach(),) + tuple(
             torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)
         )
+        if keys:
+            result = result + _new_state(carrier, keys)
         if recorder.reads:
             checks = [_still_equal(read) for read in recorder.reads]
             result = result + (torch.stack([c.reshape(()) for c in checks]).all(),)
         outputs[:] = [result]
         return result
 
-    with pyro.validation_enabled(False):
-        graph = make_fx(loss_and_grad, tracing_mode="real")(*params, *data)
+    try:
+        with pyro.validation_enabled(False):
+            graph = make_fx(loss_and_grad, tracing_mode="real")(*params, *data, *state)
+    finally:
+        if keys:  # the trace was not a step: its update is in outputs, not in the loss
+            carrier.load_carried_state(dict(zip(keys, state)))
     _refuse_frozen_parameters(graph)
-    return TracedLossGrad(graph, names, params, recorder.reads, outputs[0])
+    return TracedLossGrad(graph, names, params, recorder.reads, outputs[0], keys)
+
+
+def _new_state(carrier, keys: list) -> tuple:
+    after = carrier.carried_state()
+    if list(after) != keys:
+        changed = sorted(set(map(str, after)) ^ set(map(str, keys)))
+        raise RuntimeError(
+            f"the loss's carried state changed its keys while tracing ({', '.join(changed)}): "
+            "a learning-signal site appeared or went between two runs of the same structure; "
+            "a compiled step needs the same attention sites on every call (use jit=False / "
+            "pyro.infer.SVI for a model whose sites vary)"
+        )
+    return tuple(after[key].detach() for key in keys)
 
 
 def _refuse_frozen_parameters(graph: torch.fx.GraphModule) -> None:

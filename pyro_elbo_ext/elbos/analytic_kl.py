@@ -22,6 +22,7 @@ from .engine import Term
 from .kl import analytic_kl, same_value
 from .plan import AUXILIARY, GUIDED, Planning, SiteView, Treatment
 from .sites import is_latent_site, plate_frames
+from .tracing import graph_tracing
 from .treatments import is_delta
 from .validation import check_choice, check_number
 
@@ -182,7 +183,7 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         here for the current step (a compiled call reads it as a graph input instead)."""
         if self._scheduled_weight is None:
             return KLStep(self.kl_weight, self.step_count)
-        if not _tracing():  # traced, the tensor is a graph input: its value is the caller's
+        if not graph_tracing():  # traced, the tensor is a graph input: its value is the caller's
             self.prepare_step_inputs()
         return KLStep(self._scheduled_weight, self.step_count)
 
@@ -446,13 +447,6 @@ def _is_one(weight) -> bool:
     """A constant weight of exactly 1 (a schedule's tensor weight is always applied: a graph
     must not branch on its value)."""
     return not isinstance(weight, torch.Tensor) and weight == 1.0
-
-
-def _tracing() -> bool:
-    """Whether a graph is being traced (make_fx, or TorchScript's tracer)."""
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    return get_proxy_mode() is not None or torch._C._get_tracing_state() is not None
 
 
 def _closed_form_kl(model_site: dict, guide_site: dict) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -355,6 +356,42 @@ class SiteTreatmentELBO(ELBO):
             estimates, self.num_particles,
             notes=self._decomposition_notes(call.settings, plans),
         )
+
+    # ------------------------------------------------------------------ carried state
+    def carried_state(self) -> dict[tuple, torch.Tensor]:
+        """The tensors this loss carries from step to step: its learning signal's state.
+
+        Keyed ``(part, site, what, ...)`` (see
+        :class:`~pyro_elbo_ext.elbos.baselines.LearningSignal`); empty for a stateless loss.
+        Every update replaces these tensors rather than writing into them, so a compiled step
+        takes them as graph inputs and hands back the new ones (:meth:`load_carried_state`).
+        """
+        signal = self.learning_signal
+        return {} if signal is None else signal.carried_state()
+
+    def load_carried_state(self, state: dict[tuple, torch.Tensor]) -> None:
+        """Replace the carried tensors by ``state`` (what a compiled step returned)."""
+        if state:
+            self.learning_signal.load_carried_state(state)
+
+    @contextmanager
+    def state_updates_paused(self):
+        """Training calls inside read (and create) the carried state but leave it unchanged:
+        a compiled step's discovery run, which is not a step."""
+        signal = self.learning_signal
+        if signal is None:
+            yield
+            return
+        previous, signal.paused = signal.paused, True
+        try:
+            yield
+        finally:
+            signal.paused = previous
+
+    def report_carried_state(self) -> None:
+        """After a compiled step: warn, naming the site, for each state update it skipped."""
+        if self.learning_signal is not None:
+            self.learning_signal.warn_skipped()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -11,12 +11,17 @@ Every object here has explicit state and two phases: the forward pass *reads* th
 calls after the particle's gradient is taken, from what the forward pass observed.  An update
 that would take a non-finite value (a NaN reward, a NaN input) is skipped with a warning naming
 the site, and the last finite state is kept.  The state is held by :class:`torch.nn.Module` s
-owned by the loss (never by Pyro's global parameter store), saved and restored with
-``state_dict()`` / ``load_state_dict()``; a checkpoint whose settings differ from the loss's
-own (a decay, a network width) is refused with an error naming both values.
+owned by the loss (never by Pyro's global parameter store), as named tensors
+(:class:`StateSlots`) that an update *replaces* and never writes into: the update is a pure
+function of the old state and the observations, so the same code is traced into a compiled
+step, which takes the state as inputs and returns the new tensors.  It is saved and restored
+with ``state_dict()`` / ``load_state_dict()``; a checkpoint whose settings differ from the
+loss's own (a decay, a network width) is refused with an error naming both values.
 
 Classes
 -------
+StateSlots
+    State as named tensors, replaced by updates; the base of the stateful objects below.
 MovingAverageBaseline
     ``b_j`` = bias-corrected exponential moving average of past rewards (Xu et al. 2015,
     arXiv:1502.03044; Mnih et al. 2014, arXiv:1406.6247).
@@ -35,18 +40,22 @@ LearningSignal
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .engine import Frame, ScoreSite, sum_to_frames
+from .tracing import graph_tracing
 from .validation import check_number, check_positive_int
 
 #: the names accepted by ``HardAttentionELBO(baseline=...)`` (besides ``None``)
 BASELINES = ("moving_average", "learned", "leave_one_out")
+
+#: a state tensor's key within its object: ``(site, what, ...)``
+SlotKey = tuple
 
 
 def check_decay(decay: float) -> float:
@@ -54,8 +63,10 @@ def check_decay(decay: float) -> float:
     return check_number("decay", decay, low=0.0, high=1.0, high_open=True)
 
 
-def _finite(tensor: torch.Tensor) -> bool:
-    return bool(torch.isfinite(tensor).all())
+def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0-dim boolean tensor: every element of every tensor is finite (no Python read)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if len(flags) > 1 else flags[0]
 
 
 def _skip_warning(what: str, site: str) -> None:
@@ -63,7 +74,7 @@ def _skip_warning(what: str, site: str) -> None:
         f"the {what} of site '{site}' was not updated: this step's learning signal is not "
         "finite (a NaN or infinite reward or baseline input); the last finite state is kept",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -85,7 +96,55 @@ def _check_kind(state: dict, kind: str) -> None:
         )
 
 
-class MovingAverageBaseline(nn.Module):
+class StateSlots(nn.Module):
+    """State held as named tensors that each update *replaces* (it never writes in place).
+
+    ``slots`` maps ``(site, what, ...)`` to a tensor, created with its initial value the first
+    time the forward pass reads it.  Because an update only rebinds entries, the same code is
+    the eager update and, traced, the graph's: a compiled step takes :meth:`carried_state` as
+    inputs and hands the new tensors back (:meth:`load_carried_state`).  Every update also sets
+    ``(site, "skipped")``, true when it was skipped for a non-finite input.
+    """
+
+    #: how warnings name this object
+    what = "state"
+
+    def __init__(self):
+        super().__init__()
+        self.slots: dict[SlotKey, torch.Tensor] = {}
+
+    def carried_state(self) -> dict[SlotKey, torch.Tensor]:
+        return dict(self.slots)
+
+    def load_carried_state(self, state: dict[SlotKey, torch.Tensor]) -> None:
+        self.slots.update(state)
+
+    def _settle(self, site: str, ok: torch.Tensor) -> None:
+        """Record whether ``site``'s update was taken; eager, warn at once if it was not."""
+        self.slots[(site, "skipped")] = ~ok
+        if not graph_tracing() and not bool(ok):
+            _skip_warning(self.what, site)
+
+    def skipped_sites(self) -> list[str]:
+        """The sites whose last update was skipped (one read of all flags)."""
+        flags = [(key[0], flag) for key, flag in self.slots.items() if key[1:] == ("skipped",)]
+        if not flags or not bool(torch.stack([f for _, f in flags]).any()):
+            return []
+        return [site for site, flag in flags if bool(flag)]
+
+    def _saved_slots(self) -> dict:
+        """The state for a checkpoint (the per-step skip flags are not state)."""
+        return {k: v.detach().clone() for k, v in self.slots.items() if k[1:] != ("skipped",)}
+
+    def _load_slots(self, saved: dict) -> None:
+        self.slots.update({k: v.detach().clone() for k, v in saved.items()})
+        for site in {key[0] for key in saved}:
+            device = saved[next(k for k in saved if k[0] == site)].device
+            self.slots.setdefault((site, "skipped"),
+                                  torch.zeros((), dtype=torch.bool, device=device))
+
+
+class MovingAverageBaseline(StateSlots):
     r"""Exponential moving average of the reward, one per site.
 
     .. math::
@@ -96,7 +155,7 @@ class MovingAverageBaseline(nn.Module):
     where :math:`\bar R_n` is the mean reward of step n over the site's batch (and particles)
     and the division is the bias correction of a zero-initialized average (as in Adam).  The
     baseline used at step n+1 only depends on past steps, so the estimate stays unbiased.
-    The first step uses ``b = 0``.
+    The first step uses ``b = 0``.  State per site: ``m_n`` and ``n`` (0-dim tensors).
 
     Parameters
     ----------
@@ -105,50 +164,57 @@ class MovingAverageBaseline(nn.Module):
     """
 
     kind = "moving_average"
+    what = "moving-average baseline"
 
     def __init__(self, decay: float = 0.9):
         super().__init__()
         self.decay = check_decay(decay)
-        self.averages: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+
+    def _state(self, site: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        average = self.slots.get((site, "average"))
+        if average is None:
+            average = self.slots[(site, "average")] = like.new_zeros(())
+            self.slots[(site, "count")] = like.new_zeros(())
+            self.slots[(site, "skipped")] = torch.zeros((), dtype=torch.bool,
+                                                        device=like.device)
+        return average, self.slots[(site, "count")]
 
     def value(self, site: str, like: torch.Tensor) -> torch.Tensor:
         """The current baseline of ``site`` (0 before its first update); reads the state."""
-        count = self.counts.get(site, 0)
-        if count == 0:
-            return like.new_zeros(())
-        return (self.averages[site] / (1.0 - self.decay**count)).to(like)
+        average, count = self._state(site, like)
+        debiased = average / (1.0 - self.decay**count)  # 0/0 before the first update
+        return torch.where(count > 0, debiased, torch.zeros_like(debiased)).to(like)
 
     @staticmethod
-    def advance(average: torch.Tensor | None, count: int, mean_reward: torch.Tensor,
-                decay: float) -> tuple[torch.Tensor, int]:
+    def advance(average: torch.Tensor, count: torch.Tensor, mean_reward: torch.Tensor,
+                decay: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The state after one step, state in and state out: ``(m_n, n)``."""
-        previous = mean_reward.new_zeros(()) if average is None else average.to(mean_reward)
-        return decay * previous + (1.0 - decay) * mean_reward, count + 1
+        return decay * average.to(mean_reward) + (1.0 - decay) * mean_reward, count + 1
+
+    def fold(self, site: str, reward: torch.Tensor,
+             gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Fold this step's mean reward in where it is finite (and ``gate`` holds); returns
+        whether it was folded in (a 0-dim boolean tensor)."""
+        mean = reward.detach().mean()
+        average, count = self._state(site, mean)
+        new_average, new_count = self.advance(average, count, mean, self.decay)
+        ok = _all_finite(mean) if gate is None else gate & _all_finite(mean)
+        self.slots[(site, "average")] = torch.where(ok, new_average, average)
+        self.slots[(site, "count")] = torch.where(ok, new_count, count)
+        return ok
 
     def update(self, site: str, reward: torch.Tensor) -> None:
         """Fold this step's mean reward into the average (skipped if it is not finite)."""
-        mean = reward.detach().mean()
-        if not _finite(mean):
-            _skip_warning("moving-average baseline", site)
-            return
-        self.averages[site], self.counts[site] = self.advance(
-            self.averages.get(site), self.counts.get(site, 0), mean, self.decay
-        )
+        self._settle(site, self.fold(site, reward))
 
     def get_extra_state(self) -> dict:
-        return {
-            "kind": self.kind,
-            "decay": self.decay,
-            "averages": {k: v.detach().clone() for k, v in self.averages.items()},
-            "counts": dict(self.counts),
-        }
+        return {"kind": self.kind, "decay": self.decay, "slots": self._saved_slots()}
 
     def set_extra_state(self, state: dict) -> None:
         _check_kind(state, self.kind)
         _check_setting("moving-average baseline", "decay", state["decay"], self.decay)
-        self.averages = {k: v.detach().clone() for k, v in state["averages"].items()}
-        self.counts = dict(state["counts"])
+        self.slots = {}
+        self._load_slots(state["slots"])
 
 
 def default_baseline_net(in_features: int, hidden_dim: int) -> nn.Module:
@@ -156,7 +222,13 @@ def default_baseline_net(in_features: int, hidden_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_features, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, 1))
 
 
-class LearnedBaseline(nn.Module):
+def _adam(lr: float):
+    from ..compiled.optimizers import Adam  # torch.optim.Adam's update, as a pure function
+
+    return Adam.from_args({"lr": lr})
+
+
+class LearnedBaseline(StateSlots):
     r"""An input-dependent baseline network per site, regressed on the reward.
 
     .. math::
@@ -174,14 +246,17 @@ class LearnedBaseline(nn.Module):
     reward; e.g. the coarse view of the image).  ``x_j`` must not depend on ``l_j`` itself
     (Mnih et al. 2014, arXiv:1406.6247; NVIL, Mnih & Gregor 2014, arXiv:1402.0030).
 
-    How it learns: the forward pass predicts the baseline from the current parameters
+    How it learns: the forward pass predicts the baseline from the current weights
     (:meth:`predict`); after the particle's gradient is taken, :meth:`update` moves the
-    average and takes one step of the network's own Adam optimizer (learning rate ``lr``) on
-    the squared error against that step's rewards.  The prediction used in the learning signal
-    comes from the parameters before that update, so it does not depend on the sample it
-    multiplies, and the estimator stays unbiased.  The network's parameters belong to this
-    module only: not to Pyro's parameter store, not to the user's optimizer.  Evaluation calls
-    (``loss``, ``decompose``) neither update the average nor train the network.
+    average and takes one Adam step (learning rate ``lr``; ``torch.optim.Adam``'s update,
+    written as a pure function) on the squared error against that step's rewards.  The
+    prediction used in the learning signal comes from the weights before that update, so it
+    does not depend on the sample it multiplies, and the estimator stays unbiased.  The
+    weights and the Adam moments are tensors of this object's state (``slots``; the network
+    module only gives the architecture, evaluated with :func:`torch.func.functional_call`):
+    not in Pyro's parameter store, not seen by the user's optimizer, and carried through a
+    compiled step.  Evaluation calls (``loss``, ``decompose``) neither update the average nor
+    train the network.
 
     Parameters
     ----------
@@ -194,10 +269,11 @@ class LearnedBaseline(nn.Module):
     decay : float
         Decay of the moving average ``m_j``.
     lr : float
-        Learning rate (> 0, finite) of the network's own Adam optimizer.
+        Learning rate (> 0, finite) of the network's Adam.
     """
 
     kind = "learned"
+    what = "learned baseline"
 
     def __init__(
         self,
@@ -210,43 +286,46 @@ class LearnedBaseline(nn.Module):
         self.hidden_dim = check_positive_int("baseline_hidden_dim", hidden_dim)
         self.net_factory = net_factory
         self.lr = check_number("baseline_lr", lr, low=0.0, low_open=True)
-        self.nets = nn.ModuleDict()
-        self.site_keys: dict[str, str] = {}  # site name -> ModuleDict key
+        self.adam = _adam(self.lr)
+        #: per site, the network's architecture (its weights live in ``slots``)
+        self.architectures: dict[str, nn.Module] = {}
         self.in_features: dict[str, int] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}  # ModuleDict key -> its Adam
         self.center = MovingAverageBaseline(decay)
 
-    def _add_net(self, site: str, key: str, in_features: int, like: torch.Tensor) -> None:
+    def _add_net(self, site: str, in_features: int, like: torch.Tensor) -> None:
         if self.net_factory is not None:
             net = self.net_factory(site, in_features)
         else:
             net = default_baseline_net(in_features, self.hidden_dim)
         net = net.to(dtype=like.dtype, device=like.device)
-        self.nets[key] = net
-        self.site_keys[site] = key
+        self.architectures[site] = net
         self.in_features[site] = in_features
-        self.optimizers[key] = torch.optim.Adam(net.parameters(), lr=self.lr)
+        self.slots[(site, "skipped")] = torch.zeros((), dtype=torch.bool, device=like.device)
+        for name, param in net.named_parameters():
+            self.slots[(site, "weight", name)] = param.detach().clone()
+            for key, value in self.adam.init_state(param).items():
+                self.slots[(site, "adam", name, key)] = value
 
-    def _net(self, site: str, x: torch.Tensor) -> nn.Module:
-        key = self.site_keys.get(site)
-        if key is None:
-            key = f"site{len(self.site_keys)}"
-            self._add_net(site, key, x.shape[-1], x)
+    def _weights(self, site: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The current weights of ``site``'s network (built on first use), checked against x."""
+        if site not in self.architectures:
+            self._add_net(site, x.shape[-1], x)
         elif self.in_features[site] != x.shape[-1]:
             raise ValueError(
                 f"the baseline_input of site '{site}' has {x.shape[-1]} features, but its "
                 f"baseline network was built for {self.in_features[site]}; keep the input's "
                 "last dimension fixed"
             )
-        net = self.nets[key]
-        weight = next(net.parameters(), None)
+        weights = {key[2]: value for key, value in self.slots.items()
+                   if key[0] == site and key[1] == "weight"}
+        weight = next(iter(weights.values()), None)
         if weight is not None and weight.dtype != x.dtype:
             raise ValueError(
                 f"the baseline_input of site '{site}' has dtype {x.dtype}, but its baseline "
                 f"network has dtype {weight.dtype}; pass infer={{'baseline_input': "
                 f"x.to({weight.dtype})}} (the dtype of the model's data)"
             )
-        return net
+        return weights
 
     def _input(self, site: str, baseline_input, reward: torch.Tensor) -> torch.Tensor:
         """The checked, detached input of ``site``'s network."""
@@ -282,45 +361,45 @@ class LearnedBaseline(nn.Module):
         """The current baseline ``scale * (m + f(x))`` of ``site``; reads the state only."""
         like = baseline_input.new_zeros(()) if reward_like is None else reward_like
         x = self._input(site, baseline_input, like)
+        weights = self._weights(site, x)
         with torch.no_grad():
-            prediction = self._net(site, x)(x).squeeze(-1)
+            prediction = functional_call(self.architectures[site], weights, (x,)).squeeze(-1)
         return (scale * (self.center.value(site, like) + prediction)).detach()
 
     def update(self, site: str, reward: torch.Tensor, baseline_input: torch.Tensor,
                scale: torch.Tensor | float) -> None:
         """After the gradient: move the average, then one Adam step of the regression.
 
-        Skipped, with a warning naming the site, when the reward or the input is not finite.
+        Skipped, with a warning naming the site, when the reward or the input is not finite
+        (the average too), or when the regression's gradient is not.
         """
         x = self._input(site, baseline_input, reward)
         target = reward.detach() / scale
-        if not (_finite(target) and _finite(x)):
-            _skip_warning("learned baseline", site)
-            return
+        inputs_ok = _all_finite(target, x)
         center = self.center.value(site, target)
-        self.center.update(site, target)
-        key = self.site_keys[site]
-        net, optimizer = self.nets[key], self.optimizers[key]
+        self.center.fold(site, target, inputs_ok)
+        weights = self._weights(site, x)
         with torch.enable_grad():
-            loss = 0.5 * (target - center - net(x).squeeze(-1)).pow(2).sum()
-            grads = torch.autograd.grad(loss, list(net.parameters()))
-        if not all(_finite(g) for g in grads):
-            _skip_warning("learned baseline", site)
-            return
-        optimizer.zero_grad(set_to_none=True)
-        for param, grad in zip(net.parameters(), grads):
-            param.grad = grad
-        optimizer.step()
+            leaves = {name: w.detach().requires_grad_() for name, w in weights.items()}
+            prediction = functional_call(self.architectures[site], leaves, (x,)).squeeze(-1)
+            loss = 0.5 * (target - center - prediction).pow(2).sum()
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+        ok = inputs_ok & _all_finite(*grads)
+        for (name, weight), grad in zip(weights.items(), grads):
+            keys = [key for key in self.slots if key[:3] == (site, "adam", name)]
+            state = {key[3]: self.slots[key] for key in keys}
+            new_weight, new_state = self.adam.update(weight, grad, state)
+            self.slots[(site, "weight", name)] = torch.where(ok, new_weight, weight)
+            for key in keys:
+                self.slots[key] = torch.where(ok, new_state[key[3]], state[key[3]])
+        self._settle(site, ok)
 
     def get_extra_state(self) -> dict:
-        dtypes = {p.dtype for p in self.nets.parameters()}
-        return {"kind": self.kind, "site_keys": dict(self.site_keys),
-                "in_features": dict(self.in_features), "hidden_dim": self.hidden_dim,
-                "lr": self.lr, "dtype": dtypes.pop() if len(dtypes) == 1 else None,
-                # copies: torch's optimizer state_dict holds the live moment tensors, and a
-                # loss restored in the same process would otherwise step them in place too
-                "optimizers": {k: copy.deepcopy(opt.state_dict())
-                               for k, opt in self.optimizers.items()}}
+        dtypes = {w.dtype for k, w in self.slots.items() if k[1] == "weight"}
+        return {"kind": self.kind, "in_features": dict(self.in_features),
+                "hidden_dim": self.hidden_dim, "lr": self.lr,
+                "dtype": dtypes.pop() if len(dtypes) == 1 else None,
+                "slots": self._saved_slots()}
 
     def set_extra_state(self, state: dict) -> None:
         _check_kind(state, self.kind)
@@ -328,15 +407,10 @@ class LearnedBaseline(nn.Module):
                        self.hidden_dim)
         _check_setting("learned baseline", "baseline_lr", state["lr"], self.lr)
         like = torch.zeros((), dtype=state.get("dtype") or torch.get_default_dtype())
-        for site, key in state["site_keys"].items():
-            if site not in self.site_keys:
-                if key in self.nets:
-                    raise ValueError(f"cannot load baseline state: key {key!r} already in use")
-                self._add_net(site, key, state["in_features"][site], like)
-        # the parameters are copied in after this (children load later), into the same
-        # tensors the optimizers hold
-        for key, optimizer_state in state.get("optimizers", {}).items():
-            self.optimizers[key].load_state_dict(optimizer_state)
+        for site, in_features in state["in_features"].items():
+            if site not in self.architectures:
+                self._add_net(site, in_features, like)
+        self._load_slots(state["slots"])
 
 
 class LeaveOneOutBaseline(nn.Module):
@@ -370,7 +444,7 @@ class LeaveOneOutBaseline(nn.Module):
         return (reward.sum(particle_dim, keepdim=True) - reward) / (k - 1)
 
 
-class SignalNormalizer(nn.Module):
+class SignalNormalizer(StateSlots):
     r"""NVIL's variance normalization of the centred learning signal.
 
     .. math::
@@ -378,44 +452,62 @@ class SignalNormalizer(nn.Module):
         s = (R - b) / \max(1, \sqrt{v}), \qquad v \leftarrow \delta v + (1 - \delta)
         \overline{(R - b)^2}
 
-    (Mnih & Gregor 2014, arXiv:1402.0030, section 3.3).  ``v`` is updated after use, so each
-    step's scale only depends on the past.  Dividing the score-function part (and not the
-    pathwise part) by a positive number changes the gradient's direction whenever that number
-    is not 1: with normalization the estimate is a rescaled, not an unbiased, estimate of dF.
+    (Mnih & Gregor 2014, arXiv:1402.0030, section 3.3); the first update sets
+    :math:`v = \overline{(R - b)^2}`, and before it the signal is not scaled.  ``v`` is updated
+    after use, so each step's scale only depends on the past.  Dividing the score-function
+    part (and not the pathwise part) by a positive number changes the gradient's direction
+    whenever that number is not 1: with normalization the estimate is a rescaled, not an
+    unbiased, estimate of dF.
     """
+
+    what = "signal normalizer"
 
     def __init__(self, decay: float = 0.9):
         super().__init__()
         self.decay = check_decay(decay)
-        self.variances: dict[str, torch.Tensor] = {}
+
+    def _state(self, site: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        variance = self.slots.get((site, "variance"))
+        if variance is None:
+            variance = self.slots[(site, "variance")] = like.new_zeros(())
+            self.slots[(site, "seen")] = torch.zeros((), dtype=torch.bool, device=like.device)
+            self.slots[(site, "skipped")] = torch.zeros((), dtype=torch.bool,
+                                                        device=like.device)
+        return variance, self.slots[(site, "seen")]
 
     def value(self, site: str, signal: torch.Tensor) -> torch.Tensor:
         """The normalized signal, from the current state."""
-        variance = self.variances.get(site)
-        scale = 1.0 if variance is None else float(variance.clamp(min=1.0).sqrt())
+        variance, seen = self._state(site, signal)
+        scale = torch.where(seen, variance.to(signal).clamp(min=1.0).sqrt(),
+                            torch.ones_like(variance, dtype=signal.dtype))
         return signal / scale
 
     def update(self, site: str, signal: torch.Tensor) -> None:
         """Fold this step's centred signal into the running second moment (finite only)."""
         second = signal.detach().pow(2).mean()
-        if not _finite(second):
-            _skip_warning("signal normalizer", site)
-            return
-        variance = self.variances.get(site)
-        self.variances[site] = (second if variance is None
-                                else self.decay * variance.to(second) + (1 - self.decay) * second)
+        variance, seen = self._state(site, second)
+        variance = variance.to(second)
+        blended = torch.where(seen, self.decay * variance + (1 - self.decay) * second, second)
+        ok = _all_finite(second)
+        self.slots[(site, "variance")] = torch.where(ok, blended, variance)
+        self.slots[(site, "seen")] = seen | ok
+        self._settle(site, ok)
 
     def get_extra_state(self) -> dict:
-        return {"decay": self.decay,
-                "variances": {k: v.detach().clone() for k, v in self.variances.items()}}
+        return {"decay": self.decay, "slots": self._saved_slots()}
 
     def set_extra_state(self, state: dict) -> None:
         _check_setting("signal normalizer", "decay", state["decay"], self.decay)
-        self.variances = {k: v.detach().clone() for k, v in state["variances"].items()}
+        self.slots = {}
+        self._load_slots(state["slots"])
 
 
 class LearningSignal(nn.Module):
     """Everything a hard-attention loss learns besides the model: reward, baseline, normalizer.
+
+    Its state (:meth:`carried_state`) is a flat dict of tensors, keyed ``(part, site, what,
+    ...)`` with ``part`` one of ``"baseline"``, ``"center"`` (a learned baseline's average)
+    and ``"normalizer"``; a compiled step carries it through its graph.
 
     Parameters
     ----------
@@ -432,18 +524,43 @@ class LearningSignal(nn.Module):
         self.baseline = baseline
         self.normalizer = normalizer
         self.zero_one = zero_one
+        #: while true, training calls read (and create) the state but do not update it
+        self.paused = False
 
     @property
     def needed(self) -> bool:
         """Whether the signal differs from the plain reward at all."""
         return self.baseline is not None or self.normalizer is not None or self.zero_one
 
+    def _parts(self) -> dict[str, StateSlots]:
+        parts = {"baseline": self.baseline, "center": getattr(self.baseline, "center", None),
+                 "normalizer": self.normalizer}
+        return {name: part for name, part in parts.items() if isinstance(part, StateSlots)}
+
+    def carried_state(self) -> dict[tuple, torch.Tensor]:
+        """Every state tensor, keyed ``(part, site, what, ...)``."""
+        return {(name,) + key: value for name, part in self._parts().items()
+                for key, value in part.slots.items()}
+
+    def load_carried_state(self, state: dict[tuple, torch.Tensor]) -> None:
+        """Replace state tensors by the given ones (keys as :meth:`carried_state`'s)."""
+        parts = self._parts()
+        for key, value in state.items():
+            parts[key[0]].slots[key[1:]] = value
+
+    def warn_skipped(self) -> None:
+        """Warn, naming the site, for every update of the last step that was skipped."""
+        for part in self._parts().values():
+            for site in part.skipped_sites():
+                _skip_warning(part.what, site)
+
     def bind(self, ctx, training: bool, particle_dim: int) -> BoundSignal:
         """The signal of one particle (the engine's ``SignalFn``), reading the state only."""
         from .rewards import zero_one_shift  # the reward transform's own module
 
         shift = zero_one_shift(ctx.model_trace) if self.zero_one else None
-        return BoundSignal(self, ctx.model_trace, shift, training, particle_dim)
+        return BoundSignal(self, ctx.model_trace, shift, training and not self.paused,
+                           particle_dim)
 
     def load_state_dict(self, state_dict, strict: bool = True):
         """Restore a checkpoint, refusing one of another baseline kind with a named error."""
@@ -490,7 +607,6 @@ class BoundSignal:
         self.observed: list[tuple] = []
 
     def __call__(self, site: ScoreSite, reward: torch.Tensor) -> torch.Tensor:
-        reward = reward
         if self.shift:
             reward = reward + sum_to_frames(self.shift, site.frames)
         baseline = self.signal.baseline
@@ -534,6 +650,7 @@ __all__ = [
     "LeaveOneOutBaseline",
     "MovingAverageBaseline",
     "SignalNormalizer",
+    "StateSlots",
     "check_decay",
     "default_baseline_net",
 ]

@@ -32,8 +32,6 @@ from .treatments import analytic_entropy
 from .validation import check_choice, check_number, check_positive_int
 
 ESTIMATORS = ("enum", "reinforce")
-#: baselines that learn from call to call (a compiled trace would freeze them)
-STATEFUL_BASELINES = ("moving_average", "learned")
 REWARDS = ("log_likelihood", "zero_one")
 
 
@@ -117,15 +115,14 @@ class HardAttentionELBO(JensenELBO):
     the attention policy), not the gradient of F.  The reported loss is -F in every case
     (plus the entropy bonus when ``entropy_weight > 0``).
 
-    ``jit=True`` compiles the loss as for the other losses (:mod:`pyro_elbo_ext.compiled`) where
-    nothing in it changes from call to call: ``estimator="enum"``, and ``"reinforce"`` with
-    ``baseline=None`` or ``"leave_one_out"`` and ``normalize=False``.  The moving-average and
-    learned baselines and the normalizer learn on every call, which a compiled trace would
-    freeze, so they refuse ``jit=True``.  The baseline and normalizer state is a
-    :class:`torch.nn.Module`, :attr:`learning_signal`
+    ``jit=True`` (and :class:`~pyro_elbo_ext.CompiledSVI`) compiles every configuration as
+    for the other losses (:mod:`pyro_elbo_ext.compiled`).  The baseline and normalizer state
+    is a :class:`torch.nn.Module`, :attr:`learning_signal`
     (:class:`~pyro_elbo_ext.elbos.baselines.LearningSignal`), owned by this loss; the forward
-    pass reads it and an explicit update after each particle's gradient writes it (a
-    non-finite update is skipped with a warning naming the site).  :meth:`state_dict` /
+    pass reads it and an explicit update after each particle's gradient replaces it (a
+    non-finite update is skipped with a warning naming the site).  Its tensors are the loss's
+    :meth:`carried_state`, which a compiled step takes as inputs and returns updated, so a
+    compiled baseline learns exactly as the eager one does.  :meth:`state_dict` /
     :meth:`load_state_dict` save and restore it; a checkpoint of another baseline kind, or
     with other settings (``decay``, ``baseline_hidden_dim``, ``baseline_lr``,
     ``normalize``), is refused with an error naming both values.
@@ -186,14 +183,6 @@ class HardAttentionELBO(JensenELBO):
         entropy: str = "analytic",
         **kwargs,
     ):
-        if kwargs.get("jit") and (baseline in STATEFUL_BASELINES or normalize):
-            what = f"baseline={baseline!r}" if baseline in STATEFUL_BASELINES else "normalize=True"
-            raise ValueError(
-                f"HardAttentionELBO with {what} cannot be compiled (jit=True): it updates its "
-                "state on every call, which a compiled trace would freeze. Use jit=False, or a "
-                "stateless configuration (estimator='enum', or baseline=None / 'leave_one_out' "
-                "without normalize)"
-            )
         super().__init__(num_particles=num_particles, entropy=entropy, **kwargs)
         self._base_plate_nesting = self.max_plate_nesting - (
             1 if self.vectorize_particles and self.num_particles > 1 else 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pyro.poutine as poutine
+import torch
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
@@ -133,3 +134,11 @@ def _without(trace: Trace, names: list[str]) -> Trace:
 
 
 __all__ = ["ModelWrapper", "trace_model_and_guide", "validate_traces"]
+
+
+def graph_tracing() -> bool:
+    """Whether a graph is being traced (``make_fx``, or TorchScript's tracer): Python reads of
+    tensor values would then be frozen into the graph."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None or torch._C._get_tracing_state() is not None
