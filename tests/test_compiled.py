@@ -112,6 +112,30 @@ def test_compiled_loss_and_grads_matches_value(traced_only):
     assert value == pytest.approx(eager, abs=1e-10)
 
 
+def test_compiled_loss_and_grads_accumulates_like_backward(traced_only):
+    """``loss_and_grads`` adds the compiled gradient into ``.grad`` without autograd: two
+    calls without zeroing hold the sum of the two draws' eager gradients."""
+    problem = get_problem("normal_normal", dtype=torch.float64)
+    problem.set_params()
+    leaves = list(problem.unconstrained_params().values())
+    expected = [torch.zeros_like(leaf) for leaf in leaves]
+    for seed in (3, 4):
+        pyro.set_rng_seed(seed)
+        loss = JensenELBO().differentiable_loss(problem.model, problem.guide, *problem.args)
+        for total, grad in zip(expected, torch.autograd.grad(loss, leaves)):
+            total += grad
+    elbo = JensenELBO(jit=True)
+    elbo.loss_and_grads(problem.model, problem.guide, *problem.args)  # traces
+    for leaf in leaves:
+        leaf.grad = None
+    for seed in (3, 4):
+        pyro.set_rng_seed(seed)
+        elbo.loss_and_grads(problem.model, problem.guide, *problem.args)
+    for leaf, total in zip(leaves, expected):
+        torch.testing.assert_close(leaf.grad, total, rtol=1e-10, atol=1e-12)
+    assert elbo.step_count == 3
+
+
 def _attention_problem(name):
     options = {"num_train": 64, "num_test": 16, "batch_size": 16} if name == "cluttered_digits" \
         else {}

@@ -94,6 +94,13 @@ class CompiledLoss:
         self.retraces = 0
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
+        """``-L_hat`` as a tensor whose ``backward()`` hands out the compiled gradient."""
+        value, grads, params = self.value_and_grads(*args, **kwargs)
+        return _LossWithGradient.apply((value, grads), *params)
+
+    def value_and_grads(self, *args, **kwargs):
+        """``(-L_hat, d(-L_hat)/dparams, params)`` from one call of the compiled graph (traced
+        and compiled first for a new structure); the loss takes its new carried state."""
         loss = self._loss()
         key, data = structure_key(args, kwargs)
         data = data + list(step_inputs(loss))  # e.g. a scheduled KL weight
@@ -117,13 +124,12 @@ class CompiledLoss:
         return self._result(loss, traced, traced.outputs)
 
     @staticmethod
-    def _result(loss, traced: TracedLossGrad, outputs) -> torch.Tensor:
-        """The loss tensor of a call's outputs; the loss takes its new carried state."""
+    def _result(loss, traced: TracedLossGrad, outputs):
         if traced.state_keys:
             loss.load_carried_state(traced.new_state(outputs))
             loss.report_carried_state()
         params = traced.params
-        return _LossWithGradient.apply((outputs[0], outputs[1: 1 + len(params)]), *params)
+        return outputs[0], tuple(outputs[1: 1 + len(params)]), params
 
     def _trace(self, loss, args, kwargs, data) -> TracedLossGrad:
         loss_fn, model, guide = eager_loss_fn(loss), self.model, self.guide
@@ -147,6 +153,20 @@ def prepare_step_inputs(loss) -> None:
     prepare = getattr(loss, "prepare_step_inputs", None)
     if prepare is not None:
         prepare()
+
+
+def accumulate_grads(params, grads) -> None:
+    """Add ``grads`` into the parameters' ``.grad``, as ``backward()`` would (a parameter
+    without one gets a copy: a graph output may alias one of its inputs)."""
+    existing, increments = [], []
+    for param, grad in zip(params, grads):
+        if param.grad is None:
+            param.grad = grad.clone()
+        else:
+            existing.append(param.grad)
+            increments.append(grad)
+    if existing:
+        torch._foreach_add_(existing, increments)
 
 
 def _announce_params(names) -> None:

@@ -295,9 +295,7 @@ class SiteTreatmentELBO(ELBO):
         gradient is not finite, with a warning.
         """
         if self.jit:
-            loss = self.differentiable_loss(model, guide, *args, **kwargs)
-            loss.backward(retain_graph=self.retain_graph)
-            value = torch_item(loss)
+            value = self._compiled_loss_and_grads(model, guide, args, kwargs)
             if is_validation_enabled() and not math.isfinite(value):
                 warnings.warn(
                     f"{type(self).__name__}(jit=True): the estimate of L is not finite; a "
@@ -324,6 +322,17 @@ class SiteTreatmentELBO(ELBO):
             self._update_signal(est)
         self.step_count += 1
         return loss
+
+    def _compiled_loss_and_grads(self, model, guide, args, kwargs) -> float:
+        """``jit=True``: -L_hat from the compiled graph, its gradient added into ``.grad``
+        directly (what ``differentiable_loss(...).backward()`` does, without autograd)."""
+        from ..compiled.jit import accumulate_grads
+
+        self.prepare_step_inputs()
+        value, grads, params = self._compiled_loss(model, guide).value_and_grads(*args, **kwargs)
+        accumulate_grads(params, grads)
+        self.step_count += 1
+        return torch_item(value)
 
     def _parameter_leaves(self, model, guide, surrogate: torch.Tensor) -> list[torch.Tensor]:
         """The parameters behind ``surrogate``, found by an autograd walk every 64th call.
