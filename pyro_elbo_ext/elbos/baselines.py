@@ -101,9 +101,10 @@ class StateSlots(nn.Module):
 
     ``slots`` maps ``(site, what, ...)`` to a tensor, created with its initial value the first
     time the forward pass reads it.  Because an update only rebinds entries, the same code is
-    the eager update and, traced, the graph's: a compiled step takes :meth:`carried_state` as
-    inputs and hands the new tensors back (:meth:`load_carried_state`).  Every update also sets
-    ``(site, "skipped")``, true when it was skipped for a non-finite input.
+    the eager update and, traced, the graph's: a compiled step takes the slots as inputs and
+    hands the new tensors back (through :meth:`LearningSignal.carried_state` and
+    :meth:`LearningSignal.load_carried_state`).  Every update also sets ``(site, "skipped")``,
+    true when it was skipped for a non-finite input.
     """
 
     #: how warnings name this object
@@ -112,12 +113,6 @@ class StateSlots(nn.Module):
     def __init__(self):
         super().__init__()
         self.slots: dict[SlotKey, torch.Tensor] = {}
-
-    def carried_state(self) -> dict[SlotKey, torch.Tensor]:
-        return dict(self.slots)
-
-    def load_carried_state(self, state: dict[SlotKey, torch.Tensor]) -> None:
-        self.slots.update(state)
 
     def _settle(self, site: str, ok: torch.Tensor) -> None:
         """Record whether ``site``'s update was taken; eager, warn at once if it was not."""
