@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pyro.infer.elbo import ELBO
@@ -52,8 +51,7 @@ from .validation import (
 MAX_CACHED_PLANS = 32
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """One call of the loss: what it was called with and its settings (passed, not stored)."""
 
     model: Any
@@ -310,7 +308,8 @@ class SiteTreatmentELBO(ELBO):
         validating = is_validation_enabled()
         for est in self._estimates(call):
             value = torch_item(est.elbo)
-            self._check_finite(est, value)
+            if validating:
+                self._check_finite(est, value)
             loss -= value / self.num_particles
             surrogate_loss = -est.surrogate
             if self.num_particles != 1:
@@ -320,7 +319,8 @@ class SiteTreatmentELBO(ELBO):
                 if validating:
                     leaves = self._parameter_leaves(model, guide, surrogate_loss)
                     warn_nonfinite_gradient(est, leaves, type(self).__name__)
-            self._update_signal(est)
+            if est.signal is not None:
+                est.signal.update()  # the learning signal's state, after the gradient
         self.step_count += 1
         return loss
 
