@@ -151,7 +151,8 @@ class SiteTreatmentELBO(ELBO):
                                      wrap_model=self._model_wrapper())
 
     def _begin(self, model, guide, args, kwargs, training: bool) -> Call:
-        key = (model, guide, argument_signature(args), argument_signature(kwargs))
+        key = (model, guide, argument_signature(args),
+               argument_signature(kwargs) if kwargs else None)
         return Call(model, guide, args, kwargs, self._step_settings(training), training, key)
 
     def _plan_for(self, call: Call, model_trace, guide_trace) -> Plan:
