@@ -119,7 +119,9 @@ class ParticleEstimate:
     """The engine's result for one particle (or one vectorized batch of particles).
 
     ``elbo`` is the estimate of L (summed over vectorized particles, not averaged);
-    ``surrogate`` is the differentiable surrogate of L whose gradient estimates dL;
+    ``surrogate`` is the differentiable surrogate of L whose gradient estimates dL (``elbo``
+    itself, the same tensor, when every term's gradient is pathwise and no site has a score
+    term);
     ``terms`` are the terms that were summed.
     """
 
