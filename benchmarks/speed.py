@@ -76,6 +76,7 @@ Results go to ``benchmarks/results/speed.{json,md}`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -255,6 +256,27 @@ def _peak_memory(step: StepFn) -> int:
         return int(tracemalloc.get_traced_memory()[1] - base)
     finally:
         tracemalloc.stop()
+
+
+def pin_malloc_thresholds(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20
+                          ) -> bool:
+    """Fix glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` for this process.
+
+    By default glibc raises both as large blocks are freed, and returns the top of the heap to
+    the OS once more than the trim threshold is free there; whether a step's multi-MB
+    temporaries (logistic regression at 32 particles: two 5 MB products) then come back as
+    fresh pages depends on the heap's layout, which every contestant's allocations shift:
+    from ~100 to ~1,400 page faults per step (0.3-3 ms of a 3.5 ms step), varying from run
+    to run for every contestant, Pyro's and the bound included.  Fixed thresholds (the
+    environment's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do the same) keep
+    the heap mapped, so the times compare the computations.  Returns whether it applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # malloc.h: M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1
+        return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def run_group(spec, problem, pairings, num_particles: int, validation: bool, rounds: int,
@@ -462,7 +484,10 @@ def markdown(result: dict) -> str:
         + ("" if result["settings"].get("no_rewarm") else
            " after one untimed step (the first after a switch of contestant runs on cold "
            "caches)")
-        + ", inner repeat from the median of 5 timed steps; times are medians over rounds, "
+        + ", inner repeat from the median of 5 timed steps"
+        + ("; glibc's malloc thresholds pinned (--pin-malloc)"
+           if result["settings"].get("pin_malloc") else "")
+        + "; times are medians over rounds, "
         "ratios are medians of per-round ratios [interquartile range]",
         "- clock: process CPU time (time.process_time: immune to preemption by the other load "
         "on this shared machine; counts every thread of the process)"
@@ -787,6 +812,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="torch.set_num_threads (default 1: at these sizes intra-op threads "
                         "add synchronization and stall on a loaded machine)")
     parser.add_argument("--no-numpyro", action="store_true")
+    parser.add_argument("--pin-malloc", action="store_true",
+                        help="fix glibc's mmap and trim thresholds (see pin_malloc_thresholds): "
+                        "steps with multi-MB temporaries then stop page-faulting at random")
     parser.add_argument("--no-rewarm", action="store_true",
                         help="time each sample from its first step (by default one untimed "
                         "step first: the step after a switch of contestant runs on cold caches)")
@@ -813,6 +841,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _run(args: argparse.Namespace) -> dict:
     CLOCK["name"] = args.clock
+    if args.pin_malloc and not pin_malloc_thresholds():
+        print("--pin-malloc: not glibc, thresholds left as they are", flush=True)
     rng = random.Random(args.seed)
     use_numpyro = not args.no_numpyro
     if use_numpyro:
