@@ -55,8 +55,11 @@ does not run the handlers, so for jit targets the bound is given for reference o
 
 Protocol: every contestant of a group (problem, particles, validation) is built and warmed up
 (compilation included), then timed in ``--rounds`` interleaved rounds, in a shuffled order in
-each round; a round's sample of a contestant is the mean of ``k`` back-to-back steps, with
-``k`` chosen from the warm-up so that a sample lasts about ``--sample-ms``. Reported: the median
+each round; a round's sample of a contestant is the mean of ``k`` back-to-back steps, after
+one untimed step (the first step after a switch of contestant runs on caches the other one
+evicted, a cost a training loop does not pay; ``--no-rewarm`` times it too), with ``k`` chosen
+from the median of 5 timed steps after the warm-up so that a sample lasts about
+``--sample-ms`` (every contestant of similar speed gets the same ``k``). Reported: the median
 per-step time and, for each comparison, the median over rounds of the per-round ratio (paired,
 so that load on the machine cancels), with its interquartile range. Peak memory of one step is
 measured afterwards with ``tracemalloc`` (on CPU it sees Python-heap allocations, the
@@ -73,6 +76,7 @@ Results go to ``benchmarks/results/speed.{json,md}`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -254,21 +258,51 @@ def _peak_memory(step: StepFn) -> int:
         tracemalloc.stop()
 
 
+def pin_malloc_thresholds(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20
+                          ) -> bool:
+    """Fix glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` for this process.
+
+    By default glibc raises both as large blocks are freed, and returns the top of the heap to
+    the OS once more than the trim threshold is free there; whether a step's multi-MB
+    temporaries (logistic regression at 32 particles: two 5 MB products) then come back as
+    fresh pages depends on the heap's layout, which every contestant's allocations shift:
+    from ~100 to ~1,400 page faults per step (0.3-3 ms of a 3.5 ms step), varying from run
+    to run for every contestant, Pyro's and the bound included.  Fixed thresholds (the
+    environment's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do the same) keep
+    the heap mapped, so the times compare the computations.  Returns whether it applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # malloc.h: M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1
+        return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_group(spec, problem, pairings, num_particles: int, validation: bool, rounds: int,
-              sample_ms: float, warmup: int, use_numpyro: bool, rng: random.Random) -> dict:
-    """Build, warm up and time every contestant of one (problem, particles, validation) group."""
+              sample_ms: float, warmup: int, use_numpyro: bool, rng: random.Random,
+              rewarm: bool = True) -> dict:
+    """Build, warm up and time every contestant of one (problem, particles, validation) group.
+
+    With ``rewarm``, each sample starts with one untimed step: the first step after another
+    contestant ran pays for caches the other one evicted (tens of µs for a step of ~1 ms,
+    more the more distinct Python code a step runs), a cost a training loop, which never
+    switches, does not pay.
+    """
     pyro.enable_validation(validation)
     problem.set_params()
     pyro.set_rng_seed(0)
     contestants = _group_contestants(spec, problem, pairings, num_particles, use_numpyro, warmup)
     live = [c for c in contestants if c.step is not None]
-    for c in live:  # calibrate the inner repeat from a timed step after warm-up
-        one = time_calls(c.step, 1)
+    for c in live:  # calibrate the inner repeat from the median of timed steps after warm-up
+        one = median([time_calls(c.step, 1) for _ in range(5)])
         c.repeat = max(1, min(200, int(round(sample_ms / 1e3 / max(one, 1e-6)))))
     for _ in range(rounds):
         order = list(live)
         rng.shuffle(order)
         for c in order:
+            if rewarm:
+                c.step()
             selected, wall, cpu = time_calls(c.step, c.repeat, both=True)
             c.samples.append(selected / c.steps_per_call)
             c.samples_wall.append(wall / c.steps_per_call)
@@ -446,7 +480,14 @@ def markdown(result: dict) -> str:
         f"{info.get('load_average')}, at end {result.get('load_average_end')}",
         f"- protocol: {result['settings']['warmup']} warm-up steps (compilation included), "
         f"{result['settings']['rounds']} interleaved rounds in shuffled order, "
-        f"~{result['settings']['sample_ms']} ms per sample; times are medians over rounds, "
+        f"~{result['settings']['sample_ms']} ms per sample"
+        + ("" if result["settings"].get("no_rewarm") else
+           " after one untimed step (the first after a switch of contestant runs on cold "
+           "caches)")
+        + ", inner repeat from the median of 5 timed steps"
+        + ("; glibc's malloc thresholds pinned (--pin-malloc)"
+           if result["settings"].get("pin_malloc") else "")
+        + "; times are medians over rounds, "
         "ratios are medians of per-round ratios [interquartile range]",
         "- clock: process CPU time (time.process_time: immune to preemption by the other load "
         "on this shared machine; counts every thread of the process)"
@@ -771,6 +812,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="torch.set_num_threads (default 1: at these sizes intra-op threads "
                         "add synchronization and stall on a loaded machine)")
     parser.add_argument("--no-numpyro", action="store_true")
+    parser.add_argument("--pin-malloc", action="store_true",
+                        help="fix glibc's mmap and trim thresholds (see pin_malloc_thresholds): "
+                        "steps with multi-MB temporaries then stop page-faulting at random")
+    parser.add_argument("--no-rewarm", action="store_true",
+                        help="time each sample from its first step (by default one untimed "
+                        "step first: the step after a switch of contestant runs on cold caches)")
     parser.add_argument("--scaling", action="store_true",
                         help="also time against data size 1e2..1e6 and particles 1..256")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -794,6 +841,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _run(args: argparse.Namespace) -> dict:
     CLOCK["name"] = args.clock
+    if args.pin_malloc and not pin_malloc_thresholds():
+        print("--pin-malloc: not glibc, thresholds left as they are", flush=True)
     rng = random.Random(args.seed)
     use_numpyro = not args.no_numpyro
     if use_numpyro:
@@ -822,7 +871,8 @@ def _run(args: argparse.Namespace) -> dict:
                 try:
                     group = run_group(spec, problem, pairings, num_particles,
                                       validation == "on", args.rounds, args.sample_ms,
-                                      args.warmup, use_numpyro and not args.quick, rng)
+                                      args.warmup, use_numpyro and not args.quick, rng,
+                                      rewarm=not args.no_rewarm)
                 except Exception:
                     traceback.print_exc()
                     continue

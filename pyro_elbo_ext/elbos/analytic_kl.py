@@ -10,6 +10,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
@@ -373,8 +374,7 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         )
 
 
-@dataclass(frozen=True)
-class KLStep:
+class KLStep(NamedTuple):
     """AnalyticKLELBO's settings for one call: the KL weight and the step it belongs to."""
 
     weight: float

@@ -14,8 +14,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pyro.infer.elbo import ELBO
@@ -53,8 +52,7 @@ from .validation import (
 MAX_CACHED_PLANS = 32
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """One call of the loss: what it was called with and its settings (passed, not stored)."""
 
     model: Any
@@ -154,7 +152,8 @@ class SiteTreatmentELBO(ELBO):
                                      wrap_model=self._model_wrapper())
 
     def _begin(self, model, guide, args, kwargs, training: bool) -> Call:
-        key = (model, guide, argument_signature(args), argument_signature(kwargs))
+        key = (model, guide, argument_signature(args),
+               argument_signature(kwargs) if kwargs else None)
         return Call(model, guide, args, kwargs, self._step_settings(training), training, key)
 
     def _plan_for(self, call: Call, model_trace, guide_trace) -> Plan:
@@ -309,7 +308,8 @@ class SiteTreatmentELBO(ELBO):
         validating = is_validation_enabled()
         for est in self._estimates(call):
             value = torch_item(est.elbo)
-            self._check_finite(est, value)
+            if validating:
+                self._check_finite(est, value)
             loss -= value / self.num_particles
             surrogate_loss = -est.surrogate
             if self.num_particles != 1:
@@ -319,7 +319,8 @@ class SiteTreatmentELBO(ELBO):
                 if validating:
                     leaves = self._parameter_leaves(model, guide, surrogate_loss)
                     warn_nonfinite_gradient(est, leaves, type(self).__name__)
-            self._update_signal(est)
+            if est.signal is not None:
+                est.signal.update()  # the learning signal's state, after the gradient
         self.step_count += 1
         return loss
 

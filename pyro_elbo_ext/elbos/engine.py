@@ -119,7 +119,9 @@ class ParticleEstimate:
     """The engine's result for one particle (or one vectorized batch of particles).
 
     ``elbo`` is the estimate of L (summed over vectorized particles, not averaged);
-    ``surrogate`` is the differentiable surrogate of L whose gradient estimates dL;
+    ``surrogate`` is the differentiable surrogate of L whose gradient estimates dL (``elbo``
+    itself, the same tensor, when every term's gradient is pathwise and no site has a score
+    term);
     ``terms`` are the terms that were summed.
     """
 
@@ -188,16 +190,24 @@ def combine(
     An empty model and guide give L = 0 (as Pyro's ELBOs do): the bound of an empty program.
     """
     elbo = surrogate = None
+    totals = []
+    shared = True  # every pathwise part is its contribution: the surrogate is L_hat itself
     for term in terms:
         total = term.contribution.sum()
+        totals.append(total)
         elbo = total if elbo is None else elbo + total
-        if term.pathwise is term.contribution:
-            surrogate = total if surrogate is None else surrogate + total
-        elif term.pathwise is not None:
-            total = term.pathwise.sum()
-            surrogate = total if surrogate is None else surrogate + total
+        shared = shared and term.pathwise is term.contribution
     if elbo is None:
         elbo = torch.zeros(())
+    elif shared:
+        surrogate = elbo
+    else:
+        for term, total in zip(terms, totals):
+            if term.pathwise is None:
+                continue
+            if term.pathwise is not term.contribution:
+                total = term.pathwise.sum()
+            surrogate = total if surrogate is None else surrogate + total
     if score_sites:
         rewards: dict[frozenset[Frame], torch.Tensor] = {}
         for term in terms:

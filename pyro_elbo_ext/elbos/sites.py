@@ -55,13 +55,19 @@ def is_enumerated_site(site: dict) -> bool:
     return site["infer"].get("_enumerate_dim") is not None
 
 
+_NO_FRAMES: frozenset[Frame] = frozenset()
+
+
 def plate_frames(site: dict) -> frozenset[Frame]:
     """The vectorized plates of a trace site, as hashable :class:`Frame` s.
 
     Built directly each time: hashing Pyro's ``CondIndepStackFrame`` s (to memoize by the
     stack) rewards three times as much as building the set.
     """
-    return frozenset([Frame(f.name, f.dim) for f in site["cond_indep_stack"] if f.dim is not None])
+    stack = site["cond_indep_stack"]
+    if not stack:  # a global site
+        return _NO_FRAMES
+    return frozenset([Frame(f.name, f.dim) for f in stack if f.dim is not None])
 
 
 __all__ = [

@@ -170,7 +170,10 @@ def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
     entropy = analytic_entropy(guide_site["fn"])
     if entropy is None:
         return None
-    value = scaled_and_masked(guide_site, entropy.expand(guide_site["fn"].batch_shape))
+    batch_shape = guide_site["fn"].batch_shape
+    if entropy.shape != batch_shape:
+        entropy = entropy.expand(batch_shape)
+    value = scaled_and_masked(guide_site, entropy)
     return Term(name, "entropy", value, value, plate_frames(guide_site), analytic=True)
 
 
