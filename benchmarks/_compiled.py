@@ -17,6 +17,7 @@ import weakref
 
 import pyro
 import pyro.ops.jit
+from pyro.infer.util import torch_item
 
 from ._common import StepFn
 
@@ -51,9 +52,18 @@ def _legacy_compiled_loss(self, model, guide):
     return compiled
 
 
+def _legacy_loss_and_grads(self, model, guide, args, kwargs) -> float:
+    """``loss_and_grads`` under ``jit=True`` before the compiled path: backward through the
+    TorchScript graph."""
+    loss = self.differentiable_loss(model, guide, *args, **kwargs)
+    loss.backward(retain_graph=self.retain_graph)
+    return torch_item(loss)
+
+
 def torchscript_jit(elbo):
     """``elbo`` (built with ``jit=True``) compiled with TorchScript, as before this branch."""
     elbo._compiled_loss = types.MethodType(_legacy_compiled_loss, elbo)
+    elbo._compiled_loss_and_grads = types.MethodType(_legacy_loss_and_grads, elbo)
     return elbo
 
 
