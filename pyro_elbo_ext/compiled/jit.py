@@ -98,6 +98,13 @@ class CompiledLoss:
         value, grads, params = self.value_and_grads(*args, **kwargs)
         return _LossWithGradient.apply((value, grads), *params)
 
+    def loss_and_grads(self, *args, **kwargs) -> torch.Tensor:
+        """``-L_hat``, with its compiled gradient added into the parameters' ``.grad`` directly
+        (what ``self(*args, **kwargs).backward()`` does, without an autograd pass)."""
+        value, grads, params = self.value_and_grads(*args, **kwargs)
+        accumulate_grads(params, grads)
+        return value
+
     def value_and_grads(self, *args, **kwargs):
         """``(-L_hat, d(-L_hat)/dparams, params)`` from one call of the compiled graph (traced
         and compiled first for a new structure); the loss takes its new carried state."""

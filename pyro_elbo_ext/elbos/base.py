@@ -319,19 +319,15 @@ class SiteTreatmentELBO(ELBO):
                 if validating:
                     leaves = self._parameter_leaves(model, guide, surrogate_loss)
                     warn_nonfinite_gradient(est, leaves, type(self).__name__)
-            if est.signal is not None:
-                est.signal.update()  # the learning signal's state, after the gradient
+            self._update_signal(est)
         self.step_count += 1
         return loss
 
     def _compiled_loss_and_grads(self, model, guide, args, kwargs) -> float:
         """``jit=True``: -L_hat from the compiled graph, its gradient added into ``.grad``
         directly (what ``differentiable_loss(...).backward()`` does, without autograd)."""
-        from ..compiled.jit import accumulate_grads
-
         self.prepare_step_inputs()
-        value, grads, params = self._compiled_loss(model, guide).value_and_grads(*args, **kwargs)
-        accumulate_grads(params, grads)
+        value = self._compiled_loss(model, guide).loss_and_grads(*args, **kwargs)
         self.step_count += 1
         return torch_item(value)
 

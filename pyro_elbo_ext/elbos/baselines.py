@@ -282,6 +282,8 @@ class LearnedBaseline(StateSlots):
         self.net_factory = net_factory
         self.lr = check_number("baseline_lr", lr, low=0.0, low_open=True)
         self.adam = _adam(self.lr)
+        #: the names of Adam's per-weight state (step, moments)
+        self.adam_keys = tuple(self.adam.init_state(torch.zeros(())))
         #: per site, the network's architecture (its weights live in ``slots``)
         self.architectures: dict[str, nn.Module] = {}
         self.in_features: dict[str, int] = {}
@@ -381,12 +383,11 @@ class LearnedBaseline(StateSlots):
             grads = torch.autograd.grad(loss, list(leaves.values()))
         ok = inputs_ok & _all_finite(*grads)
         for (name, weight), grad in zip(weights.items(), grads):
-            keys = [key for key in self.slots if key[:3] == (site, "adam", name)]
-            state = {key[3]: self.slots[key] for key in keys}
+            state = {key: self.slots[(site, "adam", name, key)] for key in self.adam_keys}
             new_weight, new_state = self.adam.update(weight, grad, state)
             self.slots[(site, "weight", name)] = torch.where(ok, new_weight, weight)
-            for key in keys:
-                self.slots[key] = torch.where(ok, new_state[key[3]], state[key[3]])
+            for key in self.adam_keys:
+                self.slots[(site, "adam", name, key)] = torch.where(ok, new_state[key], state[key])
         self._settle(site, ok)
 
     def get_extra_state(self) -> dict:

@@ -613,12 +613,7 @@ class ImportanceWeightedELBO(ELBO):
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Estimate -L_K and accumulate the gradient estimate into the parameters' ``.grad``."""
         if self.jit:  # the compiled gradient goes into .grad directly, without autograd
-            from ..compiled.jit import accumulate_grads
-
-            value, grads, params = self._compiled_loss(model, guide).value_and_grads(
-                *args, **kwargs)
-            accumulate_grads(params, grads)
-            return torch_item(value)
+            return torch_item(self._compiled_loss(model, guide).loss_and_grads(*args, **kwargs))
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
