@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import pyro.optim
 import pytest
 import torch
-from pyro.infer import SVI, Predictive, Trace_ELBO, TraceGraph_ELBO
+from pyro.infer import SVI, Predictive
 from pyro.infer.autoguide import AutoNormal
 from torch.distributions import biject_to
 
@@ -30,6 +30,7 @@ from pyro_elbo_ext import (
 from pyro_elbo_ext.compiled import backend
 from pyro_elbo_ext.compiled import cache as jit_module
 from pyro_elbo_ext.compiled import svi as svi_module
+from pyro_elbo_ext.compiled.adapter import EagerFallbackWarning
 from pyro_elbo_ext.problems import get_problem
 from pyro_elbo_ext.problems.hard_attention import random_attention
 from tests.mc import assert_mean_close
@@ -256,7 +257,7 @@ def test_a_changed_tensor_read_retraces_with_a_warning(traced_only, monkeypatch)
 def test_new_shapes_compile_new_steps_in_a_bounded_cache(traced_only, monkeypatch):
     monkeypatch.setattr(svi_module, "MAX_GRAPHS", 2)
     svi = CompiledSVI(_normal_model, AutoNormal(_normal_model), pyro.optim.Adam({"lr": 0.01}),
-                      JensenELBO())
+                      JensenELBO(), recompile="always")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         svi.step(torch.randn(5))
@@ -372,22 +373,29 @@ def test_a_non_finite_compiled_step_keeps_the_state_and_names_the_site(traced_on
         jit_module.callable_key(problem.model, problem.guide)).graphs) == 1  # no retrace
 
 
-# ---------------------------------------------------------------- what is refused
-@pytest.mark.parametrize(
-    "loss, match",
-    [
-        (TraceGraph_ELBO(), "TraceGraph_ELBO: use pyro.infer.SVI"),
-        (Trace_ELBO(), "Trace_ELBO: use pyro.infer.SVI"),
-    ],
-)
-def test_other_losses_are_refused(loss, match):
-    with pytest.raises(TypeError, match=match):
-        CompiledSVI(_normal_model, empty_guide, pyro.optim.Adam({"lr": 0.1}), loss)
+# ---------------------------------------------------------------- what runs eagerly
+def _eager_fallback_matches_svi(model, make_guide, optim, loss, data, match, steps=3):
+    """CompiledSVI takes SVI's steps (same seed, same values) with one warning naming why."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(3)
+    svi = SVI(model, make_guide(), optim(), loss())
+    expected = [svi.step(data) for _ in range(steps)]
+    expected_params = _params()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(3)
+    with pytest.warns(EagerFallbackWarning, match=match) as record:
+        compiled = CompiledSVI(model, make_guide(), optim(), loss())
+        losses = [compiled.step(data) for _ in range(steps)]
+    assert len([w for w in record if w.category is EagerFallbackWarning]) == 1
+    assert losses == pytest.approx(expected, rel=1e-6)
+    for name, value in _params().items():
+        torch.testing.assert_close(value, expected_params[name], rtol=1e-6, atol=1e-7)
 
 
-def test_unsupported_optimizer_is_refused_with_the_list():
-    with pytest.raises(TypeError, match="Adagrad.*supported: pyro.optim.Adam"):
-        CompiledSVI(_normal_model, empty_guide, pyro.optim.Adagrad({"lr": 0.1}), JensenELBO())
+def test_an_unsupported_optimizer_runs_eagerly_as_svi():
+    _eager_fallback_matches_svi(
+        _normal_model, lambda: AutoNormal(_normal_model), lambda: pyro.optim.Adagrad({"lr": 0.1}),
+        JensenELBO, torch.randn(4), "Adagrad.*supported: pyro.optim.Adam")
 
 
 def test_validation_runs_eagerly_before_tracing(traced_only):
@@ -400,20 +408,22 @@ def test_validation_runs_eagerly_before_tracing(traced_only):
         svi.step(torch.randn(4))
 
 
-def test_a_tensor_requiring_grad_outside_the_param_store_is_refused(traced_only):
+def test_a_tensor_requiring_grad_outside_the_param_store_runs_eagerly(traced_only):
+    """The graph could not update it (nor can SVI: it is not a parameter); SVI's step, with
+    one warning naming why the structure is not compiled."""
     hidden = torch.tensor(0.3, requires_grad=True)
 
     def model(data):
+        loc = pyro.param("loc", torch.tensor(0.0))
         with pyro.plate("data", data.shape[0]):
-            pyro.sample("x", dist.Normal(hidden, 1.0), obs=data)
+            pyro.sample("x", dist.Normal(hidden + loc, 1.0), obs=data)
 
-    svi = CompiledSVI(model, empty_guide, pyro.optim.Adam({"lr": 0.1}), JensenELBO())
-    with pytest.raises(RuntimeError, match="not in Pyro's param store"):
-        svi.step(torch.randn(4))
+    _eager_fallback_matches_svi(model, lambda: empty_guide, lambda: pyro.optim.Adam({"lr": 0.1}),
+                                JensenELBO, torch.randn(4), "not in Pyro's param store")
 
 
-def test_an_argument_that_requires_grad_is_refused(traced_only):
-    svi = CompiledSVI(_normal_model, AutoNormal(_normal_model), pyro.optim.Adam({"lr": 0.1}),
-                      JensenELBO())
-    with pytest.raises(ValueError, match="argument tensor of shape \\(4,\\) requires grad"):
-        svi.step(torch.randn(4, requires_grad=True))
+def test_an_argument_that_requires_grad_runs_eagerly(traced_only):
+    data = torch.randn(4, requires_grad=True)
+    _eager_fallback_matches_svi(_normal_model, lambda: AutoNormal(_normal_model),
+                                lambda: pyro.optim.Adam({"lr": 0.1}), JensenELBO, data,
+                                "argument tensor of shape \\(4,\\) requires grad")

@@ -1,20 +1,38 @@
-"""How a traced step is compiled: Inductor on the ATen graph, and a persistent cache.
+"""How a traced step is compiled: Inductor on the ATen graph, its caches, and its warnings.
 
-Inductor keeps compiled graphs on disk (its FX graph cache and AOTAutograd cache, both on by
-default in torch 2.13), so a second process that compiles the same graph loads it in a fraction
-of the first compile's time.  Inductor's default cache directory lies under the system's
-temporary directory; unless ``TORCHINDUCTOR_CACHE_DIR`` is set, :func:`compile_step` points it at
-``~/.cache/pyro_elbo_ext/torchinductor`` (which survives a reboot) before the first trace
-(importing ``make_fx`` makes Inductor fix its directory).
+* **Inductor's on-disk caches.**  Inductor keeps compiled graphs on disk (its FX graph cache
+  and AOTAutograd cache, both on by default in torch 2.13), so a second process that compiles
+  the same graph loads it in a fraction of the first compile's time.  Inductor's default cache
+  directory lies under the system's temporary directory; unless ``TORCHINDUCTOR_CACHE_DIR`` is
+  set, :func:`compile_step` points it at ``~/.cache/pyro_elbo_ext/torchinductor`` (which
+  survives a reboot) before the first trace (importing ``make_fx`` makes Inductor fix its
+  directory).
+* **The vector-ISA probe** (:mod:`.vec_isa`): Inductor's first compile in a process with an
+  empty cache spends seconds compiling test programs to learn which vector instructions the
+  compiler and CPU support; the answer is kept in ``~/.cache/pyro_elbo_ext/vec_isa.json`` and
+  reused while the machine, compiler and torch are the same.
+* **Random numbers** (:func:`native_random`): a standard-normal draw traced from Pyro
+  (``torch.empty(shape).normal_()``) is rewritten as ``torch.randn(shape)``, the same numbers
+  when run as ATen, which Inductor generates inside its kernels (Philox, seeded from torch's
+  generator once per call) instead of calling torch's kernel from Python per draw.
+* **Warnings**: Inductor's lowering of some operations warns from inside torch (a
+  ``FutureWarning`` that ``torch._prims_common.check`` is deprecated, for the Cholesky-based
+  guides); such warnings of torch's own are not the user's concern and are filtered while
+  compiling, and only there (:func:`quiet_compilation`).
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from . import vec_isa
 
 #: where Inductor's on-disk caches go unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise
 DEFAULT_CACHE_DIR = Path("~/.cache/pyro_elbo_ext/torchinductor").expanduser()
@@ -23,6 +41,14 @@ DEFAULT_CACHE_DIR = Path("~/.cache/pyro_elbo_ext/torchinductor").expanduser()
 #: tests use to check the trace without paying for Inductor; any other ``torch.compile``
 #: backend name (e.g. ``"aot_eager"``) compiles through Dynamo with that backend
 BACKEND: str | None = "inductor"
+
+#: warnings that torch's own compilation machinery gives and a user cannot act on:
+#: ``(category, message regex)``, filtered while (and only while) a graph is compiled
+TORCH_INTERNAL_WARNINGS = (
+    (FutureWarning, r"torch\._prims_common\.check is deprecated"),
+)
+
+_aten = torch.ops.aten
 
 
 def ensure_cache_dir() -> str:
@@ -49,16 +75,59 @@ def compile_options(device: torch.device, eager_random: bool = False) -> dict:
     return options
 
 
+@contextmanager
+def quiet_compilation() -> Iterator[None]:
+    """Filter :data:`TORCH_INTERNAL_WARNINGS` while a graph compiles (a user running with
+    warnings as errors never sees torch's internal deprecations), nothing else."""
+    with warnings.catch_warnings():
+        for category, message in TORCH_INTERNAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
+def native_random(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``graph`` whose standard-normal draws are ``aten.randn`` (see the module).
+
+    ``x = aten.empty(shape, ...); aten.normal_(x)`` with no other use of ``x`` becomes
+    ``aten.randn(shape, ...)``: as ATen the same numbers from the same generator; under
+    Inductor a draw it generates inside the kernel that uses it.
+    """
+    graph = copy.deepcopy(graph)
+    changed = False
+    for node in list(graph.graph.nodes):
+        if node.target is not _aten.normal_.default or node.kwargs or len(node.args) != 1:
+            continue
+        source = node.args[0]
+        if (getattr(source, "target", None) is not _aten.empty.memory_format
+                or len(source.users) != 1 or source.kwargs.get("memory_format") not in (
+                    None, torch.contiguous_format)):
+            continue
+        options = {key: source.kwargs[key] for key in ("dtype", "device")
+                   if key in source.kwargs}
+        with graph.graph.inserting_before(node):
+            draw = graph.graph.call_function(_aten.randn.default, (source.args[0],), options)
+        draw.meta.update(node.meta)
+        node.replace_all_uses_with(draw)
+        graph.graph.erase_node(node)
+        graph.graph.erase_node(source)
+        changed = True
+    if changed:
+        graph.recompile()
+    return graph
+
+
 def compile_step(graph: torch.fx.GraphModule, example_inputs: list, device: torch.device,
-                 eager_random: bool = False) -> Callable:
+                 eager_random: bool = False, cpp_wrapper: bool = False) -> Callable:
     """Compile a traced step (an ATen graph) for inputs like ``example_inputs``.
 
     Inductor compiles the graph directly (``compile_fx``, what ``torch.compile`` calls after
     Dynamo): the graph is already a flat ATen trace, and the callers key their graphs on shapes,
     dtypes and parameters themselves, so Dynamo's bytecode tracing and its per-call guards
     (about half the cost of a small step) are not needed.  Compilation happens here, with
-    torch's random state saved and restored around it and gradients off (the graph computes
-    its own gradients).
+    torch's random state saved and restored around it, gradients off (the graph computes
+    its own gradients) and torch's internal warnings filtered (:func:`quiet_compilation`).
+    ``cpp_wrapper`` has Inductor write the code that calls the kernels in C++ rather than
+    Python (less overhead per call and per kernel, a longer compile: the fused run uses it).
     """
     if BACKEND is None:
         return graph
@@ -67,7 +136,15 @@ def compile_step(graph: torch.fx.GraphModule, example_inputs: list, device: torc
     ensure_cache_dir()
     from torch._inductor.compile_fx import compile_fx
 
+    options = compile_options(device, eager_random)
+    if not eager_random:
+        graph = native_random(graph)
+    if cpp_wrapper:
+        options["cpp_wrapper"] = True
+        for node in graph.graph.nodes:  # Inductor takes the example inputs, not the trace's
+            if node.op == "placeholder":  # own fake values, for the C++ wrapper's signature
+                node.meta.pop("val", None)
     devices = sorted({t.device.index or 0 for t in example_inputs if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        return compile_fx(graph, list(example_inputs),
-                          config_patches=compile_options(device, eager_random))
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), quiet_compilation(), \
+            vec_isa.probe_cached():
+        return compile_fx(graph, list(example_inputs), config_patches=options)

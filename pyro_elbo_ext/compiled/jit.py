@@ -22,6 +22,7 @@ import pyro
 import torch
 from torch.autograd.function import once_differentiable
 
+from .adapter import eager_loss_fn, step_inputs
 from .backend import compile_step
 from .cache import BoundedCache, callable_key, count_retrace
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
@@ -41,16 +42,6 @@ _GRAPHS_MESSAGE = (
     "Each new structure is a new compilation: keep shapes fixed (e.g. pad minibatches) and pass "
     "changing numbers as tensors"
 )
-
-
-def eager_loss_fn(loss):
-    """``(model, guide, args, kwargs) -> -L_hat`` on the eager path of ``loss``."""
-    eager = getattr(loss, "_eager_differentiable_loss", None)
-    if eager is not None:
-        return eager
-    return lambda model, guide, args, kwargs: loss.differentiable_loss(
-        model, guide, *args, **kwargs
-    )
 
 
 def device_of(tensors) -> torch.device:
@@ -147,19 +138,6 @@ class CompiledLoss:
         self.retraces = count_retrace(self.retraces, MAX_RETRACES, "compiled loss",
                                       traced.where_read(), "jit=False / pyro.infer.SVI",
                                       stacklevel=4)
-
-
-def step_inputs(loss) -> tuple:
-    """The loss's per-step input tensors (``()`` for a loss without the protocol)."""
-    inputs = getattr(loss, "step_inputs", None)
-    return inputs() if inputs is not None else ()
-
-
-def prepare_step_inputs(loss) -> None:
-    """Refresh the loss's per-step inputs, where it has any."""
-    prepare = getattr(loss, "prepare_step_inputs", None)
-    if prepare is not None:
-        prepare()
 
 
 def accumulate_grads(params, grads) -> None:

@@ -15,27 +15,41 @@ The parameters are the param store's own tensors, updated in place on every step
 see them.  Where the graph guards Python's reads of tensor values, the update is applied only
 if the guard holds (``torch.where`` inside the graph); otherwise the step is retraced and
 retaken, with a warning.
+
+Which loss is traced, and what runs eagerly instead, is decided by :mod:`.adapter`; a new
+argument structure after the first compiles only once running it eagerly has cost as much as
+a compile (:meth:`CompiledSVI.step`); :meth:`CompiledSVI.run` takes many steps per compiled call
+(:mod:`.fused`).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
+import warnings
+from collections.abc import Hashable
 
 import pyro
+import pyro.poutine as poutine
 import torch
 from pyro.infer.util import torch_item
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .backend import compile_step
-from .cache import BoundedCache, count_retrace
-from .jit import (
-    MAX_GRAPHS,
-    MAX_RETRACES,
-    device_of,
+from .adapter import (
+    Adapted,
+    adapt,
+    advance_step,
+    compile_refusal,
     eager_loss_fn,
+    is_ours,
     prepare_step_inputs,
     step_inputs,
+    warn_eager,
 )
+from .backend import compile_step
+from .cache import BoundedCache, count_retrace
+from .jit import MAX_GRAPHS, MAX_RETRACES, device_of
 from .optimizers import ParamOptimizer, check_supported, functional_optimizer
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
 
@@ -46,21 +60,8 @@ _GRAPHS_MESSAGE = (
     "tensors"
 )
 
-
-def _check_loss(loss) -> None:
-    if not hasattr(loss, "_eager_differentiable_loss"):
-        raise TypeError(
-            "CompiledSVI compiles the losses of pyro_elbo_ext (JensenELBO, AnalyticKLELBO, "
-            f"HardAttentionELBO); got {type(loss).__name__}: use pyro.infer.SVI for it (Pyro's "
-            "Trace_ELBO reads its surrogate's value into Python with .item(), which a graph "
-            "would freeze; JensenELBO(entropy='sampled') estimates the same L)"
-        )
-    if getattr(loss, "estimator", None) == "dreg":
-        raise ValueError(
-            f"CompiledSVI cannot compile {type(loss).__name__}(estimator='dreg'): its gradient "
-            "is rescaled by a tensor hook, which a traced graph does not keep (the compiled "
-            "gradient would be wrong). Use pyro.infer.SVI for DReG, or estimator='iwae'"
-        )
+#: ``CompiledSVI(recompile=...)``: when a new argument structure compiles (see ``step``)
+RECOMPILE_POLICIES = ("auto", "always")
 
 
 class _Step:
@@ -69,7 +70,8 @@ class _Step:
     The step (loss graph, every parameter's update, and the loss's carried state) is traced
     once more into a single ATen graph, on copies of the parameters and state, and that graph
     is compiled.  Inputs: parameters, optimizer state, data, carried state; outputs: loss,
-    guard, new parameters, new optimizer state, new carried state.
+    guard, new parameters, new optimizer state, new carried state.  ``graph`` (the ATen graph
+    of the whole step) is kept: the fused run (:mod:`.fused`) chains copies of it.
     """
 
     def __init__(self, traced: TracedLossGrad, optimizers: list[ParamOptimizer],
@@ -77,12 +79,18 @@ class _Step:
                  eager_random: bool = False):
         self.traced = traced
         self.loss = loss
+        self.device = device
+        self.eager_random = eager_random
         self.keys = [sorted(state) for state in states]
         # detached aliases (the same storage) of the parameters and state, written in place
         self.inputs = [t.detach() for t in traced.params] + [
             state[k].detach() for state, keys in zip(states, self.keys) for k in keys]
+        #: the inputs a step writes (their new values follow the loss and the guard)
+        self.targets = list(self.inputs)
+        self.target_positions = list(range(len(self.inputs)))
         n, keys = len(traced.params), self.keys
         n_inputs, n_data = len(self.inputs), len(data)
+        self.n_data = n_data
         guarded = traced.guarded
 
         def whole_step(*flat):
@@ -106,11 +114,12 @@ class _Step:
             return (outputs[0], flag, *new_params, *new_states, *new_carried)
 
         carried = traced.state_inputs(loss) or []
+        self.n_carried = len(carried)
         copies = [t.detach().clone() for t in self.inputs + carried]
         with torch.no_grad(), pyro.validation_enabled(False):
-            graph = make_fx(whole_step, tracing_mode="real")(
+            self.graph = make_fx(whole_step, tracing_mode="real")(
                 *copies[:n_inputs], *data, *copies[n_inputs:])
-        self.compiled = compile_step(graph, self.inputs + list(data) + carried, device,
+        self.compiled = compile_step(self.graph, self.inputs + list(data) + carried, device,
                                      eager_random)
 
     def __call__(self, data):
@@ -122,17 +131,23 @@ class _Step:
         # no autograd here: the inputs are detached aliases (and the data is the user's; a
         # data tensor that requires grad is refused when tracing)
         loss, ok, *new = self.compiled(*self.inputs, *data, *carried)
+        self.write_back(new, carried)
+        return loss, ok
+
+    def write_back(self, new, carried) -> None:
+        """Copy a call's new parameters and optimizer state into their tensors, and hand the
+        new carried state to the loss."""
         # the new values are written back here, not inside the graph: AOTAutograd dropped
         # the graph's in-place writes to float64 inputs (torch 2.13)
-        count = len(self.inputs)
-        torch._foreach_copy_(self.inputs, new[:count])
+        count = len(self.targets)
+        if count:  # a model without parameters has nothing to write
+            torch._foreach_copy_(self.targets, list(new[:count]))
         if carried:
             fresh = new[count:]
             if fresh[0].is_cuda:  # a CUDA graph reuses its output buffers on the next call
                 fresh = [t.clone() for t in fresh]
             self.loss.load_carried_state(dict(zip(self.traced.state_keys, fresh)))
             self.loss.report_carried_state()
-        return loss, ok
 
 
 class CompiledSVI:
@@ -140,10 +155,10 @@ class CompiledSVI:
 
     The interface of :class:`pyro.infer.SVI`: ``step(*args, **kwargs)`` takes one step and
     returns the loss estimate (a float) before it, ``evaluate_loss`` estimates the loss
-    without a step (eager).  The loss, its gradient and the optimizer's update run as one
-    graph (Inductor, torch.compile's compiler; CUDA graphs on a GPU), built on the first step
-    for each argument structure (seconds; Inductor's on-disk cache makes later processes
-    faster).
+    without a step (eager); :meth:`run` takes many steps per compiled call.  The loss, its
+    gradient and the optimizer's update run as one graph (Inductor, torch.compile's compiler;
+    CUDA graphs on a GPU), built on the first step for each argument structure (seconds;
+    Inductor's on-disk cache makes later processes faster).
 
     Parameters
     ----------
@@ -151,14 +166,28 @@ class CompiledSVI:
         As for :class:`pyro.infer.SVI`.
     optim : pyro.optim.PyroOptim
         ``pyro.optim.Adam``, ``ClippedAdam``, ``SGD``, ``RMSprop``, or a
-        :class:`~pyro_elbo_ext.GroupedOptim` over one of them, with ``clip_args``; anything
-        else is refused with the list.  Its state (e.g. after ``optim.set_state`` or steps of
-        :class:`pyro.infer.SVI`) is taken over on the first step.
-    loss : SiteTreatmentELBO
-        A loss of this package (not ``ImportanceWeightedELBO(estimator="dreg")``).  Its
-        ``jit`` flag is ignored.  A learning signal's state (moving-average or learned
+        :class:`~pyro_elbo_ext.GroupedOptim` over one of them, with ``clip_args``, compile;
+        with any other optimizer every step runs eagerly, as :class:`pyro.infer.SVI` runs it
+        (one :class:`~pyro_elbo_ext.compiled.adapter.EagerFallbackWarning`).  Its state (e.g.
+        after ``optim.set_state`` or steps of :class:`pyro.infer.SVI`) is taken over on the
+        first step.
+    loss : pyro.infer.elbo.ELBO
+        Whatever :class:`pyro.infer.SVI` accepts (see :mod:`pyro_elbo_ext.compiled.adapter`):
+        a loss of this package is traced itself (its ``jit`` flag is ignored); Pyro's
+        ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``TraceGraph_ELBO``, ``RenyiELBO(alpha=0)``
+        and their ``Jit*`` forms as the loss of ours with the same estimator and settings;
+        ``TraceEnum_ELBO`` through Pyro's own enumeration; anything else (and anything that
+        cannot be traced faithfully) runs eagerly, exactly as under ``SVI``, with one warning
+        naming the loss and the reason.  A learning signal's state (moving-average or learned
         baseline, normalizer) enters the graph as inputs and leaves it as outputs, and is
         handed back to the loss after every step (``loss.state_dict()`` stays current).
+    recompile : {"auto", "always"}
+        When an argument structure other than the first (a new shape, dtype or non-tensor
+        argument) is compiled.  ``"auto"``: its steps run eagerly (the same update, from the
+        same optimizer state) until they have taken as long as the compiles so far took, then
+        it compiles: a structure seen rarely (a data loader's shorter last batch, a number that
+        changes every call) never pays for a compile, and one that stays costs at most twice
+        what compiling at once would.  ``"always"``: compile at once.
 
     Notes
     -----
@@ -175,15 +204,40 @@ class CompiledSVI:
     available when it was written): only the CPU path is tested.
     """
 
-    def __init__(self, model, guide, optim, loss):
-        _check_loss(loss)
-        check_supported(optim)
+    def __init__(self, model, guide, optim, loss, *, recompile: str = "auto"):
+        if recompile not in RECOMPILE_POLICIES:
+            raise ValueError(f"recompile must be one of {RECOMPILE_POLICIES}, got {recompile!r}")
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
-        self._loss_fn = eager_loss_fn(loss)
+        self.recompile = recompile
+        self.adapted: Adapted = adapt(loss)
+        #: the loss whose eager path is traced (the user's, or ours with the same estimator)
+        self.traced_loss = self.adapted.traced
+        self._warned: set[str] = set()
+        #: every step delegated to pyro.infer.SVI (the loss or the optimizer cannot compile)
+        self._delegate = None
+        reason = self.adapted.reason
+        if reason is None:
+            try:
+                check_supported(optim)
+            except TypeError as error:
+                reason = str(error).replace("Use pyro.infer.SVI for other optimizers", "")
+        if reason is None:
+            refusal = compile_refusal(self.traced_loss, model, guide)
+            if refusal is not None:
+                reason = f"{type(loss).__name__} cannot be compiled faithfully: {refusal}"
+        if reason is not None:
+            self._delegate = pyro.infer.SVI(model, guide, optim, loss)
+            self._warn_eager(reason, stacklevel=2)
+        self._loss_fn = eager_loss_fn(self.traced_loss) if self.traced_loss is not None \
+            else None
         self._steps = BoundedCache(MAX_GRAPHS, _GRAPHS_MESSAGE)
         self._states: dict[str, tuple[torch.Tensor, dict]] = {}  # name -> (param, state)
         self._optimizers: dict[str, ParamOptimizer] = {}
         self._waiting: dict[str, dict] | None = None
+        #: argument structures that run eagerly: key -> seconds their steps took so far
+        #: (``recompile="auto"``), or ``math.inf`` where compiling failed or is refused
+        self._eager_structures: dict[Hashable, float] = {}
+        self._fused: dict = {}  # (structure key, steps per call) -> compiled chunk
         self.retraces = 0
         #: compile with Inductor's ``fallback_random``: torch's own random kernels, so the
         #: step draws the numbers the eager loss would (tests)
@@ -194,35 +248,61 @@ class CompiledSVI:
     # ------------------------------------------------------------------ SVI's interface
     def step(self, *args, **kwargs) -> float:
         """Take one step; returns the loss estimate at the parameters before it."""
+        if self._delegate is not None:
+            return self._delegate.step(*args, **kwargs)
         key, data = structure_key(args, kwargs)
-        prepare_step_inputs(self.loss)  # this step's scheduled values (a KL weight)
-        data = data + list(step_inputs(self.loss))
+        prepare_step_inputs(self.traced_loss)  # this step's scheduled values (a KL weight)
+        data = data + list(step_inputs(self.traced_loss))
         step = self._steps.lookup(key)
         if step is not None and step.traced.params_current(pyro.get_param_store()._params):
             result = step(data)
             if result is not None:
                 loss, ok = result
                 if not step.traced.guarded or bool(ok):
-                    self._advance()
-                    return torch_item(loss)
+                    return self._finish(loss)
                 self._count_retrace(step.traced)
-        start = time.perf_counter()
-        step = self._build(args, kwargs, data)
-        self._steps.insert(key, step)
-        loss, ok = step(data)
-        self.compile_seconds.append(time.perf_counter() - start)
-        if not bool(ok):  # a read changed between the trace and this call: take it again
-            return self.step(*args, **kwargs)
-        self._advance()
-        return torch_item(loss)
+        elif step is None and not self._compiles_now(key):
+            return self._eager_step(key, args, kwargs)
+        return self._build_and_step(key, args, kwargs, data)
 
-    def _advance(self) -> None:
-        """One training step taken: the loss's step counter moves (a schedule's position)."""
-        if hasattr(self.loss, "step_count"):
-            self.loss.step_count += 1
+    def run(self, num_steps: int, *args, steps_per_call: int | None = None,
+            progress_bar: bool = False, **kwargs) -> torch.Tensor:
+        """Take ``num_steps`` steps with the same arguments, many per compiled call.
+
+        The steps are unrolled, ``steps_per_call`` at a time, into one graph (loss, gradient
+        and update of each step feeding the next), compiled once and called
+        ``num_steps // steps_per_call`` times; the same trajectory as ``num_steps`` calls of
+        :meth:`step` from the same seed (see :mod:`pyro_elbo_ext.compiled.fused`).  Where a
+        fused graph does not apply (eager steps, a graph that guards Python reads, a
+        scheduled loss input), the steps are :meth:`step` calls.
+
+        Parameters
+        ----------
+        num_steps : int
+            Steps to take (>= 0).
+        *args, **kwargs
+            The model's and guide's arguments, as for :meth:`step`.
+        steps_per_call : int, optional
+            Steps unrolled per compiled call; default :func:`~.fused.default_steps_per_call`
+            (a longer chunk has less overhead per step and a longer compile).
+        progress_bar : bool
+            Show a ``tqdm`` progress bar, updated per call (tqdm is part of the ``compare``
+            extra).
+
+        Returns
+        -------
+        Tensor
+            The ``num_steps`` loss estimates (each before its step), as :meth:`step` returns
+            them one by one.
+        """
+        from .fused import run_steps
+
+        return run_steps(self, num_steps, args, kwargs, steps_per_call, progress_bar)
 
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The loss estimate at the current parameters, eager, without a step."""
+        if self._delegate is not None:
+            return self._delegate.evaluate_loss(*args, **kwargs)
         with torch.no_grad():
             loss = self.loss.loss(self.model, self.guide, *args, **kwargs)
             if isinstance(loss, tuple):
@@ -232,6 +312,8 @@ class CompiledSVI:
     # ------------------------------------------------------------------ checkpoints
     def get_state(self) -> dict:
         """The optimizer state, ``{param_name: torch state_dict}`` (``PyroOptim.get_state``)."""
+        if self._delegate is not None:
+            return self.optim.get_state()
         out = dict(self._pending())
         for name, (_, state) in self._states.items():
             out[name] = self._optimizers[name].optimizer.export(state)
@@ -239,6 +321,9 @@ class CompiledSVI:
 
     def set_state(self, state: dict) -> None:
         """Load optimizer state saved by :meth:`get_state` or ``PyroOptim.get_state``."""
+        if self._delegate is not None:
+            self.optim.set_state(state)
+            return
         pending = self._pending()
         for name, saved in state.items():
             pending[name] = saved
@@ -249,6 +334,87 @@ class CompiledSVI:
                 for key, value in old.items():  # the compiled steps hold these tensors
                     value.copy_(fresh[key])
                 self._states[name] = (param, old)
+
+    # ------------------------------------------------------------------ stepping
+    def _finish(self, loss: torch.Tensor | float) -> float:
+        """A step was taken: advance the loss's step count; the loss as a float."""
+        advance_step(self.traced_loss)
+        value = torch_item(loss)
+        if math.isnan(value) and not is_ours(self.loss):
+            warnings.warn("Encountered NaN: loss", stacklevel=3)  # as Pyro's warn_if_nan
+        return value
+
+    def _compiles_now(self, key: Hashable) -> bool:
+        """Whether a structure without a compiled step compiles now (see ``recompile``)."""
+        spent = self._eager_structures.get(key)
+        if spent is None and (not self.compile_seconds or self.recompile == "always"):
+            return True
+        if spent is None or spent == math.inf:
+            return False
+        return spent >= statistics.median(self.compile_seconds)
+
+    def _build_and_step(self, key, args, kwargs, data) -> float:
+        start = time.perf_counter()
+        try:
+            # the build's own runs draw off the user's random stream: the compiled step then
+            # takes the draws an eager step would have taken
+            with torch.random.fork_rng(devices=_cuda_devices(data)):
+                step = self._build(args, kwargs, data)
+        except _Refused as refused:
+            return self._eager_step(key, args, kwargs, failed=str(refused))
+        except Exception as error:  # noqa: BLE001 -- whatever the trace could not follow
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            return self._eager_step(key, args, kwargs,
+                                    failed=f"{type(error).__name__}: {error}")
+        self._steps.insert(key, step)
+        self._eager_structures.pop(key, None)
+        loss, ok = step(data)
+        self.compile_seconds.append(time.perf_counter() - start)
+        if not bool(ok):  # a read changed between the trace and this call: take it again
+            return self.step(*args, **kwargs)
+        return self._finish(loss)
+
+    def _eager_step(self, key, args, kwargs, failed: str | None = None) -> float:
+        """One step without a compiled graph: the loss and its gradient eagerly (the user's
+        Pyro ELBO as ``SVI`` runs it, or the eager path of a loss of ours), then this
+        CompiledSVI's optimizer update from its own state.  ``failed``: why this structure
+        could not be compiled (it then always runs eagerly; one warning, after the step
+        succeeded, so that an error of the model itself is raised as ``SVI`` raises it)."""
+        start = time.perf_counter()
+        with poutine.trace(param_only=True) as capture:
+            if is_ours(self.loss) or self.adapted.traced is self.loss:
+                value = self._loss_fn(self.model, self.guide, args, kwargs)
+                if value.requires_grad:
+                    value.backward()
+                value = value.detach()
+            else:
+                value = self.loss.loss_and_grads(self.model, self.guide, *args, **kwargs)
+        params = {name: site["value"].unconstrained()
+                  for name, site in capture.trace.nodes.items()}
+        with torch.no_grad():
+            for name, param in params.items():
+                if param.grad is None:
+                    continue
+                state = self._state_for(name, param)
+                new, new_state = self._optimizers[name].update(param, param.grad, state)
+                param.copy_(new)
+                for slot, tensor in state.items():
+                    tensor.copy_(new_state[slot])
+                param.grad = torch.zeros_like(param.grad)  # as pyro.infer.util.zero_grads
+        if failed is not None:
+            self._eager_structures[key] = math.inf
+            self._warn_eager(failed, what="this argument structure", stacklevel=3)
+        elif self._eager_structures.get(key) != math.inf:
+            spent = self._eager_structures.get(key, 0.0)
+            self._eager_structures[key] = spent + time.perf_counter() - start
+        return self._finish(value)
+
+    def _warn_eager(self, reason: str, what: str = "every step", stacklevel: int = 2) -> None:
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
+        warn_eager(type(self.loss).__name__, reason, what, stacklevel=stacklevel + 1)
 
     # ------------------------------------------------------------------ building
     def _pending(self) -> dict:
@@ -271,17 +437,32 @@ class CompiledSVI:
         return state
 
     def _build(self, args, kwargs, data) -> _Step:
+        check = self.adapted.structure_check
+        if check is not None:
+            with torch.random.fork_rng(devices=[]):
+                reason = check(self.model, self.guide, args, kwargs)
+            if reason is not None:
+                raise _Refused(reason)
         loss_fn, model, guide = self._loss_fn, self.model, self.guide
+        carrier = self.traced_loss if hasattr(self.traced_loss, "carried_state") else None
         traced = trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data,
-                                     self.loss)
+                                     carrier)
         states = [self._state_for(n, p) for n, p in zip(traced.names, traced.params)]
         optimizers = [self._optimizers[n] for n in traced.names]
         return _Step(traced, optimizers, states, data, device_of(traced.params + data),
-                     self.loss, self.eager_random)
+                     self.traced_loss, self.eager_random)
 
     def _count_retrace(self, traced: TracedLossGrad) -> None:
         self.retraces = count_retrace(self.retraces, MAX_RETRACES, "CompiledSVI",
                                       traced.where_read(), "pyro.infer.SVI", stacklevel=3)
 
 
-__all__ = ["CompiledSVI"]
+def _cuda_devices(tensors) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+class _Refused(Exception):
+    """A structure the adapter says runs eagerly (not an error: its reason is warned once)."""
+
+
+__all__ = ["CompiledSVI", "RECOMPILE_POLICIES"]

@@ -1,0 +1,284 @@
+"""How the compiled path talks to a loss: the one module that knows what a loss offers.
+
+:class:`~pyro_elbo_ext.CompiledSVI` takes every loss :class:`pyro.infer.SVI` takes.
+:func:`adapt` says, once per loss, how its step is computed:
+
+* **a loss of this package** (:class:`~pyro_elbo_ext.SiteTreatmentELBO`,
+  :class:`~pyro_elbo_ext.ImportanceWeightedELBO`): its eager differentiable loss is traced;
+  ``ImportanceWeightedELBO(estimator="dreg")`` runs eagerly (its gradient hook is not kept by a
+  traced graph);
+* **Pyro's ELBOs whose estimator is one of ours**: the loss of ours that computes the same
+  estimator, built with the ELBO's settings (``num_particles``, ``vectorize_particles``,
+  ``max_plate_nesting``, ``strict_enumeration_warning``, ``retain_graph``), is traced:
+
+  ======================================================  =========================================
+  Pyro's ELBO                                             traced as
+  ======================================================  =========================================
+  ``Trace_ELBO``, ``JitTrace_ELBO``                       ``JensenELBO(entropy="sampled")``: the
+                                                          same L_hat and surrogate, draw for draw
+  ``TraceMeanField_ELBO``, ``JitTraceMeanField_ELBO``     ``AnalyticKLELBO()``: the same closed-form
+                                                          KL per site, draw for draw where the
+                                                          guide is mean-field (elsewhere ours uses
+                                                          Monte Carlo for the site and warns)
+  ``TraceGraph_ELBO``, ``JitTraceGraph_ELBO``             ``JensenELBO(entropy="sampled")`` for a
+                                                          fully reparameterized guide (the same
+                                                          estimator); a guide with a
+                                                          non-reparameterized site runs eagerly
+                                                          (Pyro's dependency-based
+                                                          Rao-Blackwellization and per-site
+                                                          baselines are not ours yet)
+  ``RenyiELBO(alpha=0)``                                  ``ImportanceWeightedELBO(estimator=
+                                                          "iwae")``: the same estimator (draw for
+                                                          draw with ``vectorize_particles=True``);
+                                                          a subsampled (scaled) site or a
+                                                          non-reparameterized guide site runs
+                                                          eagerly (the two differ there)
+  ======================================================  =========================================
+
+* **Pyro's** ``TraceEnum_ELBO`` / ``JitTraceEnum_ELBO``: Pyro's own
+  ``TraceEnum_ELBO.differentiable_loss`` (its enumeration and tensor contraction) is traced,
+  with the two value reads taken out of the traced path (:mod:`.pyro_losses`);
+* **anything else** (``Trace_MMD``, ``ReweightedWakeSleep``, ``TraceTailAdaptive_ELBO``,
+  ``RenyiELBO`` with ``alpha != 0``, ``TraceTMC_ELBO``, a user's own subclass of an ELBO): the
+  step runs eagerly, exactly as :class:`pyro.infer.SVI` runs it, with one
+  :class:`EagerFallbackWarning` naming the loss and the reason.
+
+The protocol a compilable loss offers (``carried_state``, ``step_inputs``...) is read here
+too (:func:`eager_loss_fn`, :func:`step_inputs`, :func:`prepare_step_inputs`,
+:func:`advance_step`, :func:`compile_refusal`), so that moving the losses onto
+``pyro_elbo_ext.elbos.protocol`` changes this file alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyro.infer as infer
+import pyro.poutine as poutine
+import torch
+
+from ..elbos import AnalyticKLELBO, ImportanceWeightedELBO, JensenELBO
+from ..elbos.densities import PATHWISE, estimator_kind
+
+
+class EagerFallbackWarning(UserWarning):
+    """CompiledSVI runs a loss (or one argument structure) eagerly, as ``pyro.infer.SVI``
+    would, because it cannot compile it faithfully; the message says which and why."""
+
+
+# ============================================================================ the protocol
+def eager_loss_fn(loss) -> Callable:
+    """``(model, guide, args, kwargs) -> -L_hat`` on the eager path of ``loss`` (what a
+    compiled path traces)."""
+    for name in ("eager_differentiable_loss", "_eager_differentiable_loss"):
+        eager = getattr(loss, name, None)
+        if eager is not None:
+            return eager
+    return lambda model, guide, args, kwargs: loss.differentiable_loss(
+        model, guide, *args, **kwargs
+    )
+
+
+def step_inputs(loss) -> tuple:
+    """The loss's per-step input tensors (``()`` for a loss without the protocol)."""
+    inputs = getattr(loss, "step_inputs", None)
+    return inputs() if inputs is not None else ()
+
+
+def prepare_step_inputs(loss) -> None:
+    """Refresh the loss's per-step inputs, where it has any."""
+    prepare = getattr(loss, "prepare_step_inputs", None)
+    if prepare is not None:
+        prepare()
+
+
+def advance_step(loss) -> None:
+    """One training step taken: the loss's step counter moves (a schedule's position)."""
+    advance = getattr(loss, "advance_step", None)
+    if advance is not None:
+        advance()
+    elif hasattr(loss, "step_count"):
+        loss.step_count += 1
+
+
+def compile_refusal(loss, model, guide) -> str | None:
+    """Why ``loss`` cannot be compiled faithfully for (model, guide), or ``None``."""
+    refusal = getattr(loss, "compile_refusal", None)
+    if refusal is not None:
+        return refusal(model, guide)
+    if getattr(loss, "estimator", None) == "dreg":
+        return ("its gradient is rescaled by a tensor hook (DReG), which a traced graph does "
+                "not keep; estimator='iwae' compiles")
+    return None
+
+
+def is_ours(loss) -> bool:
+    """A loss of this package (it has the eager path the compiled step traces)."""
+    return hasattr(loss, "eager_differentiable_loss") or hasattr(
+        loss, "_eager_differentiable_loss")
+
+
+# ============================================================================ adapting a loss
+#: why a check of the traces says a structure runs eagerly: ``(model, guide, args, kwargs)
+#: -> reason or None``
+StructureCheck = Callable[[Callable, Callable, tuple, dict], "str | None"]
+
+
+@dataclass
+class Adapted:
+    """How :class:`~pyro_elbo_ext.CompiledSVI` computes the steps of one loss.
+
+    Attributes
+    ----------
+    loss : object
+        The user's loss: what :class:`pyro.infer.SVI` would run (eager steps, ``evaluate_loss``).
+    traced : object or None
+        The loss whose eager differentiable loss is traced (the user's, one of ours with the
+        same estimator, or :class:`~.pyro_losses.PyroEnumLoss`); ``None``: every step is eager.
+    reason : str or None
+        Why every step is eager (``traced is None``).
+    description : str
+        What is traced, for messages (``"Trace_ELBO as JensenELBO(entropy='sampled')"``).
+    structure_check : callable or None
+        Asked once per argument structure: a reason to run that structure eagerly, or None.
+    """
+
+    loss: object
+    traced: object | None
+    reason: str | None = None
+    description: str = ""
+    structure_check: StructureCheck | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return type(self.loss).__name__
+
+
+def _settings(loss) -> dict:
+    """The ELBO settings that carry over to the loss of ours that replaces ``loss``."""
+    return {
+        "num_particles": loss.num_particles,
+        "max_plate_nesting": loss.max_plate_nesting,
+        "vectorize_particles": loss.vectorize_particles,
+        "strict_enumeration_warning": loss.strict_enumeration_warning,
+        "retain_graph": loss.retain_graph,
+    }
+
+
+def _guide_sites(model, guide, args, kwargs) -> list[dict]:
+    """The guide's sample sites of one run (nothing recorded in the param store's order is
+    changed: parameters already exist after the discovery run)."""
+    with poutine.block(), torch.no_grad():
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    return [site for site in trace.nodes.values()
+            if site["type"] == "sample" and not site["is_observed"]]
+
+
+def _score_sites(sites: list[dict]) -> list[str]:
+    """Names of the guide sites whose gradient has a score-function part."""
+    return [site["name"] for site in sites if estimator_kind(site["fn"]) != PATHWISE]
+
+
+def _tracegraph_check(model, guide, args, kwargs) -> str | None:
+    names = _score_sites(_guide_sites(model, guide, args, kwargs))
+    if names:
+        return (f"the guide samples non-reparameterized sites ({', '.join(names)}), whose "
+                "gradient TraceGraph_ELBO Rao-Blackwellizes by dependency with per-site "
+                "baselines; the compiled estimators do not do that yet (issue #23)")
+    return None
+
+
+def _renyi_check(model, guide, args, kwargs) -> str | None:
+    sites = _guide_sites(model, guide, args, kwargs)
+    names = _score_sites(sites)
+    if names:
+        return (f"the guide samples non-reparameterized sites ({', '.join(names)}), which "
+                "RenyiELBO gives no score-function gradient and ImportanceWeightedELBO gives "
+                "VIMCO's: not the same estimator")
+    with poutine.block(), torch.no_grad():
+        trace = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(
+            *args, **kwargs))).get_trace(*args, **kwargs)
+    scaled = [name for name, site in trace.nodes.items()
+              if site["type"] == "sample" and not _unit_scale(site["scale"])]
+    if scaled:
+        return (f"sites {', '.join(scaled)} are scaled (subsampling): RenyiELBO scales the "
+                "log-weights inside its log-mean-exp, ImportanceWeightedELBO outside (its "
+                "unbiased form): not the same estimator")
+    return None
+
+
+def _unit_scale(scale) -> bool:
+    if isinstance(scale, torch.Tensor):
+        return bool((scale == 1).all())
+    return scale == 1
+
+
+def _mapped(loss, ours, description: str, check: StructureCheck | None = None) -> Adapted:
+    return Adapted(loss, ours, description=f"{type(loss).__name__} as {description}",
+                   structure_check=check)
+
+
+def adapt(loss) -> Adapted:
+    """How CompiledSVI computes the steps of ``loss`` (see the module docstring)."""
+    kind = type(loss)
+    if is_ours(loss):
+        return Adapted(loss, loss, description=kind.__name__)
+    if kind in (infer.Trace_ELBO, infer.JitTrace_ELBO):
+        return _mapped(loss, JensenELBO(entropy="sampled", **_settings(loss)),
+                       "JensenELBO(entropy='sampled')")
+    if kind in (infer.TraceMeanField_ELBO, infer.JitTraceMeanField_ELBO):
+        return _mapped(loss, AnalyticKLELBO(**_settings(loss)), "AnalyticKLELBO()")
+    if kind in (infer.TraceGraph_ELBO, infer.JitTraceGraph_ELBO):
+        return _mapped(loss, JensenELBO(entropy="sampled", **_settings(loss)),
+                       "JensenELBO(entropy='sampled')", _tracegraph_check)
+    if kind is infer.RenyiELBO:
+        if loss.alpha != 0:
+            return Adapted(loss, None, reason=(
+                f"RenyiELBO(alpha={loss.alpha}) has no counterpart among the compiled "
+                "estimators (only alpha=0, the importance-weighted bound, has)"))
+        settings = _settings(loss)
+        settings.pop("vectorize_particles")  # ours always vectorizes its particles
+        return _mapped(loss, ImportanceWeightedELBO(estimator="iwae", **settings),
+                       "ImportanceWeightedELBO(estimator='iwae')", _renyi_check)
+    if kind in (infer.TraceEnum_ELBO, infer.JitTraceEnum_ELBO):
+        from .pyro_losses import PyroEnumLoss
+
+        return Adapted(loss, PyroEnumLoss(loss),
+                       description=f"{kind.__name__} (Pyro's enumeration, traced)")
+    if isinstance(loss, infer.ELBO) and kind.__module__.startswith("pyro."):
+        reason = (f"{kind.__name__} is not among the losses CompiledSVI compiles (Trace_ELBO, "
+                  "TraceMeanField_ELBO, TraceGraph_ELBO, RenyiELBO(alpha=0), TraceEnum_ELBO, "
+                  "their Jit* forms, and this package's losses)")
+    elif isinstance(loss, infer.ELBO):
+        reason = (f"{kind.__name__} is a user-defined ELBO: CompiledSVI cannot tell whether "
+                  "its computation can be traced faithfully")
+    else:
+        reason = (f"{kind.__name__} is not a pyro.infer.elbo.ELBO: CompiledSVI traces only "
+                  "ELBO losses")
+    return Adapted(loss, None, reason=reason)
+
+
+def warn_eager(name: str, reason: str, what: str = "every step", stacklevel: int = 3) -> None:
+    """The one warning CompiledSVI gives when it runs ``name`` eagerly."""
+    warnings.warn(
+        f"CompiledSVI runs {what} of {name} eagerly, as pyro.infer.SVI would: {reason}",
+        EagerFallbackWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+__all__ = [
+    "Adapted",
+    "EagerFallbackWarning",
+    "adapt",
+    "advance_step",
+    "compile_refusal",
+    "eager_loss_fn",
+    "is_ours",
+    "prepare_step_inputs",
+    "step_inputs",
+    "warn_eager",
+]
