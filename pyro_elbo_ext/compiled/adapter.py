@@ -158,10 +158,15 @@ class Adapted:
 
 
 def _settings(loss) -> dict:
-    """The ELBO settings that carry over to the loss of ours that replaces ``loss``."""
+    """The ELBO settings that carry over to the loss of ours that replaces ``loss`` (Pyro's
+    ``ELBO`` stores ``max_plate_nesting`` plus one for the particle plate when particles are
+    vectorized; the user's value is given on, and ours adds the plate itself)."""
+    nesting = loss.max_plate_nesting
+    if loss.vectorize_particles and loss.num_particles > 1:
+        nesting -= 1
     return {
         "num_particles": loss.num_particles,
-        "max_plate_nesting": loss.max_plate_nesting,
+        "max_plate_nesting": nesting,
         "vectorize_particles": loss.vectorize_particles,
         "strict_enumeration_warning": loss.strict_enumeration_warning,
         "retain_graph": loss.retain_graph,

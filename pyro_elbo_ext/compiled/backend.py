@@ -148,3 +148,30 @@ def compile_step(graph: torch.fx.GraphModule, example_inputs: list, device: torc
     with torch.random.fork_rng(devices=devices), torch.no_grad(), quiet_compilation(), \
             vec_isa.probe_cached():
         return compile_fx(graph, list(example_inputs), config_patches=options)
+
+
+def compile_loop(loop: Callable, device: torch.device, eager_random: bool = False) -> Callable:
+    """Compile a function that runs a step graph inside torch's ``while_loop`` (the fused run).
+
+    ``torch.compile`` (Dynamo, then Inductor with the kernel-calling code in C++, so the loop
+    itself runs in C++) compiles on the first call; torch's internal warnings are filtered and
+    the vector-ISA probe is answered from its record as in :func:`compile_step`.  Random state
+    is not forked: the first call runs the loop, whose draws are the user's.
+    """
+    if BACKEND is None:
+        return loop
+    if BACKEND != "inductor":
+        return torch.compile(loop, backend=BACKEND, fullgraph=True, dynamic=False)
+    ensure_cache_dir()
+    options = compile_options(device, eager_random)
+    options.pop("triton.cudagraphs", None)  # a loop's graph is not captured as a CUDA graph
+    if device.type == "cpu":
+        options["cpp_wrapper"] = True
+    compiled = torch.compile(loop, backend="inductor", fullgraph=True, dynamic=False,
+                             options=options)
+
+    def call(*args):
+        with quiet_compilation(), vec_isa.probe_cached():
+            return compiled(*args)
+
+    return call

@@ -244,6 +244,8 @@ class CompiledSVI:
         self.eager_random = False
         #: seconds each build took (trace and first compiled call), most recent last
         self.compile_seconds: list[float] = []
+        #: seconds the first call of each fused loop took (its compile and its steps)
+        self.fused_compile_seconds: list[float] = []
 
     # ------------------------------------------------------------------ SVI's interface
     def step(self, *args, **kwargs) -> float:
@@ -266,15 +268,16 @@ class CompiledSVI:
         return self._build_and_step(key, args, kwargs, data)
 
     def run(self, num_steps: int, *args, steps_per_call: int | None = None,
-            progress_bar: bool = False, **kwargs) -> torch.Tensor:
+            unroll: int | None = None, progress_bar: bool = False, **kwargs) -> torch.Tensor:
         """Take ``num_steps`` steps with the same arguments, many per compiled call.
 
-        The steps are unrolled, ``steps_per_call`` at a time, into one graph (loss, gradient
-        and update of each step feeding the next), compiled once and called
-        ``num_steps // steps_per_call`` times; the same trajectory as ``num_steps`` calls of
-        :meth:`step` from the same seed (see :mod:`pyro_elbo_ext.compiled.fused`).  Where a
-        fused graph does not apply (eager steps, a graph that guards Python reads, a
-        scheduled loss input), the steps are :meth:`step` calls.
+        The steps run inside one compiled loop (torch's ``while_loop``, compiled once per
+        argument structure, its body ``unroll`` steps whose loss, gradient and update feed the
+        next), up to ``steps_per_call`` steps per call: the same trajectory as ``num_steps``
+        calls of :meth:`step` from the same seed (see :mod:`pyro_elbo_ext.compiled.fused`).
+        Where the loop does not apply (eager steps, a graph that guards Python reads, a
+        scheduled loss input), and for the first step and the last ``< unroll`` ones, the
+        steps are :meth:`step` calls.
 
         Parameters
         ----------
@@ -283,8 +286,10 @@ class CompiledSVI:
         *args, **kwargs
             The model's and guide's arguments, as for :meth:`step`.
         steps_per_call : int, optional
-            Steps unrolled per compiled call; default :func:`~.fused.default_steps_per_call`
-            (a longer chunk has less overhead per step and a longer compile).
+            Most steps per compiled call (default 1024): the progress bar moves once per call.
+        unroll : int, optional
+            Steps per iteration of the compiled loop (default 4): more cuts the loop's
+            overhead per step and lengthens its one compile.
         progress_bar : bool
             Show a ``tqdm`` progress bar, updated per call (tqdm is part of the ``compare``
             extra).
@@ -297,7 +302,7 @@ class CompiledSVI:
         """
         from .fused import run_steps
 
-        return run_steps(self, num_steps, args, kwargs, steps_per_call, progress_bar)
+        return run_steps(self, num_steps, args, kwargs, steps_per_call, unroll, progress_bar)
 
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The loss estimate at the current parameters, eager, without a step."""
