@@ -43,9 +43,12 @@ DEFAULT_CACHE_DIR = Path("~/.cache/pyro_elbo_ext/torchinductor").expanduser()
 BACKEND: str | None = "inductor"
 
 #: warnings that torch's own compilation machinery gives and a user cannot act on:
-#: ``(category, message regex)``, filtered while (and only while) a graph is compiled
+#: ``(category, message regex, module regex)``, filtered while (and only while) a graph is
+#: compiled: Inductor's lowering calls a deprecated check (the Cholesky-based guides), and
+#: importing Inductor defines TorchScript methods (``torch.utils.mkldnn``)
 TORCH_INTERNAL_WARNINGS = (
-    (FutureWarning, r"torch\._prims_common\.check is deprecated"),
+    (FutureWarning, r".*torch\._prims_common\.check\W* is deprecated", ""),
+    (DeprecationWarning, "", r"torch\."),
 )
 
 _aten = torch.ops.aten
@@ -80,8 +83,9 @@ def quiet_compilation() -> Iterator[None]:
     """Filter :data:`TORCH_INTERNAL_WARNINGS` while a graph compiles (a user running with
     warnings as errors never sees torch's internal deprecations), nothing else."""
     with warnings.catch_warnings():
-        for category, message in TORCH_INTERNAL_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category)
+        for category, message, module in TORCH_INTERNAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category,
+                                    module=module)
         yield
 
 
@@ -134,7 +138,8 @@ def compile_step(graph: torch.fx.GraphModule, example_inputs: list, device: torc
     if BACKEND != "inductor":
         return torch.compile(graph.forward, backend=BACKEND, fullgraph=True, dynamic=False)
     ensure_cache_dir()
-    from torch._inductor.compile_fx import compile_fx
+    with quiet_compilation():  # importing Inductor defines deprecated TorchScript methods
+        from torch._inductor.compile_fx import compile_fx
 
     options = compile_options(device, eager_random)
     if not eager_random:
