@@ -1,5 +1,6 @@
 """The compile step's surroundings: torch's internal warnings, random draws, the ISA probe."""
 
+import platform
 import warnings
 
 import pyro
@@ -15,7 +16,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from pyro_elbo_ext import CompiledSVI
 from pyro_elbo_ext.compiled import backend, vec_isa
 
-ENABLED = vec_isa._enabled
 INTERNAL = "`torch._prims_common.check` is deprecated and will be removed in the future."
 
 
@@ -72,52 +72,57 @@ def test_native_random_draws_the_same_numbers_as_aten():
 
 # ---------------------------------------------------------------- the vector-ISA probe
 @pytest.fixture
-def isa_record(tmp_path, monkeypatch):
-    """The probe's record in a scratch file, on a pretend CPU with two instruction sets."""
+def isa_checks(tmp_path, monkeypatch):
+    """The record in a scratch file; Inductor's check replaced by one that counts its calls
+    (passes unless the program is "bad")."""
+    from torch._inductor.cpu_vec_isa import VecISA
+
     monkeypatch.setattr(vec_isa, "CACHE_FILE", tmp_path / "vec_isa.json")
-    monkeypatch.setattr(vec_isa, "_key", lambda: "this machine")
-    monkeypatch.setattr(vec_isa, "_candidates", lambda: ["avx2", "avx512"])
-    monkeypatch.setattr(vec_isa, "_enabled", lambda: True)
     monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
-    passed = ["avx2", "avx512"]
-    monkeypatch.setattr("torch._inductor.cpu_vec_isa.valid_vec_isa_list", lambda: passed)
-    return passed
+    monkeypatch.delenv(vec_isa.ENVIRONMENT_SWITCH, raising=False)
+    calls = []
+
+    def check_build(isa, code):
+        calls.append(code)
+        return code != "bad"
+
+    monkeypatch.setattr(VecISA, "check_build", check_build)
+    return calls
 
 
-def test_the_probe_is_recorded_then_skipped(isa_record):
-    assert not vec_isa.known_good()
-    with vec_isa.probe_cached():  # no record: Inductor probes, the answer is recorded
-        assert inductor_config.cpp.vec_isa_ok is None
-    assert vec_isa.known_good()
-    with vec_isa.probe_cached():  # recorded and all passed: the probe is skipped
-        assert inductor_config.cpp.vec_isa_ok is True
-    assert inductor_config.cpp.vec_isa_ok is None  # only while compiling
+def _checks():
+    from torch._inductor.cpu_vec_isa import VecAVX2
+
+    isa = VecAVX2()
+    return isa.check_build("good"), isa.check_build("bad")
 
 
-def test_a_record_with_a_failed_instruction_set_is_not_used(isa_record):
-    isa_record.remove("avx512")
+def test_passed_checks_are_recorded_and_answered_from_the_record(isa_checks):
+    from torch._inductor.cpu_vec_isa import VecISA
+
+    fake = VecISA.check_build
+    with backend.quiet_compilation(), vec_isa.probe_cached():
+        assert _checks() == (True, False)
+    assert isa_checks == ["good", "bad"] and len(vec_isa.recorded_checks()) == 1
+    with vec_isa.probe_cached():  # a new process would read the same record
+        assert _checks() == (True, False)
+    assert isa_checks == ["good", "bad", "bad"]  # the failed check is tried again
+    assert VecISA.check_build is fake  # Inductor's own check outside compilation
+
+
+def test_the_users_setting_and_the_switch_turn_the_record_off(isa_checks, monkeypatch):
     with vec_isa.probe_cached():
-        pass
-    assert not vec_isa.known_good()
+        _checks()
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", True)
     with vec_isa.probe_cached():
-        assert inductor_config.cpp.vec_isa_ok is None  # Inductor probes again
-
-
-def test_the_users_setting_wins(isa_record, monkeypatch):
-    with vec_isa.probe_cached():
-        pass
-    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", False)
-    with vec_isa.probe_cached():
-        assert inductor_config.cpp.vec_isa_ok is False
+        _checks()
     monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
     monkeypatch.setenv(vec_isa.ENVIRONMENT_SWITCH, "0")
-    monkeypatch.setattr(vec_isa, "_enabled", ENABLED)
     with vec_isa.probe_cached():
-        assert inductor_config.cpp.vec_isa_ok is None
+        _checks()
+    assert isa_checks.count("good") == 3  # checked every time: the record was not used
 
 
-def test_the_record_key_names_cpu_compiler_and_torch():
-    if not ENABLED():
-        pytest.skip("the record is kept on x86 only")
+def test_the_record_key_names_the_cpu_compiler_and_torch():
     key = vec_isa._key()
-    assert torch.__version__ in key
+    assert torch.__version__ in key and platform.machine() in key
