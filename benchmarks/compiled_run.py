@@ -25,7 +25,7 @@ Usage::
     python -m benchmarks.compiled_run [--only run|enum] [--rounds 9] [--out DIR]
 
 Writes ``compiled_run.md`` and ``compiled_run.json`` to ``--out`` (default
-``benchmarks/results/compiled_run``).  NumPyro (and funsor for the enumeration column) are the
+``benchmarks/results``).  NumPyro (and funsor for the enumeration column) are the
 ``bench`` extra; a contestant whose package is missing is reported as not available.
 """
 
@@ -363,7 +363,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("run", "enum"), action="append")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/compiled_run")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     pyro.set_rng_seed(0)
