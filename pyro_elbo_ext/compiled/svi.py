@@ -33,6 +33,7 @@ from collections.abc import Hashable
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.svi import SVI as PyroSVI  # bound at import: a patched pyro.infer.SVI
 from pyro.infer.util import torch_item
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -226,7 +227,7 @@ class CompiledSVI:
             if refusal is not None:
                 reason = f"{type(loss).__name__} cannot be compiled faithfully: {refusal}"
         if reason is not None:
-            self._delegate = pyro.infer.SVI(model, guide, optim, loss)
+            self._delegate = PyroSVI(model, guide, optim, loss)
             self._warn_eager(reason, stacklevel=2)
         self._loss_fn = eager_loss_fn(self.traced_loss) if self.traced_loss is not None \
             else None
