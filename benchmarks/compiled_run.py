@@ -384,7 +384,8 @@ def main(argv=None) -> None:
             for contestant in group:
                 contestant.measure()
     results = {c.name: c.summary() for group in groups for c in group}
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or 'CPU'}, torch "
+    lines = ["# The fused run and TraceEnum_ELBO compiled", "",
+             f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or 'CPU'}, torch "
              f"{torch.__version__}, pyro {pyro.__version__}, one thread; load average at start "
              f"{load:.1f}; {args.rounds} interleaved rounds; medians [quartiles] of process time "
              "per step. Command: `python -m benchmarks.compiled_run "

@@ -287,7 +287,8 @@ def main(argv=None) -> None:
         rows.append("")
     args.out.mkdir(parents=True, exist_ok=True)
     machine = platform.processor() or platform.machine()
-    header = (f"Measured {time.strftime('%Y-%m-%d')} on {machine}, load average at start "
+    header = ("# What a user pays end to end\n\n"
+              f"Measured {time.strftime('%Y-%m-%d')} on {machine}, load average at start "
               f"{os.getloadavg()[0]:.1f}; medians of {args.repeats} "
               f"fresh processes; ISA record {'used' if isa else 'off'}. Command: "
               f"`python -m benchmarks.end_to_end {' '.join(argv or sys.argv[1:])}`\n\n")
