@@ -35,6 +35,7 @@ from pyro.util import get_rng_state, set_rng_state
 from .._extras import require
 from ..elbos import JensenELBO
 from ..problems import Problem
+from .draws import check_params_listed, module_values_restored
 from .estimators import chosen_estimators, get_estimator
 
 pd = require("pandas", "compare", "the learning-curve tables")
@@ -155,13 +156,14 @@ def fit_estimators(
     rows: list[dict] = []
     finals: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        for spec, (loss, model, guide) in zip(specs, built):
-            evaluator = yardstick if yardstick is not None else loss
-            rows.extend(_fit_one(problem, spec.name, loss, model, guide, evaluator, num_steps, lr,
-                                 seed, eval_every, progress))
-            finals[spec.name] = {
-                n: pyro.param(n).detach().clone() for n in problem.init_params
-            }
+        with module_values_restored(problem):
+            for spec, (loss, model, guide) in zip(specs, built):
+                evaluator = yardstick if yardstick is not None else loss
+                rows.extend(_fit_one(problem, spec.name, loss, model, guide, evaluator,
+                                     num_steps, lr, seed, eval_every, progress))
+                finals[spec.name] = {
+                    n: pyro.param(n).detach().clone() for n in problem.init_params
+                }
     finally:
         store.set_state(saved)
         set_rng_state(rng)
@@ -183,6 +185,7 @@ def _fit_one(problem, name, loss, model, guide, evaluator, num_steps, lr, seed, 
     with _rng_preserved():  # one untimed evaluation: first-call costs are not the estimator's
         pyro.set_rng_seed(seed)
         loss.loss_and_grads(model, guide, *problem.args, **problem.kwargs)
+    check_params_listed(problem)
     problem.set_params()
     svi = SVI(model, guide, Adam({"lr": lr}), loss=loss)
     rows = []
