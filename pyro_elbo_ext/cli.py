@@ -32,14 +32,8 @@ from pathlib import Path
 import torch
 
 from ._extras import MissingExtraError
-from .problems import (
-    PROBLEMS,
-    ProblemOptionError,
-    UnknownProblemError,
-    describe_problem,
-    get_problem,
-    problem_options,
-)
+from .problems import PROBLEMS, describe_problem, get_problem, problem_options
+from .problems.registry import ProblemOptionError, UnknownProblemError
 
 PROG = "pyro-elbo-ext"
 DEFAULT_PROBLEM = "normal_normal"

@@ -24,6 +24,7 @@ import pyro
 import torch
 
 from ..problems import Problem
+from ..problems.base import MODULE_DIVIDER
 from .estimators import EstimatorSpec, get_estimator
 
 
@@ -109,7 +110,7 @@ def check_params_listed(problem: Problem) -> None:
     that ``problem.init_params`` leaves out: nothing would reset or measure them."""
     unlisted = problem.unlisted_params()
     if unlisted:
-        modules = sorted({n.split("$$$")[0] for n in unlisted if "$$$" in n})
+        modules = sorted({n.split(MODULE_DIVIDER)[0] for n in unlisted if MODULE_DIVIDER in n})
         hint = "" if not modules else (
             f"; for pyro.module({modules[0]!r}, net): {{param_with_module_name({modules[0]!r}, "
             "n): p.detach().clone() for n, p in net.named_parameters()}} "

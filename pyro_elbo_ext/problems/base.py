@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER
+from pyro.params import param_with_module_name
 from pyro.util import get_rng_state, set_rng_state
 from torch.distributions import biject_to, constraints
+
+#: what ``pyro.module`` puts between a module's name and its parameters' ("$$$")
+MODULE_DIVIDER = param_with_module_name("", "")
 
 
 @dataclass
@@ -106,7 +109,7 @@ class Problem:
         (the second run sees each module as it stays; without gradients, Pyro's random state
         restored); empty, and nothing is run, when no ``init_params`` name is a module's.
         """
-        listed = {n for n in self.init_params if _MODULE_NAMESPACE_DIVIDER in n}
+        listed = {n for n in self.init_params if MODULE_DIVIDER in n}
         if not listed:
             return {}
         state = get_rng_state()
