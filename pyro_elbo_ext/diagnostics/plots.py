@@ -32,23 +32,28 @@ def site_of(label: str) -> str:
 def chosen_elements(table, max_panels: int = MAX_PANELS) -> list[str]:
     """Up to ``max_panels`` row labels of ``table`` (an ``az.summary``-like table).
 
-    All rows, in table order, when there are at most ``max_panels``; otherwise every site gets
-    a panel before any gets a second, and within a site the rows come in order of decreasing
-    ``|mean_error_z|`` where the table has it (the guide's worst disagreement with the
-    reference first), else in table order.
+    All rows, in table order, when there are at most ``max_panels``.  Otherwise every site
+    gets one row first; where the table has ``mean_error_z`` that is the site's worst
+    (largest ``|mean_error_z|``: the guide's worst disagreement with the reference) and the
+    remaining places go to the worst rows of any site; without it the sites take turns in
+    table order.
     """
     if len(table) <= max_panels:
         return list(table.index)
     order: dict[str, list[str]] = {}
-    for label in table.index:
-        order.setdefault(site_of(label), []).append(label)
     if "mean_error_z" in table:
         score = table["mean_error_z"].abs().fillna(np.inf)
-        for site, labels in order.items():
-            order[site] = sorted(labels, key=lambda label: -score[label])
+        worst = sorted(table.index, key=lambda label: -score[label])
+        for label in worst:
+            order.setdefault(site_of(label), []).append(label)
+        first = [labels[0] for labels in order.values()][:max_panels]
+        rest = [label for label in worst if label not in first]
+        return first + rest[:max_panels - len(first)]
+    for label in table.index:
+        order.setdefault(site_of(label), []).append(label)
     chosen: list[str] = []
     depth = 0
-    while len(chosen) < min(max_panels, len(table)):
+    while len(chosen) < max_panels:
         for labels in order.values():
             if depth < len(labels) and len(chosen) < max_panels:
                 chosen.append(labels[depth])

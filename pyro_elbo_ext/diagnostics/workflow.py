@@ -74,8 +74,9 @@ class Diagnosis:
                    float_format=lambda v: f"{v:.4g}") -> str:
         """:attr:`table` as text: whole when it has at most ``max_rows`` rows; otherwise one
         line per site (its number of elements and the range of each statistic) and the
-        ``max_rows`` rows that :func:`~.plots.chosen_elements` picks (the worst
-        ``|mean_error_z|`` first, every site represented), with a note naming ``full_table``.
+        ``max_rows`` rows that :func:`~.plots.chosen_elements` picks (every site's worst
+        ``|mean_error_z|``, then the worst of all, largest first), with a note naming
+        ``full_table``.
         """
         table = self.table
         if len(table) <= max_rows:
