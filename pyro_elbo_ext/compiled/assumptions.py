@@ -105,7 +105,8 @@ class GraphAssumptions:
     """
 
     def __init__(self, names: list[str], params: list[torch.Tensor],
-                 constants: list[Constant] = (), bindings: list[ModuleBinding] = ()):
+                 constants: list[Constant] = (), bindings: list[ModuleBinding] = (),
+                 written: list[torch.Tensor] = ()):
         self.names = list(names)
         self.params = list(params)
         self.trainable = [bool(p.requires_grad) for p in self.params]
@@ -113,7 +114,10 @@ class GraphAssumptions:
                               for n, p in zip(self.names, self.params)]
         self.constants = list(constants)
         self.bindings = list(bindings)
-        self._constant_checks = [(c.tensor, c.version) for c in self.constants]
+        # the graph's own in-place writes (a network's buffers) change these as eagerly
+        self.written = {id(t) for t in written}
+        self._constant_checks = [(c.tensor, c.version) for c in self.constants
+                                 if id(c.tensor) not in self.written]
         self._name_checks = [(namespace, name, c.tensor) for c in self.constants
                              for namespace, name in c.names]
         self._cell_checks = [(cell, name, c.tensor) for c in self.constants
@@ -162,7 +166,8 @@ class GraphAssumptions:
         which may write into a network's buffers)."""
         for constant in self.constants:
             constant.version = constant.tensor._version
-        self._constant_checks = [(c.tensor, c.version) for c in self.constants]
+        self._constant_checks = [(c.tensor, c.version) for c in self.constants
+                                 if id(c.tensor) not in self.written]
 
 
 #: what to do about a constant that changes (the advice of the retrace warning and error)
@@ -294,6 +299,11 @@ class ModuleRecorder(Messenger):
     def __init__(self) -> None:
         super().__init__()
         self.bindings: list[ModuleBinding] = []
+        self._roots: set[int] = set()
+        #: each network's buffers and their values before its first forward in the discovery
+        #: run (a build runs the model several times; :func:`restore_buffers` undoes its
+        #: updates of running statistics, so that a step updates them once, as eagerly)
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _pyro_post_param(self, msg) -> None:
         frame = sys._getframe(1)
@@ -307,6 +317,10 @@ class ModuleRecorder(Messenger):
         value = msg["value"]
         if not isinstance(root, torch.nn.Module) or not isinstance(path, str):
             return
+        if id(root) not in self._roots:  # pyro.module runs before the network's forward
+            self._roots.add(id(root))
+            with torch.no_grad():
+                self.buffers.extend((b, b.detach().clone()) for b in root.buffers())
         stored = value.unconstrained() if hasattr(value, "unconstrained") else value
         if own is not None and own is not stored and not local.get("update_module_params"):
             raise RuntimeError(
@@ -320,3 +334,12 @@ class ModuleRecorder(Messenger):
                 "network"
             )
         self.bindings.append(ModuleBinding(msg["name"], root, tuple(path.split(".")), stored))
+
+
+def restore_buffers(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the ``pyro.module`` networks' buffers back to their values before a build (see
+    :attr:`ModuleRecorder.buffers`)."""
+    with torch.no_grad():
+        for buffer, value in buffers:
+            if not torch.equal(buffer, value):
+                buffer.copy_(value)

@@ -132,6 +132,7 @@ class CompiledLoss:
         else:
             warn_changed_numbers(key, self.graphs, "compiled loss")
         traced = self._trace(loss, args, kwargs, extra)
+        traced.built()
         inputs = traced.params + data + (traced.state_inputs(loss) or [])
         compiled = compile_step(traced.graph, inputs, device_of(inputs), self.eager_random)
         entry = GraphEntry(traced, compiled)

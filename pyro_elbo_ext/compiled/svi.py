@@ -319,8 +319,10 @@ class CompiledSVI:
                    if t]
         states = [self._state_for(n, p) for n, p in trained]
         optimizers = [self._optimizers[n] for n, _ in trained]
-        return _Step(traced, optimizers, states, data, device_of(traced.params + data),
+        step = _Step(traced, optimizers, states, data, device_of(traced.params + data),
                      self.loss, self.eager_random)
+        traced.built()
+        return step
 
     def _count_retrace(self, reason: str, advice: str) -> None:
         self.retraces = count_retrace(self.retraces, MAX_RETRACES, "CompiledSVI", reason,

@@ -58,7 +58,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .assumptions import GraphAssumptions, ModuleRecorder, grad_message, name_constants
+from .assumptions import (
+    GraphAssumptions,
+    ModuleRecorder,
+    grad_message,
+    name_constants,
+    restore_buffers,
+)
 from .backend import ensure_cache_dir
 from .rng import RngSnapshot, rng_preserved
 
@@ -279,6 +285,9 @@ class TracedLossGrad:
         The keys of the loss's carried state, in input (and output) order.
     assumptions : GraphAssumptions
         What the graph assumes beyond its inputs, checked before each call.
+    buffers : list of (Tensor, Tensor)
+        The ``pyro.module`` networks' buffers and their values before the build (undone by
+        :meth:`built`).
     """
 
     graph: torch.fx.GraphModule
@@ -288,6 +297,7 @@ class TracedLossGrad:
     outputs: tuple = ()
     state_keys: list = field(default_factory=list)
     assumptions: GraphAssumptions = None  # type: ignore[assignment]
+    buffers: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.assumptions is None:
@@ -306,6 +316,14 @@ class TracedLossGrad:
     def grad_params(self) -> list[torch.Tensor]:
         """The parameters with a gradient output, in output order."""
         return [p for p, t in zip(self.params, self.trainable) if t]
+
+    def built(self) -> None:
+        """Call once every run of a build is done (the trace, and any trace of a larger step
+        around it): the networks' buffers go back to their values before the build, so that
+        the first compiled call updates them once, as an eager step does."""
+        restore_buffers(self.buffers)
+        self.buffers = []
+        self.assumptions.refresh_versions()
 
     def where_read(self) -> str:
         """The lines whose tensor reads the graph guards (for warnings)."""
@@ -348,12 +366,12 @@ def _paused(carrier):
             yield
 
 
-def discover_params(loss_fn, functions=()) -> tuple[list[str], list[torch.Tensor], list]:
+def discover_params(loss_fn) -> tuple[list[str], list[torch.Tensor], ModuleRecorder]:
     """Run ``loss_fn`` once eagerly (creating and validating parameters); the ones it read.
 
     Returns the param-store names and unconstrained leaf tensors of every parameter read, in
-    the order first read (those that do not require grad included), and the ``pyro.module``
-    networks' bindings (:class:`~pyro_elbo_ext.compiled.assumptions.ModuleBinding`).
+    the order first read (those that do not require grad included), and what was recorded of
+    the ``pyro.module`` networks (:class:`~pyro_elbo_ext.compiled.assumptions.ModuleRecorder`).
     """
     with poutine.trace(param_only=True) as capture, ModuleRecorder() as modules:
         loss_fn()
@@ -361,7 +379,7 @@ def discover_params(loss_fn, functions=()) -> tuple[list[str], list[torch.Tensor
     for name, site in capture.trace.nodes.items():
         names.append(name)
         leaves.append(site["value"].unconstrained())
-    return names, leaves, modules.bindings
+    return names, leaves, modules
 
 
 def _cuda_devices() -> list[int]:
@@ -414,7 +432,7 @@ def trace_loss_and_grad(loss_fn: Callable, args: tuple, kwargs: dict,
     store = pyro.get_param_store()
     before, count = RngSnapshot(devices), len(store._params)
     with _paused(carrier):
-        names, params, bindings = discover_params(lambda: loss_fn(args, kwargs), functions)
+        names, params, modules = discover_params(lambda: loss_fn(args, kwargs))
     if len(store._params) == count:  # no parameter created: the discovery drew nothing of use
         before.restore()
     trainable = [p for p in params if p.requires_grad]
@@ -454,10 +472,11 @@ def trace_loss_and_grad(loss_fn: Callable, args: tuple, kwargs: dict,
     finally:
         if keys:  # the trace was not a step: its update is in outputs, not in the loss
             carrier.load_carried_state(dict(zip(keys, state)))
-    constants = _graph_constants(graph, made_here)
+    constants, written = _graph_constants(graph, made_here)
     assumptions = GraphAssumptions(names, params, name_constants(constants, functions),
-                                   bindings)
-    return TracedLossGrad(graph, names, params, reads, outputs[0], keys, assumptions)
+                                   modules.bindings, written)
+    return TracedLossGrad(graph, names, params, reads, outputs[0], keys, assumptions,
+                          modules.buffers)
 
 
 def _new_state(carrier, keys: list) -> tuple:
@@ -473,14 +492,16 @@ def _new_state(carrier, keys: list) -> tuple:
     return tuple(after[key].detach() for key in keys)
 
 
-def _graph_constants(graph: torch.fx.GraphModule, made_here: set[int]) -> list[torch.Tensor]:
+def _graph_constants(graph: torch.fx.GraphModule, made_here: set[int]
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The tensors the graph holds as constants that existed before the trace (a literal such
-    as ``torch.tensor(2.0)`` is created by the graph itself: ``lift_fresh_copy``).
+    as ``torch.tensor(2.0)`` is created by the graph itself: ``lift_fresh_copy``), and those of
+    them the graph writes into (a network's buffers, such as BatchNorm's running statistics).
 
     Raises a RuntimeError for a constant that requires grad (a parameter outside the param
     store, which a compiled step could not update).
     """
-    constants, seen = [], set()
+    constants, written, seen = [], [], set()
     for node in graph.graph.nodes:
         if node.op != "get_attr":
             continue
@@ -490,6 +511,8 @@ def _graph_constants(graph: torch.fx.GraphModule, made_here: set[int]) -> list[t
         users = list(node.users)
         if users and all(u.target is _aten.lift_fresh_copy.default for u in users):
             continue
+        if any(_writes(u, node) for u in users):
+            written.append(value)
         if value.requires_grad:
             raise RuntimeError(
                 f"the loss reads a tensor of shape {tuple(value.shape)} that requires grad but "
@@ -499,4 +522,23 @@ def _graph_constants(graph: torch.fx.GraphModule, made_here: set[int]) -> list[t
             )
         seen.add(id(value))
         constants.append(value)
-    return constants
+    return constants, written
+
+
+def _writes(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """Whether the operation ``user`` writes into its argument ``node`` in place: a mutable
+    argument of its schema (``Tensor(a!)``), or a batch norm's running statistics (which
+    ``native_batch_norm`` updates without saying so in its schema)."""
+    schema = getattr(user.target, "_schema", None)
+    if schema is None:
+        return False
+    given = dict(zip((a.name for a in schema.arguments), user.args))
+    given.update(user.kwargs)
+    for argument in schema.arguments:
+        if given.get(argument.name) is not node:
+            continue
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            return True
+        if argument.name in ("running_mean", "running_var"):
+            return True
+    return False
