@@ -79,15 +79,6 @@ class ModuleBinding:
     path: tuple[str, ...]
     tensor: torch.Tensor
 
-    def holds(self) -> bool:
-        module = self.root
-        try:
-            for part in self.path[:-1]:
-                module = module._modules[part]
-            return module._parameters[self.path[-1]] is self.tensor
-        except (KeyError, TypeError, AttributeError):
-            return False
-
 
 class GraphAssumptions:
     """What one traced graph assumes about the world outside its inputs (module docstring).
@@ -122,6 +113,12 @@ class GraphAssumptions:
                              for namespace, name in c.names]
         self._cell_checks = [(cell, name, c.tensor) for c in self.constants
                              for cell, name in c.cells]
+        # one walk per submodule, then each of its parameters
+        owners: dict = {}
+        for b in self.bindings:
+            owners.setdefault((id(b.root), b.path[:-1]), (b.root, b.path[:-1], []))[2].append(
+                (b.path[-1], b.tensor, b.name))
+        self._binding_checks = list(owners.values())
 
     def broken(self, store_params: dict) -> tuple[str, bool] | None:
         """``None`` while every assumption holds; else why not, and whether the rebuild counts
@@ -148,10 +145,17 @@ class GraphAssumptions:
             if cell.cell_contents is not tensor:
                 return (f"the variable {name!r} that the model or guide reads from an "
                         "enclosing function names another object than when traced"), COUNTED
-        for binding in self.bindings:
-            if not binding.holds():
-                return (f"the pyro.module network no longer holds the param store's "
-                        f"{binding.name!r}"), SILENT
+        for root, path, held in self._binding_checks:
+            module = root
+            for part in path:
+                module = module._modules.get(part)
+                if module is None:
+                    break
+            own = module._parameters if module is not None else {}
+            for attr, tensor, name in held:
+                if own.get(attr) is not tensor:
+                    return (f"the pyro.module network no longer holds the param store's "
+                            f"{name!r}"), SILENT
         return None
 
     def _constant_changed(self, tensor: torch.Tensor) -> str:
@@ -187,15 +191,18 @@ def checked_data(data: list[torch.Tensor]) -> list[torch.Tensor]:
         For a tensor that requires grad: a compiled step gives gradients for the param store's
         parameters only, so its gradient would be silently dropped.
     """
-    copied = None
+    for tensor in data:  # the common case: nothing to do
+        if tensor.requires_grad or not tensor.is_contiguous():
+            break
+    else:
+        return data
+    copied = list(data)
     for index, tensor in enumerate(data):
         if tensor.requires_grad:
             raise ValueError(grad_message(index, tensor))
         if not tensor.is_contiguous():
-            if copied is None:
-                copied = list(data)
             copied[index] = tensor.contiguous()
-    return data if copied is None else copied
+    return copied
 
 
 def grad_message(index: int, tensor: torch.Tensor) -> str:
