@@ -18,11 +18,11 @@ import torch
 from pyro.infer import SVI
 
 from pyro_elbo_ext import CompiledSVI, JensenELBO, empty_guide
-from pyro_elbo_ext.compiled import backend, cache, jit, svi as svi_module
+from pyro_elbo_ext.compiled import backend, cache, jit
+from pyro_elbo_ext.compiled import svi as svi_module
 from pyro_elbo_ext.compiled.trace import DataDependentShapeError
 from pyro_elbo_ext.problems import get_problem
 
-PATHS = ["eager", "jit", "CompiledSVI"]
 COMPILED = ["jit", "CompiledSVI"]
 
 

@@ -10,7 +10,10 @@ Per loss, one :class:`CompiledLoss` per (model, guide) pair, in a bounded cache 
 would otherwise compile on every call and hold every graph: the cache drops the oldest and
 warns).  Per pair, one graph per structure key (shapes, dtypes, non-tensor arguments), at
 most :data:`MAX_GRAPHS`, and at most :data:`MAX_RETRACES` retraces forced by changed tensor
-reads (see :mod:`pyro_elbo_ext.compiled.trace`) before an error says what to change.
+reads (see :mod:`pyro_elbo_ext.compiled.trace`) or changed constants (see
+:mod:`pyro_elbo_ext.compiled.assumptions`, checked before every call) before an error says
+what to change.  A graph's first result comes from its compiled call, not from its trace (whose
+random draws are taken off the user's stream), so a rebuilt graph continues the stream exactly.
 """
 
 from __future__ import annotations

@@ -186,10 +186,17 @@ class CompiledSVI:
     Random numbers are Inductor's, seeded from torch's generator: the same
     ``pyro.set_rng_seed`` gives the same trajectory, a different one than :class:`pyro.infer.SVI`
     draws (equal in distribution).  Python control flow on tensor values is guarded, and new
-    shapes or non-tensor arguments compile a new step (bounded cache, with warnings).  Python
-    state outside tensors (a global flag the model reads) is invisible to the graph.
+    shapes or non-tensor arguments compile a new step (bounded cache, with warnings).  The
+    rest of what a graph assumes (which tensors are parameters and whether they require grad,
+    tensors it holds as constants, ``pyro.module`` networks, the arguments' layout) is checked
+    before every step (:mod:`pyro_elbo_ext.compiled.assumptions`); a parameter that does not
+    require grad is read but not updated.  Python state outside tensors (a global flag the
+    model reads) is invisible to the graph.  Building a step leaves the random generators as
+    it found them, so a run restored from a checkpoint continues bit for bit.
     Checkpoints: :meth:`get_state` / :meth:`set_state` use :meth:`pyro.optim.PyroOptim.get_state`'s
-    format, so ``svi.optim.set_state(compiled.get_state())`` continues under ``SVI``.
+    format, so ``svi.optim.set_state(compiled.get_state())`` continues under ``SVI``, and the
+    optimizer passed in answers Pyro's recipe (``optim.get_state()``, ``save``, ``load``) with
+    this step's state.
 
     On CUDA the step runs as a CUDA graph (Inductor's ``triton.cudagraphs``, what
     ``mode="reduce-overhead"`` sets); that path has not been run on a GPU yet (no device was
