@@ -302,6 +302,8 @@ class TracedLossGrad:
     def __post_init__(self):
         if self.assumptions is None:
             self.assumptions = GraphAssumptions(self.names, self.params)
+        #: the parameters with a gradient output, in output order
+        self.grad_params = [p for p, t in zip(self.params, self.trainable) if t]
 
     @property
     def guarded(self) -> bool:
@@ -311,11 +313,6 @@ class TracedLossGrad:
     def trainable(self) -> list[bool]:
         """Per parameter input: does it require grad (get a gradient output and an update)?"""
         return self.assumptions.trainable
-
-    @property
-    def grad_params(self) -> list[torch.Tensor]:
-        """The parameters with a gradient output, in output order."""
-        return [p for p, t in zip(self.params, self.trainable) if t]
 
     def built(self) -> None:
         """Call once every run of a build is done (the trace, and any trace of a larger step
@@ -353,7 +350,7 @@ class TracedLossGrad:
 
     def new_state(self, outputs) -> dict:
         """The new carried state among a call's ``outputs``."""
-        start = 1 + sum(self.trainable)
+        start = 1 + len(self.grad_params)
         return dict(zip(self.state_keys, outputs[start: start + len(self.state_keys)]))
 
 
