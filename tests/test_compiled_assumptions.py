@@ -22,6 +22,7 @@ from pyro_elbo_ext.compiled import backend, cache, jit
 from pyro_elbo_ext.compiled import svi as svi_module
 from pyro_elbo_ext.compiled.trace import DataDependentShapeError
 from pyro_elbo_ext.problems import get_problem
+from tests.test_compiled_svi import _data, _map_model
 
 COMPILED = ["jit", "CompiledSVI"]
 
@@ -121,15 +122,7 @@ def test_a_frozen_parameter_is_read_live_and_not_updated(traced_only):
 
 
 # ---------------------------------------------------------------- checkpoints (rows 8, 18)
-def _map_model(data):
-    loc = pyro.param("loc", torch.tensor([0.5, -0.3], dtype=data.dtype))
-    scale = pyro.param("scale", torch.tensor(2.0, dtype=data.dtype),
-                       constraint=dist.constraints.positive)
-    with pyro.plate("data", data.shape[0]):
-        pyro.sample("x", dist.Normal(loc, scale).to_event(1), obs=data)
-
-
-_DATA = torch.tensor([[1.0, 2.0], [0.5, 1.5], [2.0, 0.0], [1.2, 1.1]], dtype=torch.float64)
+_DATA = _data()
 
 
 def _store():
