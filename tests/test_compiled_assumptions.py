@@ -378,8 +378,9 @@ def test_a_changing_python_float_says_to_pass_a_0_dim_tensor(traced_only, path):
     data = torch.tensor([1.0, 2.0])
     svi = _svi(path, _tempered, pyro.optim.SGD({"lr": 0.0}))
     svi.step(data, 1.0)
-    with pytest.warns(RuntimeWarning, match=r"1\.0 -> 1\.5.*0-dim tensor"):
+    with pytest.warns(RuntimeWarning, match=r"1\.0 -> 1\.5.*0-dim tensor") as record:
         svi.step(data, 1.5)
+    assert record[0].filename == __file__  # the warning points at the user's line
     with warnings.catch_warnings():  # a 0-dim tensor: one graph for every value, silently
         warnings.simplefilter("error")
         for t in (1.0, 1.5, 2.0):
@@ -493,4 +494,4 @@ def test_inductor_restored_run_continues_bit_for_bit():
 def test_messages_name_the_fallback():
     """The retrace error says what to change and the eager alternative."""
     with pytest.raises(RuntimeError, match=r"X changed \(2 times\).*Do Y, or use Z"):
-        cache.count_retrace(1, 1, "who", "X changed", "Do Y", "Z", stacklevel=1)
+        cache.count_retrace(1, 1, "who", "X changed", "Do Y", "Z")

@@ -1,10 +1,16 @@
-"""A bounded, least-recently-used cache of compiled graphs that says when it thrashes."""
+"""A bounded, least-recently-used cache of compiled graphs that says when it thrashes, and the
+warnings and errors of a graph that keeps going stale (pointing at the user's line)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable
+
+import pyro
+import torch
 
 from .trace import changed_numbers, number_hint
 
@@ -81,8 +87,8 @@ def read_changed(traced) -> str:
             "graph was traced")
 
 
-def count_retrace(count: int, limit: int, who: str, reason: str, advice: str, fallback: str,
-                  stacklevel: int) -> int:
+def count_retrace(count: int, limit: int, who: str, reason: str, advice: str,
+                  fallback: str) -> int:
     """Account for one retrace forced by something the graph assumed; returns the new count.
 
     Warns with ``reason`` (what changed) while ``count`` stays within ``limit``; beyond it
@@ -99,7 +105,7 @@ def count_retrace(count: int, limit: int, who: str, reason: str, advice: str, fa
         f"{who}: {reason}; the stale result was not used, retracing and recompiling ({count} "
         f"of at most {limit})",
         RuntimeWarning,
-        stacklevel=stacklevel + 1,
+        stacklevel=user_stacklevel(),
     )
     return count
 
@@ -116,10 +122,23 @@ def random_read_error(who: str, traced, fallback: str) -> RuntimeError:
     )
 
 
-def warn_changed_numbers(key, cache, who: str, stacklevel: int = 3) -> None:
+def warn_changed_numbers(key, cache, who: str) -> None:
     """Warn, before a new graph is built for ``key``, where only Python numbers tell it from a
     key already in ``cache``: say to pass them as 0-dim tensors."""
     changes = changed_numbers(key, cache.keys())
     if changes:
         warnings.warn(f"{who}: {number_hint(changes)}", RuntimeWarning,
-                      stacklevel=stacklevel + 1)
+                      stacklevel=user_stacklevel())
+
+
+_PACKAGE_DIRS = tuple(os.path.dirname(module.__file__) + os.sep for module in (torch, pyro)) + (
+    os.path.dirname(os.path.dirname(__file__)) + os.sep,)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller point at the
+    first frame outside torch, Pyro and this package (the user's ``svi.step`` line)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level

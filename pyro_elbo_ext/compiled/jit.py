@@ -190,7 +190,7 @@ class CompiledLoss:
 
     def _count_retrace(self, reason: str, advice: str) -> None:
         self.retraces = count_retrace(self.retraces, MAX_RETRACES, "compiled loss", reason,
-                                      advice, "jit=False / pyro.infer.SVI", stacklevel=5)
+                                      advice, "jit=False / pyro.infer.SVI")
 
 
 def step_inputs(loss) -> tuple:

@@ -333,7 +333,7 @@ class CompiledSVI:
 
     def _count_retrace(self, reason: str, advice: str) -> None:
         self.retraces = count_retrace(self.retraces, MAX_RETRACES, "CompiledSVI", reason,
-                                      advice, "pyro.infer.SVI", stacklevel=3)
+                                      advice, "pyro.infer.SVI")
 
 
 __all__ = ["CompiledSVI"]
