@@ -426,4 +426,4 @@ def test_an_argument_that_requires_grad_runs_eagerly(traced_only):
     data = torch.randn(4, requires_grad=True)
     _eager_fallback_matches_svi(_normal_model, lambda: AutoNormal(_normal_model),
                                 lambda: pyro.optim.Adam({"lr": 0.1}), JensenELBO, data,
-                                "argument tensor of shape \\(4,\\) requires grad")
+                                "argument tensor 0 \\(of shape \\(4,\\)\\) requires grad")

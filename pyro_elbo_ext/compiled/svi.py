@@ -48,10 +48,20 @@ from .adapter import (
     step_inputs,
     warn_eager,
 )
+from .assumptions import CONSTANT_ADVICE, checked_data
 from .backend import compile_step
-from .cache import BoundedCache, count_retrace
+from .cache import (
+    READ_ADVICE,
+    BoundedCache,
+    count_retrace,
+    random_read_error,
+    read_changed,
+    warn_changed_numbers,
+)
+from .checkpoint import adopt, own_state
 from .jit import MAX_GRAPHS, MAX_RETRACES, device_of
 from .optimizers import ParamOptimizer, check_supported, functional_optimizer
+from .rng import cuda_devices, rng_preserved
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
 
 _GRAPHS_MESSAGE = (
@@ -68,11 +78,13 @@ RECOMPILE_POLICIES = ("auto", "always")
 class _Step:
     """One compiled whole step and the tensors it reads and writes.
 
-    The step (loss graph, every parameter's update, and the loss's carried state) is traced
-    once more into a single ATen graph, on copies of the parameters and state, and that graph
-    is compiled.  Inputs: parameters, optimizer state, data, carried state; outputs: loss,
-    guard, new parameters, new optimizer state, new carried state.  ``graph`` (the ATen graph
-    of the whole step) is kept: the fused run (:mod:`.fused`) chains copies of it.
+    The step (loss graph, the update of every parameter that requires grad, and the loss's
+    carried state) is traced once more into a single ATen graph, on copies of the parameters,
+    state and data, and that graph is compiled.  Inputs: parameters (frozen ones included:
+    the graph reads them but does not update them), optimizer state, data, carried state;
+    outputs: loss, guard, new trainable parameters, new optimizer state, new carried state.
+    ``graph`` (the ATen graph of the whole step) is kept: the fused run (:mod:`.fused`) chains
+    copies of it.
     """
 
     def __init__(self, traced: TracedLossGrad, optimizers: list[ParamOptimizer],
@@ -84,12 +96,15 @@ class _Step:
         self.eager_random = eager_random
         self.keys = [sorted(state) for state in states]
         # detached aliases (the same storage) of the parameters and state, written in place
-        self.inputs = [t.detach() for t in traced.params] + [
-            state[k].detach() for state, keys in zip(states, self.keys) for k in keys]
-        #: the inputs a step writes (their new values follow the loss and the guard)
-        self.targets = list(self.inputs)
-        self.target_positions = list(range(len(self.inputs)))
-        n, keys = len(traced.params), self.keys
+        params = [t.detach() for t in traced.params]
+        trained = [i for i, flag in enumerate(traced.trainable) if flag]
+        state_inputs = [state[k].detach() for state, keys in zip(states, self.keys)
+                        for k in keys]
+        self.inputs = params + state_inputs
+        self.targets = [params[i] for i in trained] + state_inputs  # what a step writes
+        n, keys = len(params), self.keys
+        #: the position among ``inputs`` of each target
+        self.target_positions = trained + list(range(n, n + len(state_inputs)))
         n_inputs, n_data = len(self.inputs), len(data)
         self.n_data = n_data
         guarded = traced.guarded
@@ -103,23 +118,28 @@ class _Step:
                 return new if ok is None else torch.where(ok, new, old)
 
             new_params, new_states, position = [], [], n
-            for p, g, opt, names in zip(params, outputs[1: 1 + n], optimizers, keys):
+            grads = outputs[1: 1 + len(trained)]
+            for i, g, opt, names in zip(trained, grads, optimizers, keys):
+                p = params[i]
                 state = dict(zip(names, flat[position: position + len(names)]))
                 position += len(names)
                 new_p, new_state = opt.update(p, g, state)
                 new_params.append(kept(new_p, p))
                 new_states.extend(kept(new_state[k], state[k]) for k in names)
+            start = 1 + len(trained)
             new_carried = [kept(new, old) for new, old in
-                           zip(outputs[1 + n: 1 + n + len(carried)], carried)]
+                           zip(outputs[start: start + len(carried)], carried)]
             flag = ok if ok is not None else torch.ones((), dtype=torch.bool)
             return (outputs[0], flag, *new_params, *new_states, *new_carried)
 
         carried = traced.state_inputs(loss) or []
         self.n_carried = len(carried)
-        copies = [t.detach().clone() for t in self.inputs + carried]
-        with torch.no_grad(), pyro.validation_enabled(False):
-            self.graph = make_fx(whole_step, tracing_mode="real")(
-                *copies[:n_inputs], *data, *copies[n_inputs:])
+        # copies throughout: real-mode tracing knows a tensor by identity, so the same tensor
+        # passed as two arguments must not become one input
+        copies = [t.detach().clone() for t in self.inputs + list(data) + carried]
+        with torch.no_grad(), pyro.validation_enabled(False), rng_preserved(
+                cuda_devices(copies)):
+            self.graph = make_fx(whole_step, tracing_mode="real")(*copies)
         self.compiled = compile_step(self.graph, self.inputs + list(data) + carried, device,
                                      eager_random)
 
@@ -130,7 +150,7 @@ class _Step:
         if carried is None:
             return None
         # no autograd here: the inputs are detached aliases (and the data is the user's; a
-        # data tensor that requires grad is refused when tracing)
+        # data tensor that requires grad is refused)
         loss, ok, *new = self.compiled(*self.inputs, *data, *carried)
         self.write_back(new, carried)
         return loss, ok
@@ -195,10 +215,18 @@ class CompiledSVI:
     Random numbers are Inductor's, seeded from torch's generator: the same
     ``pyro.set_rng_seed`` gives the same trajectory, a different one than :class:`pyro.infer.SVI`
     draws (equal in distribution).  Python control flow on tensor values is guarded, and new
-    shapes or non-tensor arguments compile a new step (bounded cache, with warnings).  Python
-    state outside tensors (a global flag the model reads) is invisible to the graph.
-    Checkpoints: :meth:`get_state` / :meth:`set_state` use :meth:`pyro.optim.PyroOptim.get_state`'s
-    format, so ``svi.optim.set_state(compiled.get_state())`` continues under ``SVI``.
+    shapes or non-tensor arguments compile a new step (bounded cache, with warnings; see
+    ``recompile``).  The rest of what a graph assumes (which tensors are parameters and
+    whether they require grad, tensors it holds as constants, ``pyro.module`` networks, the
+    arguments' layout) is checked before every step (:mod:`pyro_elbo_ext.compiled.assumptions`);
+    a parameter that does not require grad is read but not updated.  Python state outside
+    tensors (a global flag the model reads) is invisible to the graph.  Building a step leaves
+    the random generators as it found them, so a run restored from a checkpoint continues bit
+    for bit.  Checkpoints: :meth:`get_state` / :meth:`set_state` use
+    :meth:`pyro.optim.PyroOptim.get_state`'s format, so
+    ``svi.optim.set_state(compiled.get_state())`` continues under ``SVI``, and the optimizer
+    passed in answers Pyro's recipe (``optim.get_state()``, ``save``, ``load``) with this
+    step's state.
 
     On CUDA the step runs as a CUDA graph (Inductor's ``triton.cudagraphs``, what
     ``mode="reduce-overhead"`` sets); that path has not been run on a GPU yet (no device was
@@ -229,6 +257,8 @@ class CompiledSVI:
         if reason is not None:
             self._delegate = PyroSVI(model, guide, optim, loss)
             self._warn_eager(reason, stacklevel=2)
+        else:  # Pyro's optim.get_state() / save() / load() reach this step's state
+            adopt(optim, self)
         self._loss_fn = eager_loss_fn(self.traced_loss) if self.traced_loss is not None \
             else None
         self._steps = BoundedCache(MAX_GRAPHS, _GRAPHS_MESSAGE)
@@ -255,18 +285,30 @@ class CompiledSVI:
             return self._delegate.step(*args, **kwargs)
         key, data = structure_key(args, kwargs)
         prepare_step_inputs(self.traced_loss)  # this step's scheduled values (a KL weight)
-        data = data + list(step_inputs(self.traced_loss))
+        extra = list(step_inputs(self.traced_loss))
         step = self._steps.lookup(key)
-        if step is not None and step.traced.params_current(pyro.get_param_store()._params):
-            result = step(data)
-            if result is not None:
-                loss, ok = result
-                if not step.traced.guarded or bool(ok):
-                    return self._finish(loss)
-                self._count_retrace(step.traced)
-        elif step is None and not self._compiles_now(key):
+        if step is None and key in self._eager_structures and not self._compiles_now(key):
             return self._eager_step(key, args, kwargs)
-        return self._build_and_step(key, args, kwargs, data)
+        try:
+            data = checked_data(data) + extra
+        except ValueError as error:  # an argument that requires grad: SVI's step, this once
+            return self._eager_step(key, args, kwargs, failed=str(error), remember=False)
+        if step is not None:
+            stale = step.traced.stale(pyro.get_param_store()._params)
+            if stale is None:
+                result = step(data)
+                if result is not None:
+                    loss, ok = result
+                    if not step.traced.guarded or bool(ok):
+                        return self._finish(loss)
+                    self._count_retrace(read_changed(step.traced), READ_ADVICE)
+            elif stale[1]:
+                self._count_retrace(stale[0], CONSTANT_ADVICE)
+        else:
+            warn_changed_numbers(key, self._steps, "CompiledSVI")
+            if not self._compiles_now(key):
+                return self._eager_step(key, args, kwargs)
+        return self._build_and_step(key, args, kwargs, extra, data)
 
     def run(self, num_steps: int, *args, steps_per_call: int | None = None,
             unroll: int | None = None, progress_bar: bool = False, **kwargs) -> torch.Tensor:
@@ -326,7 +368,14 @@ class CompiledSVI:
         return out
 
     def set_state(self, state: dict) -> None:
-        """Load optimizer state saved by :meth:`get_state` or ``PyroOptim.get_state``."""
+        """Load optimizer state saved by :meth:`get_state` or ``PyroOptim.get_state``.
+
+        A parameter's state is loaded now into the state of the tensor the step updates, and
+        is also kept, as :meth:`pyro.optim.PyroOptim.set_state` keeps it, for a new tensor of
+        that name: restoring the param store (``pyro.get_param_store().set_state``, before or
+        after this call) puts new tensors there, and the step rebuilt for them continues from
+        this state (an early-stopping rollback continues as the uninterrupted run would).
+        """
         if self._delegate is not None:
             self.optim.set_state(state)
             return
@@ -334,12 +383,15 @@ class CompiledSVI:
         for name, saved in state.items():
             pending[name] = saved
             if name in self._states:
-                param, old = self._states.pop(name)
-                self._optimizers.pop(name)
-                fresh = self._state_for(name, param)
-                for key, value in old.items():  # the compiled steps hold these tensors
-                    value.copy_(fresh[key])
-                self._states[name] = (param, old)
+                param, old = self._states[name]
+                optimizer = functional_optimizer(self.optim, param, saved)
+                with torch.no_grad():
+                    fresh = optimizer.optimizer.load(param, saved)
+                    for key, value in old.items():  # the compiled steps hold these tensors
+                        value.copy_(fresh[key])
+                if optimizer != self._optimizers[name]:  # new hyper-parameters: new graphs
+                    self._optimizers[name] = optimizer
+                    self._steps.clear()
 
     # ------------------------------------------------------------------ stepping
     def _finish(self, loss: torch.Tensor | float) -> float:
@@ -359,34 +411,32 @@ class CompiledSVI:
             return False
         return spent >= statistics.median(self.compile_seconds)
 
-    def _build_and_step(self, key, args, kwargs, data) -> float:
+    def _build_and_step(self, key, args, kwargs, extra, data) -> float:
         start = time.perf_counter()
         try:
-            # the build's own runs draw off the user's random stream: the compiled step then
-            # takes the draws an eager step would have taken
-            with torch.random.fork_rng(devices=_cuda_devices(data)):
-                step = self._build(args, kwargs, data)
+            step = self._build(args, kwargs, extra, data)
         except _Refused as refused:
             return self._eager_step(key, args, kwargs, failed=str(refused))
         except Exception as error:  # noqa: BLE001 -- whatever the trace could not follow
-            if isinstance(error, (KeyboardInterrupt, SystemExit)):
-                raise
             return self._eager_step(key, args, kwargs,
                                     failed=f"{type(error).__name__}: {error}")
         self._steps.insert(key, step)
         self._eager_structures.pop(key, None)
-        loss, ok = step(data)
+        loss, ok = step(data)  # the compiled graph takes the step: the trace's draws were
+        # taken off the user's random stream, so a rebuilt step continues it exactly
         self.compile_seconds.append(time.perf_counter() - start)
-        if not bool(ok):  # a read changed between the trace and this call: take it again
-            return self.step(*args, **kwargs)
+        if not bool(ok):  # same arguments, parameters and state: the read is random
+            raise random_read_error("CompiledSVI", step.traced, "pyro.infer.SVI")
         return self._finish(loss)
 
-    def _eager_step(self, key, args, kwargs, failed: str | None = None) -> float:
+    def _eager_step(self, key, args, kwargs, failed: str | None = None,
+                    remember: bool = True) -> float:
         """One step without a compiled graph: the loss and its gradient eagerly (the user's
         Pyro ELBO as ``SVI`` runs it, or the eager path of a loss of ours), then this
         CompiledSVI's optimizer update from its own state.  ``failed``: why this structure
-        could not be compiled (it then always runs eagerly; one warning, after the step
-        succeeded, so that an error of the model itself is raised as ``SVI`` raises it)."""
+        could not be compiled (with ``remember`` it then always runs eagerly; one warning,
+        after the step succeeded, so that an error of the model itself is raised as ``SVI``
+        raises it)."""
         start = time.perf_counter()
         with poutine.trace(param_only=True) as capture:
             if is_ours(self.loss) or self.adapted.traced is self.loss:
@@ -409,7 +459,8 @@ class CompiledSVI:
                     tensor.copy_(new_state[slot])
                 param.grad = torch.zeros_like(param.grad)  # as pyro.infer.util.zero_grads
         if failed is not None:
-            self._eager_structures[key] = math.inf
+            if remember:
+                self._eager_structures[key] = math.inf
             self._warn_eager(failed, what="this argument structure", stacklevel=3)
         elif self._eager_structures.get(key) != math.inf:
             spent = self._eager_structures.get(key, 0.0)
@@ -426,13 +477,14 @@ class CompiledSVI:
     def _pending(self) -> dict:
         if self._waiting is None:  # take over the optimizer's state on first use
             self._waiting = dict(getattr(self.optim, "_state_waiting_to_be_consumed", {}))
-            self._waiting.update(self.optim.get_state())
+            self._waiting.update(own_state(self.optim))
         return self._waiting
 
     def _state_for(self, name: str, param: torch.Tensor) -> dict:
         entry = self._states.get(name)
         if entry is not None and entry[0] is param:
             return entry[1]
+        # a new tensor of this name: the state saved for the name (set_state), else fresh
         saved = self._pending().pop(name, None)
         optimizer = functional_optimizer(self.optim, param, saved)
         self._optimizers[name] = optimizer
@@ -442,29 +494,29 @@ class CompiledSVI:
         self._states[name] = (param, state)
         return state
 
-    def _build(self, args, kwargs, data) -> _Step:
+    def _build(self, args, kwargs, extra, data) -> _Step:
         check = self.adapted.structure_check
         if check is not None:
-            with torch.random.fork_rng(devices=[]):
+            with rng_preserved(cuda_devices(data)):
                 reason = check(self.model, self.guide, args, kwargs)
             if reason is not None:
                 raise _Refused(reason)
         loss_fn, model, guide = self._loss_fn, self.model, self.guide
         carrier = self.traced_loss if hasattr(self.traced_loss, "carried_state") else None
-        traced = trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data,
-                                     carrier)
-        states = [self._state_for(n, p) for n, p in zip(traced.names, traced.params)]
-        optimizers = [self._optimizers[n] for n in traced.names]
-        return _Step(traced, optimizers, states, data, device_of(traced.params + data),
+        traced = trace_loss_and_grad(lambda a, k: loss_fn(model, guide, a, k), args, kwargs,
+                                     extra, carrier, functions=(model, guide))
+        trained = [(n, p) for n, p, t in zip(traced.names, traced.params, traced.trainable)
+                   if t]
+        states = [self._state_for(n, p) for n, p in trained]
+        optimizers = [self._optimizers[n] for n, _ in trained]
+        step = _Step(traced, optimizers, states, data, device_of(traced.params + data),
                      self.traced_loss, self.eager_random)
+        traced.built()
+        return step
 
-    def _count_retrace(self, traced: TracedLossGrad) -> None:
-        self.retraces = count_retrace(self.retraces, MAX_RETRACES, "CompiledSVI",
-                                      traced.where_read(), "pyro.infer.SVI", stacklevel=3)
-
-
-def _cuda_devices(tensors) -> list[int]:
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    def _count_retrace(self, reason: str, advice: str) -> None:
+        self.retraces = count_retrace(self.retraces, MAX_RETRACES, "CompiledSVI", reason,
+                                      advice, "pyro.infer.SVI")
 
 
 class _Refused(Exception):

@@ -6,6 +6,7 @@ See :class:`HardAttentionELBO`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 import pyro.poutine as poutine
@@ -33,6 +34,8 @@ from .validation import check_choice, check_number, check_positive_int
 
 ESTIMATORS = ("enum", "reinforce")
 REWARDS = ("log_likelihood", "zero_one")
+#: the ``infer`` key where ``estimator="enum"`` keeps the user's own enumeration mark of a site
+_USER_MARK = "_enumerate_as_marked"
 
 
 def empty_guide(*args, **kwargs) -> None:
@@ -259,6 +262,22 @@ class HardAttentionELBO(JensenELBO):
         enumerated = self.estimator == "enum"
         if enumerated:
             planning.fact("enumeration_checked", lambda: self._check_enumeration(planning))
+        infer = site.model_site["infer"]
+        mark = infer.get(_USER_MARK) if enumerated else infer.get("enumerate")
+        if mark is not None:
+            warnings.warn(
+                f"model site '{site.name}' is marked infer={{'enumerate': {mark!r}}} (e.g. by "
+                "config_enumerate), as for Pyro's TraceEnum_ELBO, which sums it out and "
+                f"maximizes log p(x) = log sum_{site.name} p(x, {site.name}). HardAttentionELBO "
+                f"draws '{site.name}' from the model's own distribution and maximizes a "
+                f"different objective, F = E_p({site.name})[log p(x | {site.name})] <= log p(x) "
+                "(a hard-attention bound; for a mixture, each assignment is drawn from the "
+                "weights without looking at the data, and the fit collapses onto one "
+                f"component). To marginalize '{site.name}', use "
+                f"pyro.infer.TraceEnum_ELBO; if '{site.name}' is a hard-attention location, "
+                "remove the mark",
+                stacklevel=2,
+            )
         if self.entropy_weight > 0 and analytic_entropy(site.model_site["fn"]) is None:
             raise ValueError(
                 f"entropy_weight > 0 needs the entropy of attention site '{site.name}' in "
@@ -312,7 +331,7 @@ class HardAttentionELBO(JensenELBO):
                     "discrete support (Categorical, Bernoulli, OneHotCategorical, ...). Use "
                     "estimator='reinforce' for this site, or sample it in the guide"
                 )
-            return {"enumerate": "parallel"}
+            return {"enumerate": "parallel", _USER_MARK: msg["infer"].get("enumerate")}
 
         return config
 
