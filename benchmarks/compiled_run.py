@@ -40,6 +40,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -389,7 +390,7 @@ def main(argv=None) -> None:
              f"{torch.__version__}, pyro {pyro.__version__}, one thread; load average at start "
              f"{load:.1f}; {args.rounds} interleaved rounds; medians [quartiles] of process time "
              "per step. Command: `python -m benchmarks.compiled_run "
-             f"{' '.join(argv if argv is not None else [])}`", "",
+             f"{' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              "| contestant | us per step (process) | wall | first call s |", "|---|---|---|---|"]
     for name, summary in results.items():
         if "error" in summary:
