@@ -106,6 +106,8 @@ def _compiled_svi(problem, elbo):
 def run_contestants(name: str) -> list[Contestant]:
     from pyro.infer import SVI, Trace_ELBO
 
+    from pyro_elbo_ext import CompiledSVI
+
     from ._common import PROBLEMS
 
     spec = PROBLEMS[name]
@@ -119,27 +121,14 @@ def run_contestants(name: str) -> list[Contestant]:
 
         return sample
 
-    def compiled_step():
-        svi = _compiled_svi(problem, Trace_ELBO())
-
-        def sample():
-            for _ in range(200):
-                svi.step(*problem.args)
-            return 200
-
-        return sample
-
-    def eager_step():
-        pyro.clear_param_store()
-        problem.set_params()
-        svi = SVI(problem.model, problem.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
-
-        def sample():
-            for _ in range(20):
-                svi.step(*problem.args)
-            return 20
-
-        return sample
+    def step_loop(svi_class, steps):
+        def make():
+            pyro.clear_param_store()
+            problem.set_params()
+            svi = svi_class(problem.model, problem.guide, pyro.optim.Adam({"lr": 1e-3}),
+                            Trace_ELBO())
+            return _loop(svi, steps, problem.args)
+        return make
 
     def numpyro_run():
         step = spec.numpyro(problem, 1, run=True)
@@ -152,8 +141,18 @@ def run_contestants(name: str) -> list[Contestant]:
 
     return [Contestant(f"{name}: CompiledSVI.run", _isolated(compiled_run)),
             Contestant(f"{name}: NumPyro SVI.run", numpyro_run),
-            Contestant(f"{name}: CompiledSVI.step loop", _isolated(compiled_step)),
-            Contestant(f"{name}: Pyro SVI.step (eager)", _isolated(eager_step))]
+            Contestant(f"{name}: CompiledSVI.step loop", _isolated(step_loop(CompiledSVI, 200))),
+            Contestant(f"{name}: Pyro SVI.step (eager)", _isolated(step_loop(SVI, 20)))]
+
+
+def _loop(svi, steps: int, args: tuple):
+    """A sample: ``steps`` calls of ``svi.step(*args)``."""
+    def sample():
+        for _ in range(steps):
+            svi.step(*args)
+        return steps
+
+    return sample
 
 
 def _isolated(make):
@@ -344,13 +343,7 @@ def enum_contestants(which: str) -> list[Contestant]:
             model, guide, data = make_problem()
             svi = svi_class(model, guide, pyro.optim.Adam({"lr": 1e-3}),
                             TraceEnum_ELBO(max_plate_nesting=1))
-
-            def sample():
-                for _ in range(steps):
-                    svi.step(data)
-                return steps
-
-            return sample
+            return _loop(svi, steps, (data,))
         return make
 
     return [Contestant(f"{which}: Pyro TraceEnum_ELBO (eager)", _isolated(pyro_loop(SVI, 5))),

@@ -39,17 +39,19 @@ def guide(data):
     pyro.sample("z", dist.Normal(loc, scale))
 
 
-def _both_ways(make_svi, data, num_steps, **run_options):
-    """(losses, params) of num_steps ``step`` calls and of one ``run``, from seed 5."""
+def _both_ways(make_svi, data, num_steps, seed=5, **run_options):
+    """(losses, params, svi) of num_steps ``step`` calls and of one ``run``, from ``seed``;
+    ``data``: the argument, or a tuple of them."""
+    args = data if isinstance(data, tuple) else (data,)
     results = []
     for fused_run in (False, True):
         pyro.clear_param_store()
-        pyro.set_rng_seed(5)
+        pyro.set_rng_seed(seed)
         svi = make_svi()
         if fused_run:
-            losses = svi.run(num_steps, data, **run_options)
+            losses = svi.run(num_steps, *args, **run_options)
         else:
-            losses = torch.tensor([svi.step(data) for _ in range(num_steps)], dtype=F64)
+            losses = torch.tensor([svi.step(*args) for _ in range(num_steps)], dtype=F64)
         params = {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
         results.append((losses, params, svi))
     return results
@@ -82,14 +84,7 @@ def test_run_carries_a_learning_signals_state(traced_only):
                                              baseline="moving_average"))
 
     results = []
-    for fused_run in (False, True):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(2)
-        svi = make()
-        if fused_run:
-            losses = svi.run(9, *problem.args, unroll=2)
-        else:
-            losses = torch.tensor([svi.step(*problem.args) for _ in range(9)], dtype=F64)
+    for losses, _, svi in _both_ways(make, tuple(problem.args), 9, seed=2, unroll=2):
         state = {str(k): v.clone() for k, v in svi.loss.carried_state().items()}
         results.append((losses, state, svi.loss.step_count))
     (expected, expected_state, expected_count), (losses, state, count) = results
