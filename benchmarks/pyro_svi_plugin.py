@@ -14,6 +14,9 @@ from __future__ import annotations
 import os
 
 MODE_VARIABLE = "PYRO_ELBO_EXT_SVI"
+#: ``traced``: run CompiledSVI's traced graphs uncompiled (no Inductor): a quick check of the
+#: adapter and the traces, without the compile's seconds per test
+BACKEND_VARIABLE = "PYRO_ELBO_EXT_BACKEND"
 
 
 def pytest_configure(config) -> None:
@@ -26,6 +29,10 @@ def pytest_configure(config) -> None:
 
     pyro.infer.SVI = CompiledSVI
     pyro.infer.svi.SVI = CompiledSVI
+    if os.environ.get(BACKEND_VARIABLE) == "traced":
+        from pyro_elbo_ext.compiled import backend
+
+        backend.BACKEND = None
     config.addinivalue_line(
         "filterwarnings", "ignore::pyro_elbo_ext.compiled.adapter.EagerFallbackWarning"
     )

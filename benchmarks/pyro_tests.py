@@ -33,10 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(pyro_path: Path, mode: str, out: Path, files, keyword: str | None,
-        timeout: float) -> Path:
-    """Run the files under ``mode`` (``eager``: SVI; ``compiled``: CompiledSVI); the XML path."""
+        timeout: float, traced: bool = False) -> Path:
+    """Run the files under ``mode`` (``eager``: SVI; ``compiled``: CompiledSVI; ``traced``:
+    with the graphs run uncompiled); the XML path."""
     xml = out / f"{mode}.xml"
     env = dict(os.environ, PYRO_ELBO_EXT_SVI=mode,
+               PYRO_ELBO_EXT_BACKEND="traced" if traced else "inductor",
                PYTHONPATH=os.pathsep.join([str(pyro_path), str(ROOT),
                                            os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "pytest", "-p", "benchmarks.pyro_svi_plugin",
@@ -99,12 +101,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pyro_tests")
     parser.add_argument("--timeout", type=float, default=1800,
                         help="seconds before a hanging test's stack is dumped")
+    parser.add_argument("--traced", action="store_true",
+                        help="CompiledSVI's graphs run uncompiled (no Inductor): a quick check")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pyro_path = args.pyro_path.resolve()
     for mode in ("eager", "compiled"):
         if args.only in (None, mode):
-            run(pyro_path, mode, args.out, args.files, args.keyword, args.timeout)
+            run(pyro_path, mode, args.out, args.files, args.keyword, args.timeout,
+                args.traced and mode == "compiled")
     xmls = {mode: args.out / f"{mode}.xml" for mode in ("eager", "compiled")}
     if all(path.exists() for path in xmls.values()):
         summary = summarize(outcomes(xmls["eager"]), outcomes(xmls["compiled"]))
