@@ -74,6 +74,11 @@ _GRAPHS_MESSAGE = (
 #: ``CompiledSVI(recompile=...)``: when a new argument structure compiles (see ``step``)
 RECOMPILE_POLICIES = ("auto", "always")
 
+#: refusals raised while a step is built that stand (raised, not run eagerly): where SVI's
+#: own step would be wrong, not merely uncompilable (a ``pyro.module`` layer replaced after
+#: registration: eagerly Pyro steps the old tensors while the network computes with the new)
+STANDING_REFUSALS = ("a layer replaced after the network was registered",)
+
 
 class _Step:
     """One compiled whole step and the tensors it reads and writes.
@@ -418,6 +423,8 @@ class CompiledSVI:
         except _Refused as refused:
             return self._eager_step(key, args, kwargs, failed=str(refused))
         except Exception as error:  # noqa: BLE001 -- whatever the trace could not follow
+            if any(refusal in str(error) for refusal in STANDING_REFUSALS):
+                raise
             return self._eager_step(key, args, kwargs,
                                     failed=f"{type(error).__name__}: {error}")
         self._steps.insert(key, step)
