@@ -74,6 +74,9 @@ _GRAPHS_MESSAGE = (
 #: ``CompiledSVI(recompile=...)``: when a new argument structure compiles (see ``step``)
 RECOMPILE_POLICIES = ("auto", "always")
 
+#: argument structures whose eager time is remembered (the oldest is forgotten beyond)
+MAX_EAGER_STRUCTURES = 256
+
 #: refusals raised while a step is built that stand (raised, not run eagerly): where SVI's
 #: own step would be wrong, not merely uncompilable (a ``pyro.module`` layer replaced after
 #: registration: eagerly Pyro steps the old tensors while the network computes with the new)
@@ -273,7 +276,8 @@ class CompiledSVI:
         #: argument structures that run eagerly: key -> seconds their steps took so far
         #: (``recompile="auto"``), or ``math.inf`` where compiling failed or is refused
         self._eager_structures: dict[Hashable, float] = {}
-        self._fused: dict = {}  # (structure key, steps per call) -> compiled chunk
+        self._compiled_keys: set[Hashable] = set()  # structures compiled at least once
+        self._fused: dict = {}  # structure key -> compiled loop (fused run)
         self.retraces = 0
         #: compile with Inductor's ``fallback_random``: torch's own random kernels, so the
         #: step draws the numbers the eager loss would (tests)
@@ -408,9 +412,12 @@ class CompiledSVI:
         return value
 
     def _compiles_now(self, key: Hashable) -> bool:
-        """Whether a structure without a compiled step compiles now (see ``recompile``)."""
+        """Whether a structure without a compiled step compiles now (see ``recompile``): the
+        first one, one compiled before (its graph dropped: evicted, or cleared by
+        ``set_state``), or one whose eager steps have cost a compile."""
         spent = self._eager_structures.get(key)
-        if spent is None and (not self.compile_seconds or self.recompile == "always"):
+        if spent is None and (not self.compile_seconds or self.recompile == "always"
+                              or key in self._compiled_keys):
             return True
         if spent is None or spent == math.inf:
             return False
@@ -428,6 +435,7 @@ class CompiledSVI:
             return self._eager_step(key, args, kwargs,
                                     failed=f"{type(error).__name__}: {error}")
         self._steps.insert(key, step)
+        self._compiled_keys.add(key)
         self._eager_structures.pop(key, None)
         loss, ok = step(data)  # the compiled graph takes the step: the trace's draws were
         # taken off the user's random stream, so a rebuilt step continues it exactly
@@ -470,8 +478,10 @@ class CompiledSVI:
                 self._eager_structures[key] = math.inf
             self._warn_eager(failed, what="this argument structure", stacklevel=3)
         elif self._eager_structures.get(key) != math.inf:
-            spent = self._eager_structures.get(key, 0.0)
+            spent = self._eager_structures.pop(key, 0.0)
             self._eager_structures[key] = spent + time.perf_counter() - start
+            while len(self._eager_structures) > MAX_EAGER_STRUCTURES:  # a number that
+                del self._eager_structures[next(iter(self._eager_structures))]  # changes
         return self._finish(value)
 
     def _warn_eager(self, reason: str, what: str = "every step", stacklevel: int = 2) -> None:
