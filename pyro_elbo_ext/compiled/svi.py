@@ -440,8 +440,12 @@ class CompiledSVI:
         loss, ok = step(data)  # the compiled graph takes the step: the trace's draws were
         # taken off the user's random stream, so a rebuilt step continues it exactly
         self.compile_seconds.append(time.perf_counter() - start)
-        if not bool(ok):  # same arguments, parameters and state: the read is random
-            raise random_read_error("CompiledSVI", step.traced, "pyro.infer.SVI")
+        if not bool(ok):  # same arguments, parameters and state: the read is random (a
+            # rejection sampler's loop, subsample indices read with .tolist()): no graph can
+            # freeze it; the graph did not apply its update, SVI's step is taken instead
+            self._steps.pop(key, None)
+            error = random_read_error("CompiledSVI", step.traced, "pyro.infer.SVI")
+            return self._eager_step(key, args, kwargs, failed=f"RuntimeError: {error}")
         return self._finish(loss)
 
     def _eager_step(self, key, args, kwargs, failed: str | None = None,
