@@ -85,7 +85,7 @@ def mixture_guide(data):
     pyro.sample("scale", dist.LogNormal(loc, 0.3))
 
 
-HMM_DATA = torch.tensor([0.1, 0.3, 2.2, 1.8, 2.1, -0.2, 0.0], dtype=F64)
+HMM_DATA = torch.tensor([0.1, 2.2, 1.8, -0.2], dtype=F64)
 
 
 def hmm_model(data):
@@ -189,8 +189,9 @@ ENUMERATED = {
 }
 
 
-@pytest.mark.parametrize("elbo_class", [TraceEnum_ELBO, JitTraceEnum_ELBO])
-@pytest.mark.parametrize("problem", sorted(ENUMERATED))
+@pytest.mark.parametrize("problem, elbo_class", [("mixture", TraceEnum_ELBO),
+                                                  ("mixture", JitTraceEnum_ELBO),
+                                                  ("hmm", TraceEnum_ELBO)])
 def test_traceenum_takes_svis_steps(traced_only, problem, elbo_class):
     """Pyro's own enumeration and contraction, traced: SVI's trajectory, silently."""
     model, guide, data = ENUMERATED[problem]

@@ -84,7 +84,7 @@ def test_run_carries_a_learning_signals_state(traced_only):
                                              baseline="moving_average"))
 
     results = []
-    for losses, _, svi in _both_ways(make, tuple(problem.args), 9, seed=2, unroll=2):
+    for losses, _, svi in _both_ways(make, tuple(problem.args), 5, seed=2, unroll=2):
         state = {str(k): v.clone() for k, v in svi.loss.carried_state().items()}
         results.append((losses, state, svi.loss.step_count))
     (expected, expected_state, expected_count), (losses, state, count) = results
@@ -92,7 +92,7 @@ def test_run_carries_a_learning_signals_state(traced_only):
     assert state.keys() == expected_state.keys() and state
     for key, value in expected_state.items():
         torch.testing.assert_close(state[key], value, rtol=1e-12, atol=1e-12)
-    assert count == expected_count == 9
+    assert count == expected_count == 5
 
 
 def test_run_falls_back_to_steps_where_a_loop_does_not_apply(traced_only):
