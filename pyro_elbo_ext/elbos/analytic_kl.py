@@ -259,11 +259,6 @@ class AnalyticKLELBO(SiteTreatmentELBO):
             self._report_violations(violations)
         return violations
 
-    def _as_traced(self, fn):
-        """``fn`` as the traces were recorded from it: inside the vectorized particle plate
-        when particles are vectorized (the replay must see the traces' shapes)."""
-        return self._vectorized_num_particles(fn) if self.vectorize_particles else fn
-
     def _report_violations(self, violations: dict[str, tuple[str, ...]]) -> None:
         listing = "; ".join(
             f"'{name}' (its model distribution depends on {', '.join(map(repr, late))})"

@@ -22,6 +22,7 @@ from pyro.infer.util import is_validation_enabled, torch_item
 
 from .decomposition import Decomposition
 from .densities import PATHWISE, estimator_kind, score_function
+from .downstream import downstream_rule
 from .engine import ParticleEstimate, ScoreSite, combine, expect_over_enumerated
 from .plan import (
     AUXILIARY,
@@ -146,6 +147,11 @@ class SiteTreatmentELBO(ELBO):
         return ()
 
     # ------------------------------------------------------------------ traces and plans
+    def _as_traced(self, fn):
+        """``fn`` as the traces were recorded from it: inside the vectorized particle plate
+        when particles are vectorized (a replay must see the traces' shapes)."""
+        return self._vectorized_num_particles(fn) if self.vectorize_particles else fn
+
     def _get_trace(self, model, guide, args, kwargs):
         """One particle's traces (Pyro's hook, called by ``ELBO._get_traces``)."""
         return trace_model_and_guide(model, guide, args, kwargs,
@@ -175,6 +181,8 @@ class SiteTreatmentELBO(ELBO):
             planning = Planning(call.model, call.guide, call.args, call.kwargs, model_trace,
                                 guide_trace)
             plan = make_plan(site_views(model_trace, guide_trace), self._treat, planning)
+            plan.downstream = downstream_rule(planning, plan, self._as_traced,
+                                              type(self).__name__)
             if not planning.memo.get("provisional"):
                 self._plans.put(key, plan)
         plan.validated = validating
@@ -196,6 +204,7 @@ class SiteTreatmentELBO(ELBO):
         terms = []
         score_sites = []
         model_nodes, guide_nodes = ctx.model_trace.nodes, ctx.guide_trace.nodes
+        downstream = ctx.plan.downstream
         for site in ctx.plan.sites:
             model_site = model_nodes.get(site.name)
             guide_site = guide_nodes.get(site.name)
@@ -204,8 +213,9 @@ class SiteTreatmentELBO(ELBO):
                 sampled = model_site if site.treatment.sampled_by == "model" else guide_site
                 function = score_function(sampled, site.estimator)
                 if function is not None:
+                    met = None if downstream is None else downstream.sites_met(site.name)
                     score_sites.append(ScoreSite(site.name, function, site.frames,
-                                                 site.treatment.learning_signal))
+                                                 site.treatment.learning_signal, met))
         if ctx.plan.enumerated:
             enumerated = [model_nodes[name] for name in ctx.plan.enumerated]
             exact = not any(s["type"] == "sample" for s in guide_nodes.values())
@@ -213,7 +223,7 @@ class SiteTreatmentELBO(ELBO):
         signal = None
         if self.learning_signal is not None and any(s.learning_signal for s in score_sites):
             signal = self.learning_signal.bind(ctx, training, -self.max_plate_nesting)
-        estimate = combine(terms, score_sites, signal)
+        estimate = combine(terms, score_sites, signal, downstream)
         estimate.plan = ctx.plan
         estimate.signal = signal
         return estimate

@@ -597,14 +597,17 @@ class BoundSignal:
                  particle_dim: int):
         self.signal = signal
         self.model_trace = model_trace
-        self.shift: dict[frozenset[Frame], torch.Tensor] | None = shift
+        self.shift: dict[str, tuple[frozenset[Frame], torch.Tensor]] | None = shift
         self.training = training
         self.particle_dim = particle_dim
         self.observed: list[tuple] = []
 
     def __call__(self, site: ScoreSite, reward: torch.Tensor) -> torch.Tensor:
         if self.shift:
-            reward = reward + sum_to_frames(self.shift, site.frames)
+            from .rewards import shift_for
+
+            reward = reward + sum_to_frames(shift_for(self.shift, site.downstream_sites),
+                                            site.frames)
         baseline = self.signal.baseline
         model_site = self.model_trace.nodes[site.site]
         x = scale = None

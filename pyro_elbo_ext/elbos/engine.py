@@ -11,11 +11,13 @@ reparameterized). :func:`combine` then forms
     L_hat       = sum_t contribution_t
     surrogate   = sum_t pathwise_t + sum_j sum(score_j * stop_grad(signal_j))
 
-where ``reward_j`` is the part of L_hat that may depend on the sample at site j,
-Rao-Blackwellized by :class:`pyro.plate` independence (and ``signal_j = reward_j`` unless a
-learning signal, e.g. ``reward_j - baseline_j``, replaces it): terms in plates that site j is
-not in are summed, terms that share j's plates are kept element by element, so that the i-th
-element of ``score_j`` only meets the rewards of data point i (and the global terms).  The
+where ``reward_j`` is the part of L_hat that may depend on the sample at site j (and
+``signal_j = reward_j`` unless a learning signal, e.g. ``reward_j - baseline_j``, replaces
+it): the terms whose values the data flow says may depend on it, decided once per plan
+(:mod:`.downstream`), Rao-Blackwellized further by :class:`pyro.plate` independence: terms in
+plates that site j is not in are summed, terms that share j's plates are kept element by
+element, so that the i-th element of ``score_j`` only meets the rewards of data point i (and
+the global terms).  The
 gradient of the surrogate is then an unbiased estimate of dL for any baseline that does not
 depend on the sample at site j (Williams 1992; Ranganath, Gerrish & Blei 2014, arXiv:1401.0118;
 Schulman et al. 2015, arXiv:1506.05254).
@@ -99,12 +101,16 @@ class ScoreSite:
         Whether the loss's learning signal (baseline, reward transform, normalizer) replaces
         the plain reward for this site (hard-attention sites); otherwise the score meets the
         Rao-Blackwellized reward itself.
+    downstream_sites : frozenset of str or None
+        The sites any of whose terms the site's reward may hold (``None``: every site not
+        separated from it by plates); a reward transform that adds per-site values reads it.
     """
 
     site: str
     score_function: torch.Tensor
     frames: frozenset[Frame]
     learning_signal: bool = False
+    downstream_sites: frozenset[str] | None = None
 
 
 #: ``signal(score_site, reward) -> learning signal``: what the score function of a site marked
@@ -163,10 +169,21 @@ def sum_to_frames(
     return total
 
 
+def _by_frames(terms: Sequence[Term], values: Sequence[torch.Tensor],
+               chosen: Sequence[int] | None) -> dict[frozenset[Frame], torch.Tensor]:
+    """The detached ``values`` of the chosen terms (all where ``None``), summed by plates."""
+    rewards: dict[frozenset[Frame], torch.Tensor] = {}
+    for i in range(len(terms)) if chosen is None else chosen:
+        frames, value = terms[i].frames, values[i]
+        rewards[frames] = rewards[frames] + value if frames in rewards else value
+    return rewards
+
+
 def combine(
     terms: Sequence[Term],
     score_sites: Sequence[ScoreSite] = (),
     signal: SignalFn | None = None,
+    downstream: Any = None,
 ) -> ParticleEstimate:
     """Sum the terms of one particle into L_hat and its gradient surrogate.
 
@@ -176,10 +193,15 @@ def combine(
         Every contribution to L of this particle.
     score_sites : sequence of ScoreSite
         The sites that need a score-function term.  The reward each one meets is the sum of
-        all term contributions, detached and Rao-Blackwellized by plates
+        the term contributions that may depend on its sample (all of them where
+        ``downstream`` is ``None``), detached and Rao-Blackwellized by plates
         (:func:`sum_to_frames`).
     signal : SignalFn, optional
         The learning signal of sites marked ``learning_signal`` (see :data:`SignalFn`).
+    downstream : Downstream, optional
+        The plan's decision of which terms each score site meets
+        (:class:`~pyro_elbo_ext.elbos.downstream.Downstream`); ``None``: every term, by
+        plates only.
 
     Returns
     -------
@@ -209,11 +231,14 @@ def combine(
                 total = term.pathwise.sum()
             surrogate = total if surrogate is None else surrogate + total
     if score_sites:
-        rewards: dict[frozenset[Frame], torch.Tensor] = {}
-        for term in terms:
-            value = term.contribution.detach()
-            rewards[term.frames] = rewards[term.frames] + value if term.frames in rewards else value
+        values = [term.contribution.detach() for term in terms]
+        selection = downstream.select(terms) if downstream is not None else {}
+        grouped: dict = {}  # the chosen terms' rewards by plates, per choice of terms
         for site in score_sites:
+            chosen = selection.get(site.site)  # None: every term (the plate rule)
+            rewards = grouped.get(chosen)
+            if rewards is None:
+                rewards = grouped[chosen] = _by_frames(terms, values, chosen)
             reward = sum_to_frames(rewards, site.frames)
             if signal is not None and site.learning_signal:
                 reward = signal(site, reward)

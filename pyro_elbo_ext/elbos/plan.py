@@ -114,6 +114,9 @@ class Plan:
     facts: dict = field(default_factory=dict)
     #: whether the structure passed the validation checks (run once, under validation)
     validated: bool = False
+    #: which terms each score-function site meets (a
+    #: :class:`~pyro_elbo_ext.elbos.downstream.Downstream`); ``None``: the plate rule
+    downstream: Any = None
 
 
 @dataclass
