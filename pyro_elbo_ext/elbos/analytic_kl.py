@@ -17,14 +17,21 @@ from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.util import is_validation_enabled
 
 from .base import SiteTreatmentELBO
-from .densities import PATHWISE, entropy_term, estimator_kind, log_density, scaled_and_masked
+from .densities import (
+    PATHWISE,
+    SCORE_FUNCTION,
+    entropy_term,
+    estimator_kind,
+    log_density,
+    scaled_and_masked,
+)
 from .dependencies import auxiliary_children, model_parents, preceding_latents
 from .engine import Term
 from .kl import analytic_kl, same_value
 from .plan import AUXILIARY, GUIDED, Planning, SiteView, Treatment
 from .sites import is_latent_site, plate_frames
 from .tracing import graph_tracing
-from .treatments import is_delta
+from .treatments import is_delta, stop_gradient
 from .validation import check_choice, check_number
 
 #: what to do with a site whose analytic KL would be biased (see ``AnalyticKLELBO``)
@@ -391,12 +398,20 @@ class KLTreatment(Treatment):
         unweighted = _is_one(weight)
         frames = plate_frames(model_site)
         kl = _closed_form_kl(model_site, guide_site) if self.analytic else None
-        if kl is not None:
+        if kl is not None and self.guide_estimator != SCORE_FUNCTION:
             value = scaled_and_masked(guide_site, kl)
             contribution = -value if unweighted else -weight * value
             return [Term(name, "kl", contribution, contribution, frames, analytic=True)]
         log_p = scaled_and_masked(model_site, log_density(model_site))
         log_q = scaled_and_masked(guide_site, log_density(guide_site))
+        if kl is not None:  # a score-function site: its own score meets log p - log q
+            value = -scaled_and_masked(guide_site, kl)
+            stopped = analytic_kl(stop_gradient(guide_site["fn"]), model_site["fn"])
+            pathwise = -scaled_and_masked(guide_site, stopped)  # p's side only
+            sampled = log_p - log_q
+            if not unweighted:
+                value, pathwise, sampled = weight * value, weight * pathwise, weight * sampled
+            return [Term(name, "kl", value, pathwise, frames, analytic=True, sampled=sampled)]
         contribution = log_p - log_q
         # the pathwise part of -log q is Pyro's entropy_term (none for a score-function
         # site, whose E_q[-log q] gradient comes from the score term alone)
@@ -433,8 +448,9 @@ class WeightedTreatment(Treatment):
                 pathwise = contribution
             else:
                 pathwise = weight * term.pathwise
+            sampled = None if term.sampled is None else weight * term.sampled
             out.append(Term(term.site, term.kind, contribution, pathwise, term.frames,
-                            term.analytic))
+                            term.analytic, sampled))
         return out
 
 

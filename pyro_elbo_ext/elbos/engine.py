@@ -68,6 +68,17 @@ class Term:
     analytic : bool
         Whether the term was computed in closed form (analytic entropy or KL) rather than
         from the sample.
+    sampled : torch.Tensor or None
+        For a closed-form term of a site whose sample carries a score function: the
+        one-sample estimate of the same quantity at that sample (``-log q(z)`` for
+        ``H[q(z)]``, ``log p(z) - log q(z)`` for ``-KL``), which the site's *own* score term
+        meets in place of ``contribution``; the term's gradient through q's parameters is
+        then carried by that score term (``pathwise`` leaves it out), since
+        ``d/dphi E_q[s(z)] = E_q[s(z) d log q(z)/dphi]`` for ``s = log p - log q`` or
+        ``s = -log q`` (whose expectations are the closed forms).  The site's reward then
+        holds ``log p - log q``, constant at the posterior (the learning signal of NVIL,
+        Mnih & Gregor 2014, arXiv:1402.0030), where the closed form would leave the level
+        ``log p`` alone.  ``None``: the term meets every score term as ``contribution``.
     """
 
     site: str
@@ -76,6 +87,7 @@ class Term:
     pathwise: torch.Tensor | None
     frames: frozenset[Frame]
     analytic: bool = False
+    sampled: torch.Tensor | None = None
 
     @property
     def value(self) -> torch.Tensor:
@@ -179,6 +191,15 @@ def _by_frames(terms: Sequence[Term], values: Sequence[torch.Tensor],
     return rewards
 
 
+def _own_samples(terms: Sequence[Term]) -> dict[str, list[int]]:
+    """The indices of the terms with a ``sampled`` form, by site (usually none)."""
+    own: dict[str, list[int]] = {}
+    for i, term in enumerate(terms):
+        if term.sampled is not None:
+            own.setdefault(term.site, []).append(i)
+    return own
+
+
 def combine(
     terms: Sequence[Term],
     score_sites: Sequence[ScoreSite] = (),
@@ -234,12 +255,17 @@ def combine(
         values = [term.contribution.detach() for term in terms]
         selection = downstream.select(terms) if downstream is not None else {}
         grouped: dict = {}  # the chosen terms' rewards by plates, per choice of terms
+        own = _own_samples(terms)
         for site in score_sites:
             chosen = selection.get(site.site)  # None: every term (the plate rule)
             rewards = grouped.get(chosen)
             if rewards is None:
                 rewards = grouped[chosen] = _by_frames(terms, values, chosen)
             reward = sum_to_frames(rewards, site.frames)
+            for i in own.get(site.site, ()):  # its own closed-form terms, as samples
+                met = chosen is None or i in chosen
+                reward = reward + (terms[i].sampled - terms[i].contribution if met
+                                   else terms[i].sampled).detach()
             if signal is not None and site.learning_signal:
                 reward = signal(site, reward)
             score_term = (site.score_function * reward).sum()
@@ -275,8 +301,28 @@ def expect_over_enumerated(
                          if frames <= term.frames), 0.0)
             weight = log_w.exp() if torch.is_tensor(log_w) else 1.0
             weights[term.frames] = weight
-        value = term.contribution * weight
-        if torch.is_tensor(value) and value.dim() > max_plate_nesting:
-            value = value.sum(tuple(range(value.dim() - max_plate_nesting)))
-        out.append(Term(term.site, term.kind, value, value, term.frames, exact or term.analytic))
+        value = _weighted_sum(term.contribution, weight, max_plate_nesting)
+        pathwise = value
+        if term.pathwise is not term.contribution:
+            # d(w f) = f dw + w df, with df the term's own pathwise part
+            pathwise = _weighted_sum(term.contribution.detach(), weight, max_plate_nesting)
+            if term.pathwise is not None:
+                pathwise = pathwise + _weighted_sum(
+                    term.pathwise, _detached(weight), max_plate_nesting)
+        sampled = None if term.sampled is None else _weighted_sum(
+            term.sampled, weight, max_plate_nesting)
+        out.append(Term(term.site, term.kind, value, pathwise, term.frames,
+                        exact or term.analytic, sampled))
     return out
+
+
+def _detached(weight):
+    return weight.detach() if torch.is_tensor(weight) else weight
+
+
+def _weighted_sum(tensor: torch.Tensor, weight, max_plate_nesting: int) -> torch.Tensor:
+    """``tensor * weight`` summed over the enumeration dimensions (left of the plates)."""
+    value = tensor * weight
+    if torch.is_tensor(value) and value.dim() > max_plate_nesting:
+        value = value.sum(tuple(range(value.dim() - max_plate_nesting)))
+    return value

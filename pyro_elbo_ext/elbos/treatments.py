@@ -18,7 +18,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import detach
 
-from .densities import PATHWISE, entropy_term, log_density, scaled_and_masked
+from .densities import PATHWISE, SCORE_FUNCTION, entropy_term, log_density, scaled_and_masked
 from .engine import Term
 from .plan import Treatment
 from .sites import plate_frames
@@ -165,8 +165,14 @@ def path_entropy_term(name: str, guide_site: dict) -> Term:
     return Term(name, "entropy", value, value, plate_frames(guide_site))
 
 
-def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
-    """H[q(z | ...)] in closed form, scaled and masked, or ``None`` where there is none."""
+def analytic_entropy_term(name: str, guide_site: dict, estimator: str = PATHWISE
+                          ) -> Term | None:
+    """H[q(z | ...)] in closed form, scaled and masked, or ``None`` where there is none.
+
+    At a score-function site (``estimator``), the site's own score term meets the sample
+    ``-log q(z)`` in its place and carries the gradient through q's parameters (see
+    :attr:`~pyro_elbo_ext.elbos.engine.Term.sampled`); the term has no pathwise part.
+    """
     entropy = analytic_entropy(guide_site["fn"])
     if entropy is None:
         return None
@@ -174,6 +180,10 @@ def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
     if entropy.shape != batch_shape:
         entropy = entropy.expand(batch_shape)
     value = scaled_and_masked(guide_site, entropy)
+    if estimator == SCORE_FUNCTION:
+        sampled = scaled_and_masked(guide_site, -log_density(guide_site))
+        return Term(name, "entropy", value, None, plate_frames(guide_site), analytic=True,
+                    sampled=sampled)
     return Term(name, "entropy", value, value, plate_frames(guide_site), analytic=True)
 
 
@@ -208,7 +218,7 @@ class EntropyTreatment(Treatment):
         out = [log_prior_term(name, model_site)] if self.log_prior else []
         entropy = None
         if self.estimator == "analytic":
-            entropy = analytic_entropy_term(name, guide_site)
+            entropy = analytic_entropy_term(name, guide_site, self.guide_estimator)
         elif self.estimator == "path":
             entropy = path_entropy_term(name, guide_site)
         if entropy is None:
