@@ -27,11 +27,16 @@ This module decides, **once per plan**, which terms each score site meets:
 
 Where the analysis cannot tell, the site falls back to the **plate rule** (every term not
 separated from it by a :class:`pyro.plate`), never to anything smaller: when a value in
-:math:`D(j)` is read into Python (``bool``, ``int``, ``.item()``, ``.tolist()``, printing),
-when provenance is written into a tensor that does not carry it (``out[i] = z``,
-``x.add_(z)``, ``out=``), when a replay fails, when the guide is effect-based (a
-``GuideMessenger``: its data flow is taken as its sample order), or when sites are
-enumerated.  Within shared plates the rewards stay element by element, as before
+:math:`D(j)` is read into Python (``bool``, ``int``, ``.item()``, ``.tolist()``,
+``.numpy()``, formatting), when provenance is written into a tensor that does not carry it
+(``out[i] = z``, ``x.add_(z)``, ``out=``), when a replay fails, when the guide is
+effect-based (a ``GuideMessenger``: its data flow is taken as its sample order), or when
+sites are enumerated.  The factories that copy a tensor without dispatching
+``__torch_function__`` (``torch.tensor``, ``torch.as_tensor``, ``torch.asarray``) are wrapped
+during the replay so that they carry provenance; the legacy constructors
+(``torch.Tensor(z)``, ``torch.FloatTensor(z)``) and names imported from torch before the
+replay (``from torch import tensor``) are not: keep sampled values out of them.  Within
+shared plates the rewards stay element by element, as before
 (:func:`~pyro_elbo_ext.elbos.engine.sum_to_frames`).
 
 The rule is at least as fine as ``TraceGraph_ELBO``'s (which also tracks provenance since
@@ -46,15 +51,18 @@ Contents: :class:`Flow` and :func:`trace_flow` (one program's data flow),
 
 from __future__ import annotations
 
+import functools
 import os
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.util import is_validation_enabled
 from pyro.ops.provenance import ProvenanceTensor, detach_provenance, get_provenance
 from pyro.poutine.messenger import Messenger
 from torch.utils._pytree import tree_flatten, tree_map
@@ -166,6 +174,35 @@ def _tag(value, names: frozenset):
                     or isinstance(x, torch.nn.Parameter) else x, value)
 
 
+#: tensor factories that copy a tensor argument without dispatching ``__torch_function__``
+#: (so that provenance would be lost silently): wrapped during a replay to carry it
+_FACTORIES = ("tensor", "as_tensor", "asarray")
+
+
+@contextmanager
+def _factories_carry_provenance():
+    """``torch.tensor(z)``, ``torch.as_tensor(z, dtype=...)`` and ``torch.asarray(z)``
+    return tensors tracked as computed from ``z`` while the context is active."""
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def carrying(factory):
+        @functools.wraps(factory)
+        def wrapper(data, *args, **kwargs):
+            names = get_provenance(data)
+            if not names:
+                return factory(data, *args, **kwargs)
+            return _tag(factory(detach_provenance(data), *args, **kwargs), names)
+        return wrapper
+
+    for name, factory in originals.items():
+        setattr(torch, name, carrying(factory))
+    try:
+        yield
+    finally:
+        for name, factory in originals.items():
+            setattr(torch, name, factory)
+
+
 class _TagLatents(Messenger):
     """Wraps every latent sample in a :class:`_Tracked` tensor carrying its site's name."""
 
@@ -207,7 +244,7 @@ def trace_flow(fn: Callable, trace, args: tuple, kwargs: dict) -> Flow:
     _WATCHES.append(watch)
     try:
         with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
-            with _TagLatents():
+            with _TagLatents(), _factories_carry_provenance():
                 replayed = poutine.trace(poutine.replay(fn, trace=trace)).get_trace(
                     *args, **kwargs)
             inputs, order = {}, []
@@ -407,8 +444,33 @@ def downstream_rule(planning: Planning, plan: Plan,
         flow = model_flow if site.name in sampled_by_model else guide_flow
         sampler_inputs[site.name] = flow.inputs.get(site.name, frozenset(flow.order))
     unsure = {**guide_flow.unsure, **model_flow.unsure}
-    return Downstream(score, sampler_inputs, model_flow.inputs, guide_flow.inputs, unsure)
+    rule = Downstream(score, sampler_inputs, model_flow.inputs, guide_flow.inputs, unsure)
+    if rule.reasons and is_validation_enabled():
+        listing = "; ".join(f"'{name}' ({why})" for name, why in rule.reasons.items())
+        warnings.warn(
+            f"{owner}: the score-function terms of these sites meet every term not separated "
+            f"from them by plates (unbiased, but noisier than their data flow allows): "
+            f"{listing}. Keep sampled values in torch operations (no bool/int/.item(), no "
+            "writes into other tensors) for a lower-variance gradient",
+            stacklevel=4,
+        )
+    return rule
+
+
+def score_downstream(elbo, model, guide, *args, **kwargs) -> dict[str, frozenset[str] | None]:
+    """For each score-function site of ``elbo``'s plan for this call, the sites whose terms
+    its reward may hold (``None``: every site not separated from it by plates).
+
+    One particle is drawn (no gradient, no state update) to find the plan; e.g.
+    ``score_downstream(JensenELBO(), model, guide, data)``.
+    """
+    call = elbo._begin(model, guide, args, kwargs, training=False)
+    with torch.no_grad(), torch.random.fork_rng():
+        estimate = next(iter(elbo._estimates(call)))
+    rule = estimate.plan.downstream
+    names = score_site_names(estimate.plan)
+    return {name: None if rule is None else rule.sites_met(name) for name in names}
 
 
 __all__ = ["GUIDE_KINDS", "MODEL_KINDS", "Downstream", "Flow", "downstream_rule",
-           "sample_order_flow", "score_site_names", "trace_flow"]
+           "sample_order_flow", "score_downstream", "score_site_names", "trace_flow"]
