@@ -33,6 +33,7 @@ from pyro_elbo_ext import AnalyticKLELBO, HardAttentionELBO, JensenELBO, empty_g
 from pyro_elbo_ext.elbos.downstream import score_downstream
 from pyro_elbo_ext.problems.discrete import binary_chain, tiny_discrete, two_cluster_mixture
 from tests.mc import K_SE, assert_mean_close
+from tests.test_compiled import traced_only  # noqa: F401 - a fixture
 
 LOSSES = {
     "jensen_sampled": lambda **kw: JensenELBO(entropy="sampled", **kw),
@@ -495,3 +496,23 @@ def test_variance_at_most_tracegraphs_and_half_the_sample_order_rules(references
         assert ratio <= 1.0 + K_SE * se, (loss, ratio, se)
     else:
         assert ratio + K_SE * se <= 0.5, (loss, ratio, se)
+
+
+# ---------------------------------------------------------------------------- compiled
+@pytest.mark.usefixtures("traced_only")
+def test_compiled_loss_uses_the_plans_rule():
+    """``jit=True`` traces the eager loss, whose per-plan rule is Python: on independent
+    sites the traced graph's gradients equal TraceGraph_ELBO's draw for draw (as the eager
+    ones do), not the plate rule's."""
+    problem = binary_chain(markov=False, dtype=D)
+    problem.set_params()
+    names, leaves = zip(*sorted(pyro.get_param_store().named_parameters()))
+    elbo = AnalyticKLELBO(jit=True, max_plate_nesting=0)
+    elbo.differentiable_loss(problem.model, problem.guide, *problem.args)  # trace first
+    assert elbo._compiled
+    for seed in (1, 2):
+        ours = _our_grads(elbo, problem.model, problem.guide, problem.args, leaves, seed)
+        theirs = _tracegraph_grads(problem.model, problem.guide, problem.args, leaves, seed,
+                                   max_plate_nesting=0)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
