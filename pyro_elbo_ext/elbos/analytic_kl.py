@@ -205,10 +205,11 @@ class AnalyticKLELBO(SiteTreatmentELBO):
 
     def state_dict(self) -> dict:
         """The estimator's state: ``{"step_count": int}`` (the schedule position)."""
-        return {"step_count": self.step_count}
+        return self._with_site_baselines({"step_count": self.step_count})
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (e.g. to resume a KL warm-up from a checkpoint)."""
+        state = self._restore_site_baselines(state)
         step = state.get("step_count") if isinstance(state, dict) else None
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(

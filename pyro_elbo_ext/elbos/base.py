@@ -20,6 +20,7 @@ import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 
+from .baselines import LearningSignal
 from .decomposition import Decomposition
 from .densities import PATHWISE, estimator_kind, score_function
 from .downstream import downstream_rule
@@ -39,6 +40,7 @@ from .plan import (
     site_views,
     structure_key,
 )
+from .site_baselines import site_baseline_plan
 from .tracing import ModelWrapper, trace_model_and_guide, validate_traces
 from .treatments import EntropyTreatment, Observed
 from .validation import (
@@ -92,12 +94,12 @@ class SiteTreatmentELBO(ELBO):
         ``vectorize_particles``, ``retain_graph``, ``ignore_jit_warnings``, ``jit_options``).
     """
 
-    #: the loss's learning signal (hard attention's baselines), or ``None``
-    learning_signal = None
-
     def __init__(self, num_particles: int = 1, jit: bool = False, **kwargs):
         super().__init__(num_particles=check_positive_int("num_particles", num_particles),
                          **kwargs)
+        #: the loss's learning signal: its state (Pyro's per-site baselines of sites with
+        #: ``infer={"baseline": ...}``; hard attention's loss-level baselines) and updates
+        self.learning_signal = LearningSignal(None, None)
         self.jit = bool(jit)
         #: training calls taken (``differentiable_loss`` / ``loss_and_grads``)
         self.step_count = 0
@@ -183,6 +185,7 @@ class SiteTreatmentELBO(ELBO):
             plan = make_plan(site_views(model_trace, guide_trace), self._treat, planning)
             plan.downstream = downstream_rule(planning, plan, self._as_traced,
                                               type(self).__name__)
+            plan.baselines = site_baseline_plan(plan, model_trace, guide_trace)
             if not planning.memo.get("provisional"):
                 self._plans.put(key, plan)
         plan.validated = validating
@@ -204,7 +207,8 @@ class SiteTreatmentELBO(ELBO):
         terms = []
         score_sites = []
         model_nodes, guide_nodes = ctx.model_trace.nodes, ctx.guide_trace.nodes
-        downstream = ctx.plan.downstream
+        downstream, own_baselines = ctx.plan.downstream, ctx.plan.baselines
+        loss_signal = self.learning_signal is not None and self.learning_signal.needed
         for site in ctx.plan.sites:
             model_site = model_nodes.get(site.name)
             guide_site = guide_nodes.get(site.name)
@@ -214,8 +218,10 @@ class SiteTreatmentELBO(ELBO):
                 function = score_function(sampled, site.estimator)
                 if function is not None:
                     met = None if downstream is None else downstream.sites_met(site.name)
-                    score_sites.append(ScoreSite(site.name, function, site.frames,
-                                                 site.treatment.learning_signal, met))
+                    marked = ((site.treatment.learning_signal and loss_signal)
+                              or site.name in own_baselines)
+                    score_sites.append(ScoreSite(site.name, function, site.frames, marked,
+                                                 met))
         if ctx.plan.enumerated:
             enumerated = [model_nodes[name] for name in ctx.plan.enumerated]
             exact = not any(s["type"] == "sample" for s in guide_nodes.values())
@@ -224,6 +230,9 @@ class SiteTreatmentELBO(ELBO):
         if self.learning_signal is not None and any(s.learning_signal for s in score_sites):
             signal = self.learning_signal.bind(ctx, training, -self.max_plate_nesting)
         estimate = combine(terms, score_sites, signal, downstream)
+        regression = None if signal is None else signal.surrogate_terms()
+        if regression is not None:  # per-site baseline networks learn with the model
+            estimate.surrogate = estimate.surrogate + regression
         estimate.plan = ctx.plan
         estimate.signal = signal
         return estimate
@@ -415,12 +424,27 @@ class SiteTreatmentELBO(ELBO):
 
         Losses with state override this and :meth:`load_state_dict`; the result survives
         ``torch.save`` / ``torch.load`` so a checkpoint can hold it beside the param store.
+        Pyro's per-site decaying-average baselines, where any has state, are saved under
+        ``"site_baselines"`` by every loss.
         """
-        return {}
+        return self._with_site_baselines({})
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; a stateless loss accepts only an empty state."""
+        state = self._restore_site_baselines(state)
         if state:
             raise ValueError(
                 f"{type(self).__name__} has no state to restore, got keys {sorted(state)}"
             )
+
+    def _with_site_baselines(self, state: dict) -> dict:
+        """``state`` with the per-site baselines' state added (when there is any)."""
+        saved = self.learning_signal.sites.checkpoint()
+        return {**state, "site_baselines": saved} if saved else state
+
+    def _restore_site_baselines(self, state):
+        """Load the per-site baselines' state from ``state``; the rest of ``state``."""
+        if isinstance(state, dict) and "site_baselines" in state:
+            state = dict(state)
+            self.learning_signal.sites.restore(state.pop("site_baselines"))
+        return state

@@ -516,10 +516,14 @@ class LearningSignal(nn.Module):
 
     def __init__(self, baseline: nn.Module | None, normalizer: SignalNormalizer | None,
                  zero_one: bool = False):
+        from .site_baselines import SiteBaselines  # Pyro's per-site baselines' state
+
         super().__init__()
         self.baseline = baseline
         self.normalizer = normalizer
         self.zero_one = zero_one
+        #: the decaying averages of sites with ``infer={"baseline": {...}}`` (every loss)
+        self.sites = SiteBaselines()
         #: while true, training calls read (and create) the state but do not update it
         self.paused = False
 
@@ -530,7 +534,7 @@ class LearningSignal(nn.Module):
 
     def _parts(self) -> dict[str, StateSlots]:
         parts = {"baseline": self.baseline, "center": getattr(self.baseline, "center", None),
-                 "normalizer": self.normalizer}
+                 "normalizer": self.normalizer, "sites": self.sites}
         return {name: part for name, part in parts.items() if isinstance(part, StateSlots)}
 
     def carried_state(self) -> dict[tuple, torch.Tensor]:
@@ -556,7 +560,7 @@ class LearningSignal(nn.Module):
 
         shift = zero_one_shift(ctx.model_trace) if self.zero_one else None
         return BoundSignal(self, ctx.model_trace, shift, training and not self.paused,
-                           particle_dim)
+                           particle_dim, ctx.guide_trace, ctx.plan.baselines)
 
     def load_state_dict(self, state_dict, strict: bool = True):
         """Restore a checkpoint, refusing one of another baseline kind with a named error."""
@@ -589,18 +593,47 @@ def _saved_kind(state_dict) -> str | None:
 class BoundSignal:
     """The learning signal of one particle: ``normalize(reward - baseline)``.
 
-    Called by the engine for each attention site's score term (forward: the state is read
-    only); :meth:`update` then applies what it observed, once the gradient is taken.
+    Called by the engine for each marked site's score term (forward: the state is read
+    only); :meth:`update` then applies what it observed, once the gradient is taken.  A site
+    with Pyro's ``infer={"baseline": {...}}`` (``site_options``) is centred by its own
+    baseline (:mod:`.site_baselines`), the others by the loss's.
     """
 
     def __init__(self, signal: LearningSignal, model_trace, shift, training: bool,
-                 particle_dim: int):
+                 particle_dim: int, guide_trace=None, site_options: dict | None = None):
         self.signal = signal
         self.model_trace = model_trace
+        self.guide_trace = guide_trace
+        self.site_options = site_options or {}
         self.shift: dict[str, tuple[frozenset[Frame], torch.Tensor]] | None = shift
         self.training = training
         self.particle_dim = particle_dim
         self.observed: list[tuple] = []
+        self.site_observed: list[tuple] = []
+        self.regressions: list[torch.Tensor] = []
+
+    def surrogate_terms(self) -> torch.Tensor | None:
+        """What the surrogate adds for per-site baseline networks or values: minus their
+        squared errors, so that the SVI optimizer regresses them on the reward."""
+        if not self.regressions:
+            return None
+        return -sum(self.regressions[1:], self.regressions[0])
+
+    def _per_site(self, site: ScoreSite, reward: torch.Tensor, options) -> torch.Tensor:
+        from .site_baselines import centre
+
+        name = site.site
+        nodes = self.guide_trace.nodes if self.guide_trace is not None else {}
+        trace_site = nodes.get(name) or self.model_trace.nodes[name]
+        shape = torch.broadcast_shapes(reward.shape, site.score_function.shape)
+        reward = reward.expand(shape)
+        centred, regression = centre(name, options, trace_site["infer"], reward,
+                                     lambda like: self.signal.sites.average(name, like))
+        if regression is not None:
+            self.regressions.append(regression)
+        if self.training and options.decaying:
+            self.site_observed.append((name, reward.detach(), options.beta))
+        return centred
 
     def __call__(self, site: ScoreSite, reward: torch.Tensor) -> torch.Tensor:
         if self.shift:
@@ -608,6 +641,15 @@ class BoundSignal:
 
             reward = reward + sum_to_frames(shift_for(self.shift, site.downstream_sites),
                                             site.frames)
+        options = self.site_options.get(site.site)
+        if options is not None:
+            centred = self._per_site(site, reward, options)
+            normalizer = self.signal.normalizer
+            if normalizer is None:
+                return centred
+            if self.training:
+                self.observed.append((site.site, None, centred, None, None))
+            return normalizer.value(site.site, centred)
         baseline = self.signal.baseline
         model_site = self.model_trace.nodes[site.site]
         x = scale = None
@@ -631,8 +673,13 @@ class BoundSignal:
     def update(self) -> None:
         """Apply this particle's observations to the state (each guarded against NaN)."""
         baseline, normalizer = self.signal.baseline, self.signal.normalizer
+        for site, reward, beta in self.site_observed:
+            self.signal.sites.update(site, reward, beta)
+        self.site_observed = []
         for site, reward, centred, x, scale in self.observed:
-            if baseline is not None and baseline.kind == "moving_average":
+            if reward is None:  # a per-site baseline's signal: the normalizer only
+                pass
+            elif baseline is not None and baseline.kind == "moving_average":
                 baseline.update(site, reward)
             elif baseline is not None and baseline.kind == "learned":
                 baseline.update(site, reward, x, scale)

@@ -235,19 +235,21 @@ class HardAttentionELBO(JensenELBO):
             SignalNormalizer(decay) if self.normalize else None,
             zero_one=reward == "zero_one",
         )
-        #: the loss's learned state (baseline and normalizer), a torch.nn.Module; None when
-        #: the learning signal is the plain reward
-        self.learning_signal = signal if signal.needed else None
+        #: the loss's learned state (baseline, normalizer and per-site baselines), a
+        #: torch.nn.Module; its loss-level parts are unused when ``signal.needed`` is false
+        self.learning_signal = signal
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """The baseline and normalizer state (see :attr:`learning_signal`)."""
-        return {} if self.learning_signal is None else self.learning_signal.state_dict()
+        """The baseline and normalizer state (see :attr:`learning_signal`), and the per-site
+        baselines' (``"site_baselines"``)."""
+        return self._with_site_baselines(dict(self.learning_signal.state_dict()))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the state saved by :meth:`state_dict` (checked against this loss's
         settings: see the class docstring)."""
-        if self.learning_signal is None:
+        state_dict = self._restore_site_baselines(state_dict)
+        if not self.learning_signal.needed:
             super().load_state_dict(state_dict)
         else:
             self.learning_signal.load_state_dict(state_dict)

@@ -117,6 +117,9 @@ class Plan:
     #: which terms each score-function site meets (a
     #: :class:`~pyro_elbo_ext.elbos.downstream.Downstream`); ``None``: the plate rule
     downstream: Any = None
+    #: Pyro's per-site baseline options of the score-function sites that have them
+    #: (:mod:`~pyro_elbo_ext.elbos.site_baselines`)
+    baselines: dict = field(default_factory=dict)
 
 
 @dataclass
