@@ -112,14 +112,17 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     is treated as its parent (conservative) and a warning says so.
 
     **Discrete guide sites** (no ``rsample``), which Pyro's ``TraceMeanField_ELBO`` refuses, are
-    supported.  Their own KL is exact (its gradient is the gradient of the closed form); the
-    rest of L reaches their parameters through the score-function surrogate
-    ``log q(z_j) * stop_grad(reward_j)``, with ``reward_j`` Rao-Blackwellized by plates (Ranganath,
-    Gerrish & Blei 2014, arXiv:1401.0118).  The reward contains the KL of every later site that
-    depends on :math:`z_j`, which it must; it also contains terms that do not depend on
-    :math:`z_j` (its own KL, a function of :math:`z_{<j}` only, and the KLs of earlier sites),
-    whose product with the score has expectation zero given :math:`z_{<j}`.  The surrogate is
-    therefore unbiased for dL.
+    supported.  Their own KL's value is in closed form; its gradient through q's parameters and
+    the rest of L reach them through the score-function surrogate
+    ``log q(z_j) * stop_grad(reward_j)``, whose reward holds the site's own
+    ``log p(z_j) - log q(z_j)`` (the sampled form of its KL, constant at the posterior) and
+    the terms of L that the data flow says may depend on :math:`z_j`: the KL of every later
+    site that reads it, in closed form (its sample integrated out), and the log-likelihoods
+    behind it (:mod:`~pyro_elbo_ext.elbos.downstream`; Ranganath, Gerrish & Blei 2014,
+    arXiv:1401.0118).  The terms left out do not depend on :math:`z_j`, so their product with
+    the score has expectation zero: the surrogate is unbiased for dL.  Pyro's per-site
+    baselines (``infer={"baseline": {...}}``) apply, as for ``TraceGraph_ELBO``
+    (:mod:`~pyro_elbo_ext.elbos.site_baselines`).
 
     **KL weight.**  With ``kl_weight`` = w (a number, or a callable of the step count, e.g. a
     warm-up ramp; Bowman et al. 2015, arXiv:1511.06349; Sønderby et al. 2016,
