@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -289,7 +290,7 @@ def markdown(rows: list[dict], fits: list[dict], meta: dict) -> str:
         "of the gradient wrt the discrete sites' logits; ratio = variance / TraceGraph_ELBO's "
         "(the same baselines) +- paired SE; baselines warmed up for "
         f"{meta['warmup']} calls",
-        f"- command: `{meta['command']}`; wall time {meta['wall_seconds']:.0f} s",
+        f"- command: `{meta['command']}`; last run's wall time {meta['wall_seconds']:.0f} s",
         "",
         "| structure | baselines | estimator | tr Var[grad] | ratio vs TraceGraph_ELBO | "
         "ratio vs sample-order rule | ms/draw |",
@@ -325,6 +326,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--fit", action="store_true", help="also train the mixture")
     parser.add_argument("--out", type=Path, default=RESULTS / "discrete_variance")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other structures' rows (and the fit) of the results "
+                             "file, replacing those of the structures run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
@@ -339,13 +343,20 @@ def main(argv=None) -> None:
                       f"{r['total_variance']:10.4g} ratio {r['ratio_vs_tracegraph']:.3g} "
                       f"+- {r['ratio_se_paired']:.2g}  {r['ms_per_draw']:.3g} ms")
     fits = fit_mixture(seed=args.seed) if args.fit else []
+    previous = args.out.with_suffix(".json")
+    commands = []
+    if args.append and previous.exists():
+        old = json.loads(previous.read_text())
+        rows = [r for r in old["rows"] if r["structure"] not in chosen] + rows
+        fits = fits or old.get("fits", [])
+        commands = old["meta"]["command"].split("; ")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch thread",
             "torch": torch.__version__, "pyro": pyro.__version__, "draws": args.draws,
             "warmup": args.warmup, "wall_seconds": time.time() - start,
-            "command": "python -m benchmarks.discrete_variance "
-                       + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
+            "command": "; ".join(commands + ["python -m benchmarks.discrete_variance " + " ".join(
+                argv if argv is not None else sys.argv[1:])])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "rows": rows, "fits": fits}, indent=2) + "\n")
