@@ -227,11 +227,18 @@ def test_checkpoint_restores_the_averages():
 
 @pytest.mark.usefixtures("traced_only")
 def test_compiled_step_carries_the_averages_as_svi_does():
-    """CompiledSVI's step from a saved state equals pyro.infer.SVI's (parameters, network and
-    averages), the averages entering and leaving the graph."""
-    problem = binary_chain(dtype=D)
+    """CompiledSVI's step from a saved state equals pyro.infer.SVI's (parameters, a learned
+    baseline value and the averages), the averages entering and leaving the graph."""
+    problem = binary_chain(num_sites=3, dtype=D)
     problem.set_params()
-    guide = _network_guide(problem)
+
+    def options(name):
+        if name == "z_1":
+            return {"baseline_value": pyro.param("b", lambda: torch.tensor(-1.0, dtype=D)),
+                    "use_decaying_avg_baseline": True}
+        return {"use_decaying_avg_baseline": True}
+
+    guide = _with(options)(problem.guide)
     optim = lambda: pyro.optim.Adam({"lr": 0.05})  # noqa: E731
     loss = JensenELBO(max_plate_nesting=0)
     compiled = CompiledSVI(problem.model, guide, optim(), loss)
@@ -254,6 +261,7 @@ def test_compiled_step_carries_the_averages_as_svi_does():
     svi.step(*problem.args)
     for name, leaf in pyro.get_param_store().named_parameters():
         torch.testing.assert_close(after[0][name], leaf.detach(), rtol=1e-9, atol=1e-10)
+    assert not torch.equal(after[0]["b"], params["b"])  # the value learned
     for key, value in eager_loss.state_dict()["site_baselines"].items():
         torch.testing.assert_close(after[1][key], value, rtol=1e-9, atol=1e-10)
     assert not torch.equal(after[1][("z_0", "average")], checkpoint["site_baselines"][
