@@ -17,10 +17,9 @@ it): the terms whose values the data flow says may depend on it, decided once pe
 (:mod:`.downstream`), Rao-Blackwellized further by :class:`pyro.plate` independence: terms in
 plates that site j is not in are summed, terms that share j's plates are kept element by
 element, so that the i-th element of ``score_j`` only meets the rewards of data point i (and
-the global terms).  The
-gradient of the surrogate is then an unbiased estimate of dL for any baseline that does not
-depend on the sample at site j (Williams 1992; Ranganath, Gerrish & Blei 2014, arXiv:1401.0118;
-Schulman et al. 2015, arXiv:1506.05254).
+the global terms).  The gradient of the surrogate is then an unbiased estimate of dL for any
+baseline that does not depend on the sample at site j (Williams 1992; Ranganath, Gerrish &
+Blei 2014, arXiv:1401.0118; Schulman et al. 2015, arXiv:1506.05254).
 
 The engine knows nothing of which loss it serves; the losses decide each site's treatment.
 """
