@@ -95,10 +95,16 @@ def test_bound_equals_trace_elbo_draw_for_draw(model, guide, kwargs):
                                          (discrete_model, discrete_guide)],
                          ids=["normal_normal", "discrete_guide_site"])
 def test_analytic_bound_equals_jensen_elbo_draw_for_draw(model, guide, kwargs):
-    """entropy="analytic": the closed-form entropy bound is JensenELBO's default estimator."""
+    """entropy="analytic": the closed-form entropy bound is JensenELBO's default estimator
+    (its value; its gradient where no site has a score term: JensenELBO's score costs are
+    Rao-Blackwellized by the data flow and meet a discrete site's own entropy as -log q, the
+    bound's are the whole L)."""
     ours = _value_and_grads(LowerBoundELBO(entropy="analytic", **kwargs), model, guide, DATA)
     theirs = _value_and_grads(JensenELBO(**kwargs), model, guide, DATA)
-    _assert_same(ours, theirs)
+    if model is discrete_model:
+        assert ours[0] == pytest.approx(theirs[0], rel=1e-6, abs=1e-6)
+    else:
+        _assert_same(ours, theirs)
 
 
 @pytest.mark.parametrize("kwargs", PARTICLES[:3])
