@@ -97,7 +97,7 @@ def test_stop_gradient_copy_has_the_value_and_only_the_sample_path(case):
     copy), and the original distribution untouched."""
     from pyro.distributions.util import detach
 
-    from pyro_elbo_ext.elbos.treatments import stop_gradient
+    from pyro_elbo_ext.elbos.graphs import stop_gradient
 
     params, cases = _stop_gradient_cases()
     fn = cases[case]
