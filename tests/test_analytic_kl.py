@@ -20,8 +20,8 @@ from torch.distributions import constraints
 from pyro_elbo_ext.compiled import backend as compiled_backend
 from pyro_elbo_ext.elbos.analytic_kl import AUXILIARY_WEIGHTED, AnalyticKLELBO
 from pyro_elbo_ext.elbos.dependencies import model_parents
-from pyro_elbo_ext.elbos.kl import analytic_kl
 from pyro_elbo_ext.elbos.jensen import JensenELBO
+from pyro_elbo_ext.elbos.kl import analytic_kl
 from pyro_elbo_ext.problems import CONJUGATE_PROBLEMS, Problem, get_problem
 
 from .mc import K_SE, assert_mean_close, draw_loss_and_grads
