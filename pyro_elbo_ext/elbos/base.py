@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
@@ -59,8 +60,9 @@ from .validation import (
 
 #: how many trace structures keep a plan
 MAX_CACHED_PLANS = 32
-#: the errors a vectorized particle plate typically causes in code that does not broadcast
-_SHAPE_ERRORS = (RuntimeError, IndexError)
+#: the errors a vectorized particle plate causes in code that does not broadcast (torch's shape
+#: errors, Pyro's plate shape mismatches)
+_SHAPE_ERRORS = (RuntimeError, IndexError, ValueError)
 
 
 class Call(NamedTuple):
@@ -229,18 +231,28 @@ class SiteTreatmentELBO(ELBO):
         try:
             yield from traces
         except _SHAPE_ERRORS as error:
-            if type(error) not in _SHAPE_ERRORS:
+            if type(error) not in _SHAPE_ERRORS or not self._runs_unvectorized(call):
                 raise
             raise type(error)(
-                f"{type(self).__name__}: the model or guide failed with its "
+                f"{type(self).__name__}: the model or guide fails with its "
                 f"{self.num_particles} particles vectorized (vectorize_particles=True: one "
                 f"pyro.plate of size {self.num_particles} at dim {self._particle_dim}, left of "
-                f"the model's plates): {error}. Code that does not broadcast over a leading "
-                "batch dimension (a network applied to sampled weights, e.g. nn.Linear with a "
-                "PyroSample weight; a sampled tensor indexed by another sample, e.g. "
-                "locs[assignment]) cannot run vectorized: pass vectorize_particles=False "
-                "(sequential particles), or make that code broadcast"
+                f"the model's plates), and runs without: {error}. Code that does not "
+                "broadcast over a leading batch dimension (a network applied to sampled "
+                "weights, e.g. nn.Linear with a PyroSample weight; a sampled tensor indexed "
+                "by another sample, e.g. locs[assignment]) cannot run vectorized: pass "
+                "vectorize_particles=False (sequential particles), or make that code broadcast"
             ) from error
+
+    def _runs_unvectorized(self, call: Call) -> bool:
+        """Whether one particle of the call runs without the particle plate (asked only when
+        the vectorized run failed: its random draws and effects are not kept)."""
+        try:
+            with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+                self._get_trace(call.model, call.guide, call.args, call.kwargs)
+        except Exception:  # noqa: BLE001 - any failure: the error is not vectorization's
+            return False
+        return True
 
     def _batches(self, call: Call) -> Iterator[ParticleBatch]:
         for model_trace, guide_trace in self._traces(call):

@@ -127,6 +127,9 @@ class MeanOverParticles(Combination):
             total = part.total.detach()
             value = total if value is None else value + total
             surrogate = part.surrogate if surrogate is None else surrogate + part.surrogate
+            extra = signal_surrogate(batch)
+            if extra is not None:  # a learning signal's own terms (a control variate's)
+                surrogate = surrogate + extra
         if value is None:  # no batch at all
             value = surrogate = torch.zeros(())
         if num_particles != 1:
@@ -134,7 +137,13 @@ class MeanOverParticles(Combination):
         return Estimate(value, surrogate, batches)
 
 
+def signal_surrogate(batch: ParticleBatch) -> torch.Tensor | None:
+    """The extra surrogate terms the batch's learning signal added (none by default)."""
+    return None if batch.signal is None else batch.signal.surrogate()
+
+
 #: the combination of every loss whose estimate is a mean over particles
 MEAN = MeanOverParticles()
 
-__all__ = ["MEAN", "Combination", "Estimate", "MeanOverParticles", "ParticleBatch"]
+__all__ = ["MEAN", "Combination", "Estimate", "MeanOverParticles", "ParticleBatch",
+           "signal_surrogate"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import SiteTreatmentELBO
-from .combination import Combination, Estimate, ParticleBatch
+from .combination import Combination, Estimate, ParticleBatch, signal_surrogate
 from .decomposition import Decomposition
 from .densities import estimator_kind
 from .engine import ScoreSite
@@ -118,6 +118,10 @@ class LogMeanExpOverParticles(Combination):
             signal = _signal(batches, scores, log_w, dim)
             surrogate = surrogate + (scores * signal).sum(dim)
         surrogate = surrogate.sum()
+        for batch in batches:
+            extra = signal_surrogate(batch)
+            if extra is not None:  # a learning signal's own terms (a control variate's)
+                surrogate = surrogate + extra
         if layout.local_factor != 1.0:
             value, surrogate = value * layout.local_factor, surrogate * layout.local_factor
         return WeightedEstimate(value, surrogate, batches, log_w.detach(), dim, layout)
