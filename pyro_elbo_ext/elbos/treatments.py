@@ -3,20 +3,15 @@ r"""The standard treatments of a site, and the term builders they are made of.
 A treatment (:class:`~pyro_elbo_ext.elbos.plan.Treatment`) says how one site contributes to
 L; a loss's ``treat`` hook picks one per site, once per trace structure.  The standard ones:
 
-=====================  ==========================================================  ============
-treatment              contributes (kinds of :class:`~.engine.Term`)                 used by
-=====================  ==========================================================  ============
-:class:`Observed`      log p(x | ...)  (``log_likelihood``)                          every loss
-:class:`JensenTreatment`  log p(z | parents) + H[q(z | ...)]  (``log_prior``,        JensenELBO,
-                       ``entropy``; analytic, sampled, path or direct entropy)       importance-
-                                                                                     weighted
-:class:`EntropyTreatment`  H[q(z | ...)] alone (an auxiliary guide site)             every loss
-:class:`KLTreatment`   -KL[q(z | ...) || p(z | parents)]  (``kl``; closed form       AnalyticKL
-                       where registered and valid, else log p - log q)
-:class:`PriorProposal` nothing (z drawn from the model, q = p), its score term        HardAttention
-                       meeting the learning signal; an optional entropy ``bonus``
-:class:`Weighted`      another treatment's terms times a weight                      AnalyticKL
-=====================  ==========================================================  ============
+- :class:`Observed`: ``log p(x | ...)`` (kind ``log_likelihood``); every loss.
+- :class:`JensenTreatment`: ``log p(z | parents) + H[q(z | ...)]`` (``log_prior``,
+  ``entropy``: analytic, sampled, path or direct); JensenELBO, ImportanceWeightedELBO.
+- :class:`EntropyTreatment`: ``H[q(z | ...)]`` alone (an auxiliary guide site); every loss.
+- :class:`KLTreatment`: ``-KL[q(z | ...) || p(z | parents)]`` (``kl``: closed form where
+  registered and valid, else ``log p - log q``); AnalyticKLELBO.
+- :class:`PriorProposal`: nothing (z drawn from the model, q = p), its score term meeting the
+  learning signal, and an optional entropy ``bonus``; HardAttentionELBO.
+- :class:`Weighted`: another treatment's terms times a weight; AnalyticKLELBO's KL weight.
 
 Term builders (one site -> one :class:`~.engine.Term`, scaled and masked):
 :func:`observed_term`, :func:`log_prior_term`, :func:`sampled_entropy_term`,
