@@ -131,7 +131,7 @@ def test_path_falls_back_to_sampled_when_parameters_depend_on_a_latent():
     elbo = JensenELBO(entropy="path")
     elbo.differentiable_loss(model, guide)
     (plan,) = elbo._plans._plans.values()
-    used = {site.name: site.treatment.estimator for site in plan.sites if site.role == "guided"}
+    used = {site.name: site.treatment.entropy for site in plan.sites if site.role == "guided"}
     assert used == {"z1": "path", "z2": "sampled", "z3": "path"}
     # and the estimator stays unbiased: compare with the sampled estimator's mean gradient
     a = pyro.param("a")

@@ -18,7 +18,7 @@ from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.util import is_validation_enabled
 
 from .base import SiteTreatmentELBO
-from .densities import estimator_kind
+from .densities import gradient_kind
 from .dependencies import auxiliary_feeds, late_parents
 from .graphs import is_delta
 from .kl import analytic_kl
@@ -234,7 +234,7 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         model_fn, guide_fn = site.model_site["fn"], site.guide_site["fn"]
         analytic = (site.name not in late and not is_delta(guide_fn)
                     and _kl_registered(guide_fn, model_fn))
-        kl = KLTreatment(analytic, estimator_kind(guide_fn))
+        kl = KLTreatment(analytic, gradient_kind(guide_fn))
         return self._weighted(kl, self.weighting.applies_to(site.name))
 
     def _weighted(self, treatment: Treatment, weighted: bool) -> Treatment:

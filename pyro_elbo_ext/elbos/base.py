@@ -29,7 +29,7 @@ from pyro.infer.util import is_validation_enabled, torch_item
 
 from .combination import MEAN, Combination, Estimate, ParticleBatch
 from .decomposition import Decomposition, term_notes
-from .densities import PATHWISE, estimator_kind, score_function
+from .densities import PATHWISE, gradient_kind, score_function
 from .engine import ScoreSite, expect_over_enumerated
 from .plan import (
     AUXILIARY,
@@ -138,7 +138,7 @@ class SiteTreatmentELBO(ELBO):
         if site.role == OBSERVED:
             return Observed()
         if site.role == AUXILIARY:
-            return EntropyTreatment("analytic", estimator_kind(site.guide_site["fn"]))
+            return EntropyTreatment("analytic", gradient_kind(site.guide_site["fn"]))
         if site.role == UNGUIDED:
             raise missing_guide_site_error(site.name, type(self).__name__)
         raise NotImplementedError(f"{type(self).__name__} does not treat {site.role} sites")
@@ -269,12 +269,12 @@ class SiteTreatmentELBO(ELBO):
             model_site = model_nodes.get(site.name)
             guide_site = guide_nodes.get(site.name)
             terms.extend(site.treatment.terms(ctx, model_site, guide_site))
-            if site.estimator != PATHWISE:
+            if site.gradient != PATHWISE:
                 sampled = model_site if site.treatment.sampled_by == "model" else guide_site
-                function = score_function(sampled, site.estimator)
+                function = score_function(sampled, site.gradient)
                 if function is not None:
                     score_sites.append(ScoreSite(site.name, function, site.frames,
-                                                 site.treatment.learning_signal))
+                                                 site.treatment.uses_learning_signal))
         if ctx.plan.enumerated:
             enumerated = [model_nodes[name] for name in ctx.plan.enumerated]
             exact = not any(s["type"] == "sample" for s in guide_nodes.values())

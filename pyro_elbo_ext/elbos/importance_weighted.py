@@ -30,7 +30,7 @@ import torch
 from .base import SiteTreatmentELBO
 from .combination import Combination, Estimate, ParticleBatch, signal_surrogate
 from .decomposition import Decomposition
-from .densities import estimator_kind
+from .densities import gradient_kind
 from .engine import ScoreSite
 from .plan import AUXILIARY, GUIDED, PlanFact, Planning, SiteView, Treatment
 from .signals import LearningSignal, SignalPart, SignalSite
@@ -382,7 +382,7 @@ class ImportanceWeightedELBO(SiteTreatmentELBO):
         stopped = self.estimator == "dreg" and site.name in (
             planning.fact(DREG_SITES, lambda: self._dreg_sites(planning)) or ())
         treatment = JensenTreatment if site.role == GUIDED else EntropyTreatment
-        return treatment("path" if stopped else "direct", estimator_kind(fn))
+        return treatment("path" if stopped else "direct", gradient_kind(fn))
 
     def _dreg_sites(self, planning: Planning) -> tuple[str, ...] | None:
         """DReG's stopped sites for this structure (an autograd walk: without a gradient

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import SiteTreatmentELBO
-from .densities import estimator_kind
+from .densities import gradient_kind
 from .graphs import depends_on, distribution_tensors, is_delta
 from .plan import AUXILIARY, GUIDED, Planning, SiteView, Treatment
 from .treatments import ENTROPY_ESTIMATORS, EntropyTreatment, JensenTreatment
@@ -73,7 +73,7 @@ class JensenELBO(SiteTreatmentELBO):
             return super().treat(site, planning)
         treatment = JensenTreatment if site.role == GUIDED else EntropyTreatment
         return treatment(self._estimator(site.guide_site, planning),
-                         estimator_kind(site.guide_site["fn"]))
+                         gradient_kind(site.guide_site["fn"]))
 
     def _estimator(self, guide_site: dict, planning: Planning) -> str:
         """``"path"`` falls back to ``"sampled"`` where it does not apply (see the class)."""

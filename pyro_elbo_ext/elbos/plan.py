@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from .densities import PATHWISE, estimator_kind
+from .densities import PATHWISE, gradient_kind
 from .engine import Term
 from .sites import (
     Frame,
@@ -69,7 +69,7 @@ class Treatment:
         Whose sample the site's score function (Pyro's ``score_parts``, if it has one)
         belongs to: ``"guide"`` (default) or ``"model"`` (a site the guide does not sample,
         drawn from the model: the prior-proposal treatment).
-    ``learning_signal``
+    ``uses_learning_signal``
         Whether the loss's learning signal (baseline, normalizer, ...) replaces the plain
         reward in the site's score term.
     ``enumerated``
@@ -90,7 +90,7 @@ class Treatment:
         return "guide"
 
     @property
-    def learning_signal(self) -> bool:
+    def uses_learning_signal(self) -> bool:
         return False
 
     @property
@@ -120,8 +120,8 @@ class TreatmentWrapper(Treatment):
         return self.inner.sampled_by
 
     @property
-    def learning_signal(self) -> bool:
-        return self.inner.learning_signal
+    def uses_learning_signal(self) -> bool:
+        return self.inner.uses_learning_signal
 
     @property
     def enumerated(self) -> bool:
@@ -188,8 +188,9 @@ class SitePlan:
     role: str
     treatment: Treatment
     frames: frozenset[Frame]
-    #: Pyro's estimator kind of the sample behind the score term (``PATHWISE``: none)
-    estimator: str
+    #: how the gradient of the sample behind the score term is estimated (Pyro's
+    #: ``score_parts``, :func:`~.densities.gradient_kind`; ``PATHWISE``: no score term)
+    gradient: str
 
 
 @dataclass
@@ -307,7 +308,7 @@ def check_treatment(view: SiteView, treatment: Treatment) -> None:
 def make_plan(views: Sequence[SiteView], treat: Callable[[SiteView, Planning], Treatment],
               planning: Planning) -> Plan:
     """Ask ``treat`` for each site's treatment (checked against the site) and read each
-    sample's estimator kind."""
+    sample's gradient kind."""
     sites = []
     enumerated = []
     for view in views:
@@ -319,10 +320,10 @@ def make_plan(views: Sequence[SiteView], treat: Callable[[SiteView, Planning], T
             sampled = view.model_site
         else:
             sampled = view.guide_site
-        estimator = PATHWISE if sampled is None else estimator_kind(sampled["fn"])
+        gradient = PATHWISE if sampled is None else gradient_kind(sampled["fn"])
         any_site = view.model_site if view.model_site is not None else view.guide_site
         sites.append(SitePlan(view.name, view.role, treatment, plate_frames(any_site),
-                              estimator))
+                              gradient))
         if treatment.enumerated:
             enumerated.append(view.name)
     return Plan(tuple(sites), tuple(enumerated), dict(planning.facts))

@@ -110,7 +110,7 @@ def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
 
 
 def entropy_estimate(name: str, guide_site: dict, estimator: str,
-                     guide_estimator: str) -> Term:
+                     guide_gradient: str) -> Term:
     """H[q(z | ...)] by ``estimator`` (see :class:`JensenTreatment`)."""
     if estimator == "analytic":
         term = analytic_entropy_term(name, guide_site)
@@ -120,7 +120,7 @@ def entropy_estimate(name: str, guide_site: dict, estimator: str,
         return path_entropy_term(name, guide_site)
     elif estimator == "direct":
         return sampled_entropy_term(name, guide_site, PATHWISE)
-    return sampled_entropy_term(name, guide_site, guide_estimator)
+    return sampled_entropy_term(name, guide_site, guide_gradient)
 
 
 # ---------------------------------------------------------------------------- treatments
@@ -136,37 +136,37 @@ class Observed(Treatment):
 class EntropyTreatment(Treatment):
     """``H[q(z | ...)]`` of a guide site, alone (an auxiliary site the model does not have).
 
-    ``estimator``: ``"analytic"`` (closed form where ``entropy()`` exists, else sampled),
+    ``entropy``: ``"analytic"`` (closed form where ``entropy()`` exists, else sampled),
     ``"sampled"`` (``-log q(z)`` with Pyro's ``score_parts`` gradient: ``Trace_ELBO``'s),
     ``"path"`` (the path derivative, :func:`path_entropy_term`) or ``"direct"`` (``-log q(z)``
     with its whole gradient, the score part's zero-mean term included: what the
-    importance-weighted bound differentiates); ``guide_estimator`` is Pyro's estimator kind of
-    the guide's sample (:func:`~.densities.estimator_kind`).
+    importance-weighted bound differentiates); ``guide_gradient`` is how the gradient of
+    the guide's sample is estimated (:func:`~.densities.gradient_kind`).
     """
 
-    estimator: str
-    guide_estimator: str
+    entropy: str
+    guide_gradient: str
 
     def terms(self, ctx, model_site, guide_site):
-        return [entropy_estimate(guide_site["name"], guide_site, self.estimator,
-                                 self.guide_estimator)]
+        return [entropy_estimate(guide_site["name"], guide_site, self.entropy,
+                                 self.guide_gradient)]
 
 
 @dataclass(frozen=True)
 class JensenTreatment(Treatment):
     """A guided latent in the Jensen form: ``log p(z | parents)`` at the guide's sample plus
-    an estimate of ``H[q(z | ...)]`` (see :class:`EntropyTreatment` for ``estimator``).
+    an estimate of ``H[q(z | ...)]`` (see :class:`EntropyTreatment` for ``entropy``).
 
     By the chain rule of entropy these add up over the sites to E_q[log p(X, Z)] + H[q(Z)].
     """
 
-    estimator: str
-    guide_estimator: str
+    entropy: str
+    guide_gradient: str
 
     def terms(self, ctx, model_site, guide_site):
         name = guide_site["name"]
         return [log_prior_term(name, model_site),
-                entropy_estimate(name, guide_site, self.estimator, self.guide_estimator)]
+                entropy_estimate(name, guide_site, self.entropy, self.guide_gradient)]
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class KLTreatment(Treatment):
     """
 
     analytic: bool
-    guide_estimator: str
+    guide_gradient: str
 
     def terms(self, ctx, model_site, guide_site):
         name = model_site["name"]
@@ -194,10 +194,10 @@ class KLTreatment(Treatment):
         log_p = scaled_and_masked(model_site, log_density(model_site))
         log_q = scaled_and_masked(guide_site, log_density(guide_site))
         contribution = log_p - log_q
-        pathwise_q = entropy_term(guide_site, self.guide_estimator)
+        pathwise_q = entropy_term(guide_site, self.guide_gradient)
         if pathwise_q is None:
             pathwise = log_p
-        elif self.guide_estimator == PATHWISE:
+        elif self.guide_gradient == PATHWISE:
             pathwise = contribution
         else:
             pathwise = log_p - pathwise_q
@@ -236,7 +236,7 @@ class PriorProposal(Treatment):
         return "model"
 
     @property
-    def learning_signal(self) -> bool:
+    def uses_learning_signal(self) -> bool:
         return True
 
     @property

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .densities import PATHWISE, estimator_kind
+from .densities import PATHWISE, gradient_kind
 from .graphs import depends_on, distribution_tensors, is_delta
 from .sites import is_subsample_site
 
@@ -205,7 +205,7 @@ def dreg_sites(guide_trace) -> tuple[tuple[str, ...] | None, str]:
         if site["type"] != "sample" or is_subsample_site(site):
             continue
         fn = site["fn"]
-        pathwise = estimator_kind(fn) == PATHWISE
+        pathwise = gradient_kind(fn) == PATHWISE
         tensors = distribution_tensors(fn)
         if is_delta(fn):
             if _reaches_parameter(tensors, upstream_nodes):
