@@ -6,7 +6,6 @@ error for a model run unvectorized.
 
 from __future__ import annotations
 
-import gc
 import warnings
 
 import pyro
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from pyro_elbo_ext import JensenELBO
+from pyro_elbo_ext.elbos import base
 from pyro_elbo_ext.elbos.base import MAX_CACHED_PLANS
 
 
@@ -40,30 +40,22 @@ def _gradient_warnings(loss, guide) -> list[str]:
     return [str(w.message) for w in caught if "gradient is not" in str(w.message)]
 
 
-def test_a_new_guide_is_never_given_a_dropped_guides_parameters():
+def test_a_new_guide_is_never_given_a_dropped_guides_parameters(monkeypatch):
     """Issue 27 row 7: the parameters checked for a non-finite gradient were cached per
-    (id(model), id(guide)), never evicted: a new closure that got a dropped one's id was
-    checked against the old one's parameters, and its NaN gradient went unreported.  A
-    fresh loss warns; so must a used one, whatever ids the new guide gets."""
+    (id(model), id(guide)) and never evicted, so a new closure that got a dropped one's id
+    was checked against the old one's parameters, and its NaN gradient went unreported.  A
+    fresh loss warns; so must a used one, even where every object had the same id (ids
+    reused: the engine's module sees ``id`` return 0)."""
     fresh = _gradient_warnings(JensenELBO(), _guide_factory(True))
     assert len(fresh) == 1 and "site 'z'" in fresh[0]
     pyro.clear_param_store()
+    monkeypatch.setattr(base, "id", lambda obj: 0, raising=False)
     loss = JensenELBO()
-    first = _guide_factory(False)
-    loss.loss_and_grads(_model, first)
-    dropped = id(first)
-    for _ in range(MAX_CACHED_PLANS + 8):  # enough other pairs to drop the first one's plan
+    loss.loss_and_grads(_model, _guide_factory(False))
+    assert _gradient_warnings(loss, _guide_factory(True)) == fresh
+    for _ in range(MAX_CACHED_PLANS + 8):
         loss.loss_and_grads(_model, _guide_factory(False))
-    del first
-    gc.collect()
-    kept = []
-    for _ in range(100):  # CPython usually hands the freed memory to the next closure
-        guide = _guide_factory(True)
-        if id(guide) == dropped:
-            break
-        kept.append(guide)
-    assert _gradient_warnings(loss, guide) == fresh
-    assert len(loss._plans) <= MAX_CACHED_PLANS
+    assert len(loss._plans) <= MAX_CACHED_PLANS  # the per-plan caches are bounded with it
 
 
 def _indexing_model(data):

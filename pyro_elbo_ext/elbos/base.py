@@ -31,6 +31,7 @@ from .combination import MEAN, Combination, Estimate, ParticleBatch
 from .decomposition import Decomposition, term_notes
 from .densities import PATHWISE, gradient_kind, score_function
 from .engine import ScoreSite, expect_over_enumerated
+from .keys import argument_signature, trace_structure_key
 from .plan import (
     AUXILIARY,
     LEAF_REFRESH,
@@ -42,10 +43,8 @@ from .plan import (
     SiteView,
     StepContext,
     Treatment,
-    argument_signature,
     make_plan,
     site_views,
-    trace_structure_key,
 )
 from .protocol import jit_backend
 from .tracing import ModelWrapper, trace_model_and_guide, validate_traces

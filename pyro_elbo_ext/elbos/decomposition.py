@@ -1,11 +1,14 @@
 """The per-term decomposition of L that every loss's ``decompose`` returns, and its notes.
 
-Contents: :class:`TermSummary`, :class:`Decomposition`, :func:`term_notes` (the caveats that
-follow from the terms themselves: weighted terms, bonus terms, an AutoGuide's split KL).
+Contents: :class:`TermSummary`, :class:`Decomposition` (and the richer ones of two losses:
+:class:`HardAttentionDecomposition`, :class:`ImportanceWeightedDecomposition`),
+:func:`term_notes` (the caveats that follow from the terms themselves: weighted terms, bonus
+terms, an AutoGuide's split KL).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +169,50 @@ class HardAttentionDecomposition(Decomposition):
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ImportanceWeightedDecomposition(Decomposition):
+    """One K-particle estimate of the importance-weighted bound, read several ways.
+
+    Attributes
+    ----------
+    elbo : float
+        The estimate of L_K (per-element log-mean-exp, summed, times the subsample scale).
+    terms : tuple of TermSummary
+        The terms of L_1 (each site's log-densities, averaged over the particles): they add
+        up to ``elbo_1``, not to ``elbo``.
+    elbo_1 : float
+        The estimate of L_1 = L from the same draws: the mean over particles of log w.
+    ess : float
+        Kish's effective sample size of the weights, (sum w)^2 / sum w^2, in [1, K]; the
+        mean over plate elements where the bound is per element.
+    ess_min : float
+        The smallest per-element effective sample size (= ``ess`` for a joint weight).
+    local_plates : tuple of str
+        The plates the bound is taken per element of (empty: joint).
+    log_evidence : float or None
+        log p(X) where the caller knows it (e.g. a conjugate problem's closed form).
+    gap : float or None
+        ``log_evidence - elbo`` (>= 0 in expectation, shrinking as K grows).
+    """
+
+    elbo_1: float = math.nan
+    ess: float = math.nan
+    ess_min: float = math.nan
+    local_plates: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        where = f"per element of {list(self.local_plates)}" if self.local_plates else "joint"
+        lines = [
+            f"L_K = {self.elbo:.6g}  (K = {self.num_particles}, {where})",
+            f"L_1 = {self.elbo_1:.6g}  (same draws)",
+            f"ESS = {self.ess:.4g} of {self.num_particles}  (min {self.ess_min:.4g})",
+        ]
+        if self.log_evidence is not None:
+            lines.append(f"log p(X) = {self.log_evidence:.6g}  gap = {self.gap:.6g}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ notes
 def _weight_value(weight) -> float:
     return float(weight.detach()) if isinstance(weight, torch.Tensor) else float(weight)
@@ -227,4 +274,5 @@ def term_notes(terms: Sequence[Term], auxiliary: frozenset[str] = frozenset()
     return tuple(notes)
 
 
-__all__ = ["Decomposition", "HardAttentionDecomposition", "TermSummary", "term_notes"]
+__all__ = ["Decomposition", "HardAttentionDecomposition", "ImportanceWeightedDecomposition",
+           "TermSummary", "term_notes"]

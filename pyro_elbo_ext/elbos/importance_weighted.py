@@ -20,7 +20,6 @@ The formulas on tensors are in :mod:`.weights`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 
 from .base import SiteTreatmentELBO
 from .combination import Combination, Estimate, ParticleBatch, signal_surrogate
-from .decomposition import Decomposition
+from .decomposition import ImportanceWeightedDecomposition
 from .densities import gradient_kind
 from .engine import ScoreSite
 from .plan import AUXILIARY, GUIDED, PlanFact, Planning, SiteView, Treatment
@@ -206,50 +205,6 @@ def _scale_stopped_gradients(batches, log_w, dim, vectorized: bool) -> None:
             site = nodes.get(name)
             if site is not None and site["value"].requires_grad:
                 scale_gradient(site["value"], share, len(site["fn"].event_shape))
-
-
-@dataclass(frozen=True)
-class ImportanceWeightedDecomposition(Decomposition):
-    """One K-particle estimate of the importance-weighted bound, read several ways.
-
-    Attributes
-    ----------
-    elbo : float
-        The estimate of L_K (per-element log-mean-exp, summed, times the subsample scale).
-    terms : tuple of TermSummary
-        The terms of L_1 (each site's log-densities, averaged over the particles): they add
-        up to ``elbo_1``, not to ``elbo``.
-    elbo_1 : float
-        The estimate of L_1 = L from the same draws: the mean over particles of log w.
-    ess : float
-        Kish's effective sample size of the weights, (sum w)^2 / sum w^2, in [1, K]; the
-        mean over plate elements where the bound is per element.
-    ess_min : float
-        The smallest per-element effective sample size (= ``ess`` for a joint weight).
-    local_plates : tuple of str
-        The plates the bound is taken per element of (empty: joint).
-    log_evidence : float or None
-        log p(X) where the caller knows it (e.g. a conjugate problem's closed form).
-    gap : float or None
-        ``log_evidence - elbo`` (>= 0 in expectation, shrinking as K grows).
-    """
-
-    elbo_1: float = math.nan
-    ess: float = math.nan
-    ess_min: float = math.nan
-    local_plates: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        where = f"per element of {list(self.local_plates)}" if self.local_plates else "joint"
-        lines = [
-            f"L_K = {self.elbo:.6g}  (K = {self.num_particles}, {where})",
-            f"L_1 = {self.elbo_1:.6g}  (same draws)",
-            f"ESS = {self.ess:.4g} of {self.num_particles}  (min {self.ess_min:.4g})",
-        ]
-        if self.log_evidence is not None:
-            lines.append(f"log p(X) = {self.log_evidence:.6g}  gap = {self.gap:.6g}")
-        lines += [f"  note: {note}" for note in self.notes]
-        return "\n".join(lines)
 
 
 class ImportanceWeightedELBO(SiteTreatmentELBO):
