@@ -20,6 +20,7 @@ import math
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import pyro.poutine as poutine
@@ -59,6 +60,7 @@ from .validation import (
 
 #: how many trace structures keep a plan
 MAX_CACHED_PLANS = 32
+_NO_SETTINGS: Mapping = MappingProxyType({})
 #: the errors a vectorized particle plate causes in code that does not broadcast (torch's shape
 #: errors, Pyro's plate shape mismatches)
 _SHAPE_ERRORS = (RuntimeError, IndexError, ValueError)
@@ -145,7 +147,7 @@ class SiteTreatmentELBO(ELBO):
     def step_settings(self, training: bool) -> Mapping:
         """The loss's settings for this call by name (e.g. ``{"kl_weight": w}``, a scheduled
         weight), read by treatments as ``ctx.settings``; none by default."""
-        return {}
+        return _NO_SETTINGS
 
     def model_wrapper(self) -> ModelWrapper | None:
         """A wrapper applied to the model before replay (enumeration); none by default."""
@@ -217,31 +219,46 @@ class SiteTreatmentELBO(ELBO):
         return None
 
     # ------------------------------------------------------------------ the engine loop
-    def _traces(self, call: Call) -> Iterator:
-        """The particles' trace pairs (Pyro's ``_get_traces``), with an error that names the
-        particle plate where vectorizing the particles broke the model or guide."""
+    def _batches(self, call: Call) -> Iterator[ParticleBatch]:
+        """The particles' trace pairs (Pyro's ``_get_traces``), each treated into a batch; an
+        error that names the particle plate where vectorizing the particles broke the model
+        or guide."""
         if self.max_plate_nesting == float("inf") and self.model_wrapper() is not None:
             # enumeration allocates dimensions left of the plates: it needs their number
             self._guess_max_plate_nesting(call.model, call.guide, call.args, call.kwargs)
-        traces = self._get_traces(call.model, call.guide, call.args, call.kwargs)
-        if self._particle_dim is None:
-            yield from traces
-            return
-        try:
-            yield from traces
-        except _SHAPE_ERRORS as error:
-            if type(error) not in _SHAPE_ERRORS or not self._runs_unvectorized(call):
-                raise
-            raise type(error)(
-                f"{type(self).__name__}: the model or guide fails with its "
-                f"{self.num_particles} particles vectorized (vectorize_particles=True: one "
-                f"pyro.plate of size {self.num_particles} at dim {self._particle_dim}, left of "
-                f"the model's plates), and runs without: {error}. Code that does not "
-                "broadcast over a leading batch dimension (a network applied to sampled "
-                "weights, e.g. nn.Linear with a PyroSample weight; a sampled tensor indexed "
-                "by another sample, e.g. locs[assignment]) cannot run vectorized: pass "
-                "vectorize_particles=False (sequential particles), or make that code broadcast"
-            ) from error
+        traces = iter(self._get_traces(call.model, call.guide, call.args, call.kwargs))
+        while True:
+            try:
+                model_trace, guide_trace = next(traces)
+            except StopIteration:
+                return
+            except _SHAPE_ERRORS as error:
+                if self._particle_dim is None or type(error) not in _SHAPE_ERRORS:
+                    raise
+                blamed = self._vectorization_error(call, error, self._particle_dim)
+                if blamed is error:
+                    raise
+                raise blamed from error
+            particle_dim = self._particle_dim  # after Pyro's first trace: its nesting guess
+            plan = self._plan_for(call, model_trace, guide_trace)
+            ctx = StepContext(model_trace, guide_trace, plan, call.settings)
+            yield self._batch(ctx, call.training, particle_dim)
+
+    def _vectorization_error(self, call: Call, error: Exception, particle_dim: int):
+        """``error`` itself, or, where one particle runs without the particle plate, the
+        same error saying that vectorizing the particles broke the model or guide."""
+        if not self._runs_unvectorized(call):
+            return error
+        return type(error)(
+            f"{type(self).__name__}: the model or guide fails with its "
+            f"{self.num_particles} particles vectorized (vectorize_particles=True: one "
+            f"pyro.plate of size {self.num_particles} at dim {particle_dim}, left of the "
+            f"model's plates), and runs without: {error}. Code that does not broadcast over "
+            "a leading batch dimension (a network applied to sampled weights, e.g. nn.Linear "
+            "with a PyroSample weight; a sampled tensor indexed by another sample, e.g. "
+            "locs[assignment]) cannot run vectorized: pass vectorize_particles=False "
+            "(sequential particles), or make that code broadcast"
+        )
 
     def _runs_unvectorized(self, call: Call) -> bool:
         """Whether one particle of the call runs without the particle plate (asked only when
@@ -253,13 +270,8 @@ class SiteTreatmentELBO(ELBO):
             return False
         return True
 
-    def _batches(self, call: Call) -> Iterator[ParticleBatch]:
-        for model_trace, guide_trace in self._traces(call):
-            plan = self._plan_for(call, model_trace, guide_trace)
-            yield self._batch(StepContext(model_trace, guide_trace, plan, call.settings),
-                              call.training)
-
-    def _batch(self, ctx: StepContext, training: bool) -> ParticleBatch:
+    def _batch(self, ctx: StepContext, training: bool,
+               particle_dim: int | None) -> ParticleBatch:
         """Apply each site's treatment to one trace pair."""
         terms = []
         score_sites = []
@@ -278,11 +290,10 @@ class SiteTreatmentELBO(ELBO):
             enumerated = [model_nodes[name] for name in ctx.plan.enumerated]
             exact = not any(s["type"] == "sample" for s in guide_nodes.values())
             terms = expect_over_enumerated(terms, enumerated, self.max_plate_nesting, exact)
-        particle_dim = self._particle_dim
         signal = None
         if self.learning_signal is not None and score_sites:
             signal = self.learning_signal.bind(ctx, training, particle_dim)
-        size = self.num_particles if particle_dim is not None else 1
+        size = 1 if particle_dim is None else self.num_particles
         return ParticleBatch(terms, score_sites, signal, ctx, size, particle_dim)
 
     def _estimates(self, call: Call) -> Iterator[Estimate]:
@@ -290,8 +301,9 @@ class SiteTreatmentELBO(ELBO):
         allows it (each then takes its gradient and signal update in turn), else one."""
         combination = self.combination
         if combination.by_batch:
+            estimate, num_particles = combination.estimate, self.num_particles
             for batch in self._batches(call):
-                yield combination.estimate([batch], self.num_particles)
+                yield estimate((batch,), num_particles)
         else:
             yield combination.estimate(list(self._batches(call)), self.num_particles)
 
@@ -303,7 +315,7 @@ class SiteTreatmentELBO(ELBO):
         if value is None:
             if torch._C._get_tracing_state():
                 return
-            value = torch_item(estimate.value)
+            value = torch_item(estimate.value) / estimate.divisor
         if not math.isfinite(value):
             warn_nonfinite(estimate.terms, type(self).__name__, self.combination.quantity)
 
@@ -321,7 +333,7 @@ class SiteTreatmentELBO(ELBO):
         total = 0.0
         with torch.no_grad():
             for estimate in self._estimates(call):
-                value = torch_item(estimate.value)
+                value = torch_item(estimate.value) / estimate.divisor
                 self._check_finite(estimate, value)
                 total += value
         return -total
@@ -348,12 +360,17 @@ class SiteTreatmentELBO(ELBO):
         """
         call = self._begin(model, guide, args, kwargs, training=True)
         value = surrogate = None
+        divisor = 1
         for estimate in self._estimates(call):
             self._check_finite(estimate)
             self._update_signals(estimate)
-            value = estimate.value if value is None else value + estimate.value
+            part = estimate.value.detach()
+            value = part if value is None else value + part
             surrogate = (estimate.surrogate if surrogate is None
                          else surrogate + estimate.surrogate)
+            divisor = estimate.divisor
+        if divisor != 1:
+            value, surrogate = value / divisor, surrogate / divisor
         # value exactly -L (the bracket is exactly zero), gradient -d(surrogate)
         return (surrogate.detach() - surrogate) - value
 
@@ -395,11 +412,13 @@ class SiteTreatmentELBO(ELBO):
         loss = 0.0
         validating = is_validation_enabled()
         for estimate in self._estimates(call):
-            value = torch_item(estimate.value)
+            value = torch_item(estimate.value) / estimate.divisor
             if validating:
                 self._check_finite(estimate, value)
             loss -= value
             surrogate_loss = -estimate.surrogate
+            if estimate.divisor != 1:
+                surrogate_loss = surrogate_loss / estimate.divisor
             if surrogate_loss.requires_grad:
                 surrogate_loss.backward(retain_graph=self.retain_graph or validating)
                 if validating:

@@ -30,7 +30,7 @@ from .engine import ParticleEstimate, ScoreSite, Term, combine
 from .plan import Plan, StepContext
 
 
-@dataclass
+@dataclass(slots=True)
 class ParticleBatch:
     """One trace pair's share of the estimate, before combining.
 
@@ -63,18 +63,27 @@ class ParticleBatch:
         return self.ctx.plan
 
 
-@dataclass
+@dataclass(slots=True)
 class Estimate:
     """A combination's result: the estimate and the surrogate of its gradient.
 
-    ``value`` (detached) is the estimate (of L, or of L_K); ``surrogate`` is a tensor whose
-    gradient estimates the gradient of the estimated quantity (it may be ``value``'s own
-    graph); ``batches`` are the batches it was made from.
+    ``value / divisor`` is the estimate (of L, or of L_K) and ``surrogate / divisor`` a tensor
+    whose gradient estimates the estimated quantity's gradient (the mean over particles divides
+    once, at the end: a streamed part keeps ``divisor = num_particles``).  ``value`` may carry
+    a gradient graph (it may be ``surrogate`` itself): detach it where it is only a value.
+    ``batches`` are the batches it was made from.
     """
 
     value: torch.Tensor
     surrogate: torch.Tensor
     batches: Sequence[ParticleBatch]
+    divisor: int = 1
+
+    @property
+    def mean_value(self) -> torch.Tensor:
+        """The estimate itself, ``value / divisor``, detached."""
+        value = self.value.detach()
+        return value if self.divisor == 1 else value / self.divisor
 
     @property
     def terms(self) -> list[Term]:
@@ -103,7 +112,7 @@ class Combination:
     def decomposition(self, estimate: Estimate, num_particles: int, notes: tuple[str, ...],
                       log_evidence: float | None) -> Decomposition:
         """What ``decompose`` returns: the estimate and the mean of each site's terms."""
-        return Decomposition.from_batches(float(estimate.value), estimate.batches,
+        return Decomposition.from_batches(float(estimate.mean_value), estimate.batches,
                                           num_particles, notes, log_evidence)
 
 
@@ -121,20 +130,27 @@ class MeanOverParticles(Combination):
     """
 
     def estimate(self, batches: Sequence[ParticleBatch], num_particles: int) -> Estimate:
+        if len(batches) == 1:  # the common case: vectorized particles, or one at a time
+            batch = batches[0]
+            part = combine(batch.terms, batch.score_sites, batch.signal)
+            surrogate = part.surrogate
+            if batch.signal is not None:
+                extra = batch.signal.surrogate()
+                if extra is not None:  # a learning signal's own terms (a control variate's)
+                    surrogate = surrogate + extra
+            return Estimate(part.total, surrogate, batches, num_particles)
         value = surrogate = None
         for batch in batches:
             part: ParticleEstimate = combine(batch.terms, batch.score_sites, batch.signal)
-            total = part.total.detach()
-            value = total if value is None else value + total
+            value = part.total if value is None else value + part.total
             surrogate = part.surrogate if surrogate is None else surrogate + part.surrogate
-            extra = signal_surrogate(batch)
-            if extra is not None:  # a learning signal's own terms (a control variate's)
-                surrogate = surrogate + extra
+            if batch.signal is not None:
+                extra = batch.signal.surrogate()
+                if extra is not None:  # a learning signal's own terms (a control variate's)
+                    surrogate = surrogate + extra
         if value is None:  # no batch at all
             value = surrogate = torch.zeros(())
-        if num_particles != 1:
-            value, surrogate = value / num_particles, surrogate / num_particles
-        return Estimate(value, surrogate, batches)
+        return Estimate(value, surrogate, batches, num_particles)
 
 
 def signal_surrogate(batch: ParticleBatch) -> torch.Tensor | None:

@@ -43,7 +43,7 @@ TERM_SIGNS: dict[str, float] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Term:
     """One site's contribution to L for one particle.
 
@@ -108,7 +108,7 @@ class Term:
                     weight, label)
 
 
-@dataclass
+@dataclass(slots=True)
 class ScoreSite:
     """A site whose sample carries a score-function gradient.
 
@@ -141,7 +141,7 @@ class ScoreSite:
 SignalFn = Callable[[ScoreSite, torch.Tensor], torch.Tensor]
 
 
-@dataclass
+@dataclass(slots=True)
 class ParticleEstimate:
     """:func:`combine`'s result for one particle (or one vectorized batch of particles).
 

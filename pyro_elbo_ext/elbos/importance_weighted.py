@@ -68,7 +68,7 @@ class VIMCOSignal(SignalPart):
         return vimco_signal(signal, site.particle_dim)
 
 
-@dataclass
+@dataclass(slots=True)
 class WeightedEstimate(Estimate):
     """An :class:`~.combination.Estimate` of L_K with the log-weights it was made from."""
 
@@ -123,7 +123,8 @@ class LogMeanExpOverParticles(Combination):
                 surrogate = surrogate + extra
         if layout.local_factor != 1.0:
             value, surrogate = value * layout.local_factor, surrogate * layout.local_factor
-        return WeightedEstimate(value, surrogate, batches, log_w.detach(), dim, layout)
+        return WeightedEstimate(value, surrogate, batches, log_w=log_w.detach(), particle_dim=dim,
+                                layout=layout)
 
     def decomposition(self, estimate: WeightedEstimate, num_particles: int,
                       notes: tuple[str, ...], log_evidence: float | None
@@ -132,7 +133,7 @@ class LogMeanExpOverParticles(Combination):
         log_w, dim, layout = estimate.log_w, estimate.particle_dim, estimate.layout
         ess = effective_sample_size(log_w, dim)
         return ImportanceWeightedDecomposition.from_batches(
-            float(estimate.value), estimate.batches, num_particles, notes, log_evidence,
+            float(estimate.mean_value), estimate.batches, num_particles, notes, log_evidence,
             elbo_1=float(log_w.mean(dim).sum()) * layout.local_factor, ess=float(ess.mean()),
             ess_min=float(ess.min()), local_plates=layout.local_plates,
         )

@@ -213,7 +213,7 @@ class Plan:
 LEAF_REFRESH = 64
 
 
-@dataclass
+@dataclass(slots=True)
 class StepContext:
     """Per-call data, passed explicitly (never kept on the loss).
 
