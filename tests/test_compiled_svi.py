@@ -447,5 +447,5 @@ def test_a_tensor_requiring_grad_outside_the_param_store_is_refused(traced_only)
 def test_an_argument_that_requires_grad_is_refused(traced_only):
     svi = CompiledSVI(_normal_model, AutoNormal(_normal_model), pyro.optim.Adam({"lr": 0.1}),
                       JensenELBO())
-    with pytest.raises(ValueError, match="argument tensor of shape \\(4,\\) requires grad"):
+    with pytest.raises(ValueError, match=r"argument tensor 0 \(of shape \(4,\)\) requires grad"):
         svi.step(torch.randn(4, requires_grad=True))
