@@ -329,12 +329,10 @@ def forced(guide, values):
     return wrapped
 
 
-@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_discrete_site_bound_and_gradient_equal_enumeration_of_every_k_tuple(estimator, k):
-    """The expectation of our estimates over all 3^K tuples (each computed by the loss with
-    the tuple forced) equals L_K and dL_K computed exactly by enumeration."""
-    elbo = ImportanceWeightedELBO(num_particles=k, estimator=estimator, max_plate_nesting=0)
+def _expectation_over_tuples_is_exact(elbo, k: int, guide_for) -> torch.Tensor:
+    """The expectation of ``elbo``'s estimates over all 3^K tuples of the discrete site's
+    draws (``guide_for(values)``: the guide drawing them) equals L_K and dL_K computed exactly
+    by enumeration; returns the exact dL_K/dlogits."""
     with poutine.block():  # create the parameters
         discrete_model(DISCRETE_X), discrete_guide(DISCRETE_X)
     leaves = {n: pyro.param(n).unconstrained() for n in ("logits", "mu")}
@@ -348,8 +346,7 @@ def test_discrete_site_bound_and_gradient_equal_enumeration_of_every_k_tuple(est
         t = torch.tensor(values)
         prob = log_q_all[t].sum().exp()
         exact_bound = exact_bound + prob * (torch.logsumexp(log_w_all[t], 0) - math.log(k))
-        loss = elbo.differentiable_loss(discrete_model, forced(discrete_guide, values),
-                                        DISCRETE_X)
+        loss = elbo.differentiable_loss(discrete_model, guide_for(values), DISCRETE_X)
         expected_value += float(prob.detach()) * -float(loss.detach())
         for n, g in grads_of(loss, leaves).items():
             expected_grads[n] += prob.detach() * g
@@ -357,6 +354,17 @@ def test_discrete_site_bound_and_gradient_equal_enumeration_of_every_k_tuple(est
     assert expected_value == pytest.approx(float(exact_bound.detach()), abs=1e-12)
     torch.testing.assert_close(expected_grads["logits"], exact_logits, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(expected_grads["mu"], exact_mu, rtol=1e-10, atol=1e-12)
+    return exact_logits
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_discrete_site_bound_and_gradient_equal_enumeration_of_every_k_tuple(estimator, k):
+    """The expectation of our estimates over all 3^K tuples (each computed by the loss with
+    the tuple forced) equals L_K and dL_K computed exactly by enumeration."""
+    elbo = ImportanceWeightedELBO(num_particles=k, estimator=estimator, max_plate_nesting=0)
+    exact_logits = _expectation_over_tuples_is_exact(
+        elbo, k, lambda values: forced(discrete_guide, values))
     assert exact_logits.abs().max() > 1e-2  # the reference is not trivially zero
 
 
@@ -529,17 +537,7 @@ def test_scales_and_masks_enter_the_weight_as_in_renyi():
 
 def test_hierarchical_guide_makes_dreg_fall_back_to_iwae_with_a_warning():
     data = torch.tensor([0.4, 1.3])
-
-    def model(data):
-        a = pyro.sample("a", dist.Normal(0.0, 1.0))
-        b = pyro.sample("b", dist.Normal(a, 1.0))
-        with pyro.plate("data", 2):
-            pyro.sample("obs", dist.Normal(b, 1.0), obs=data)
-
-    def guide(data):
-        a = pyro.sample("a", dist.Normal(pyro.param("qa", torch.tensor(0.2)), 1.0))
-        pyro.sample("b", dist.Normal(a + pyro.param("qb", torch.tensor(0.1)), 0.5))
-
+    model, guide = _chain_model, _conditional_guide  # q(b | a) for p(a) p(b | a)
     dreg = ImportanceWeightedELBO(3, "dreg", max_plate_nesting=1)
     with pytest.warns(UserWarning, match="site 'b' depend on another reparameterized"):
         ours = _param_grads(dreg, model, guide, data)
@@ -674,6 +672,17 @@ class Sequenced(Messenger):
             msg["value"] = torch.tensor(next(self.values))
 
 
+def _sequenced(values):
+    """The discrete guide drawing ``values``, one per run (one per sequential particle)."""
+    sequenced = Sequenced(values)
+
+    def guide(x):
+        with sequenced:
+            discrete_guide(x)
+
+    return guide
+
+
 @pytest.mark.parametrize("estimator", ["iwae", "dreg"])
 @pytest.mark.parametrize("k", [2, 3])
 def test_sequential_particles_bound_and_gradient_equal_enumeration(estimator, k):
@@ -682,33 +691,7 @@ def test_sequential_particles_bound_and_gradient_equal_enumeration(estimator, k)
     computed exactly by enumeration."""
     elbo = ImportanceWeightedELBO(num_particles=k, estimator=estimator,
                                   vectorize_particles=False)
-    with poutine.block():
-        discrete_model(DISCRETE_X), discrete_guide(DISCRETE_X)
-    leaves = {n: pyro.param(n).unconstrained() for n in ("logits", "mu")}
-    mu, logits = (leaves[n].detach().clone().requires_grad_() for n in ("mu", "logits"))
-    log_q_all = torch.log_softmax(logits, -1)
-    log_w_all = (DISCRETE_PRIOR.log() + Normal(mu, 1.0).log_prob(DISCRETE_X)) - log_q_all
-    exact_bound, expected_value = 0.0, 0.0
-    expected_grads = {n: torch.zeros(3, dtype=torch.float64) for n in leaves}
-    for values in itertools.product(range(3), repeat=k):
-        t = torch.tensor(values)
-        prob = log_q_all[t].sum().exp()
-        exact_bound = exact_bound + prob * (torch.logsumexp(log_w_all[t], 0) - math.log(k))
-
-        sequenced = Sequenced(values)  # each run of the guide takes the next value
-
-        def run_guide(x, sequenced=sequenced):
-            with sequenced:
-                discrete_guide(x)
-
-        loss = elbo.differentiable_loss(discrete_model, run_guide, DISCRETE_X)
-        expected_value += float(prob.detach()) * -float(loss.detach())
-        for n, g in grads_of(loss, leaves).items():
-            expected_grads[n] += prob.detach() * g
-    exact_mu, exact_logits = torch.autograd.grad(exact_bound, [mu, logits])
-    assert expected_value == pytest.approx(float(exact_bound.detach()), abs=1e-12)
-    torch.testing.assert_close(expected_grads["logits"], exact_logits, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(expected_grads["mu"], exact_mu, rtol=1e-10, atol=1e-12)
+    _expectation_over_tuples_is_exact(elbo, k, _sequenced)
 
 
 class BNN(PyroModule):

@@ -100,14 +100,7 @@ def test_raise_on_violation_sees_a_dependency_that_appears_with_an_argument():
 def test_plans_are_reused_within_a_structure_and_bounded():
     elbo = JensenELBO()
     data = torch.randn(5)
-
-    def model(data):
-        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
-        with pyro.plate("data", len(data)):
-            pyro.sample("x", dist.Normal(loc, 1.0), obs=data)
-
-    def guide(data):
-        pyro.sample("loc", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+    model, guide = _plate_model, _plate_guide
 
     for _ in range(3):
         elbo.loss(model, guide, data)
