@@ -24,6 +24,9 @@ from pyro.infer.traceenum_elbo import TraceEnum_ELBO
 from .decomposition import Decomposition, HardAttentionDecomposition
 from .sites import is_subsample_site
 
+#: the ``infer`` key where the enumeration keeps the user's own enumeration mark of a site
+USER_MARK = "_enumerate_as_marked"
+
 
 def enumeration_config(guide_names: set[str]) -> Callable[[dict], dict]:
     """``poutine.infer_config`` function: enumerate, in parallel, each latent the guide does
@@ -41,7 +44,7 @@ def enumeration_config(guide_names: set[str]) -> Callable[[dict], dict]:
                 "discrete support (Categorical, Bernoulli, OneHotCategorical, ...). Use "
                 "estimator='reinforce' for this site, or sample it in the guide"
             )
-        return {"enumerate": "parallel"}
+        return {"enumerate": "parallel", USER_MARK: msg["infer"].get("enumerate")}
 
     return config
 
@@ -90,4 +93,4 @@ def attention_references(enumerating_loss, model, guide, args: tuple, kwargs: di
     return AttentionReferences(bound, evidence, evidence - bound)
 
 
-__all__ = ["AttentionReferences", "attention_references", "enumeration_config"]
+__all__ = ["USER_MARK", "AttentionReferences", "attention_references", "enumeration_config"]

@@ -8,6 +8,7 @@ references (F and log p(y) by enumeration) are in :mod:`.exact`, its learning si
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pyro.poutine as poutine
@@ -21,7 +22,7 @@ from .baselines import (
     SignalNormalizer,
     check_decay,
 )
-from .exact import AttentionReferences, attention_references, enumeration_config
+from .exact import USER_MARK, AttentionReferences, attention_references, enumeration_config
 from .jensen import JensenELBO
 from .learned_baseline import LearnedBaseline
 from .plan import UNGUIDED, PlanFact, Planning, SiteView, Treatment
@@ -279,6 +280,10 @@ class HardAttentionELBO(JensenELBO):
         enumerated = options.estimator == "enum"
         if enumerated:
             planning.fact(ENUMERATION_CHECKED, lambda: self._check_enumeration(planning))
+        infer = site.model_site["infer"]
+        mark = infer.get(USER_MARK) if enumerated else infer.get("enumerate")
+        if mark is not None:
+            _warn_marked_for_enumeration(site.name, mark)
         if options.entropy_weight > 0 and analytic_entropy(site.model_site["fn"]) is None:
             raise ValueError(
                 f"entropy_weight > 0 needs the entropy of attention site '{site.name}' in "
@@ -338,6 +343,23 @@ class HardAttentionELBO(JensenELBO):
                                         max_enum_size=self.options.max_enum_size,
                                         entropy=self.entropy, **options)
         return attention_references(enumerating, model, guide, args, kwargs)
+
+
+def _warn_marked_for_enumeration(name: str, mark) -> None:
+    """A site marked for Pyro's enumeration: say which objective this loss maximizes."""
+    warnings.warn(
+        f"model site '{name}' is marked infer={{'enumerate': {mark!r}}} (e.g. by "
+        "config_enumerate), as for Pyro's TraceEnum_ELBO, which sums it out and "
+        f"maximizes log p(x) = log sum_{name} p(x, {name}). HardAttentionELBO "
+        f"draws '{name}' from the model's own distribution and maximizes a "
+        f"different objective, F = E_p({name})[log p(x | {name})] <= log p(x) "
+        "(a hard-attention bound; for a mixture, each assignment is drawn from the "
+        "weights without looking at the data, and the fit collapses onto one "
+        f"component). To marginalize '{name}', use "
+        f"pyro.infer.TraceEnum_ELBO; if '{name}' is a hard-attention location, "
+        "remove the mark",
+        stacklevel=4,
+    )
 
 
 def _support_size(site: dict) -> int:

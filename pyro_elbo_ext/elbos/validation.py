@@ -107,9 +107,13 @@ def missing_guide_site_error(name: str, loss_name: str) -> ValueError:
     """The error for a model latent that the guide does not sample."""
     return ValueError(
         f"model latent site '{name}' is not sampled by the guide. {loss_name} needs q({name}) "
-        f"for every latent: add pyro.sample('{name}', ...) to the guide. If '{name}' is meant "
-        "to be drawn from the model's own distribution (e.g. a hard-attention location), use "
-        "HardAttentionELBO, the loss for latents drawn from the model."
+        f"for every latent: add pyro.sample('{name}', ...) to the guide. If '{name}' is a "
+        "discrete latent to be summed out of the model (a mixture assignment, marked "
+        "infer={'enumerate': 'parallel'} or by config_enumerate), keep Pyro's TraceEnum_ELBO: "
+        "it maximizes log p(x) = log sum_z p(x, z), which no loss of this package does. If "
+        f"'{name}' is a hard-attention location drawn from the model's own distribution, use "
+        "HardAttentionELBO (it maximizes E_p(z)[log p(x | z)], a lower bound on log p(x), "
+        "not log p(x))."
     )
 
 
