@@ -31,6 +31,12 @@ from tests.test_compiled import traced_only  # noqa: F401 - a fixture
 
 D = torch.float64
 SITES = tuple(f"z_{t}" for t in range(6))
+#: where a loss's state_dict keeps Pyro's per-site baselines
+KEY = "site_baselines._extra_state"
+
+
+def _averages(loss) -> dict:
+    return copy.deepcopy(loss.state_dict()[KEY]["slots"])
 
 
 def _with(options_for):
@@ -168,7 +174,8 @@ def test_a_site_baseline_overrides_the_losss_for_that_site():
     for _ in range(3):
         elbo.differentiable_loss(model, empty_guide, data)
     state = elbo.carried_state()
-    assert ("sites", "g0", "average") in state and ("sites", "g1", "average") not in state
+    assert ("site_baselines", "g0", "average") in state
+    assert ("site_baselines", "g1", "average") not in state
     assert ("baseline", "g1", "average") in state and ("baseline", "g0", "average") not in state
 
 
@@ -211,8 +218,9 @@ def test_checkpoint_restores_the_averages():
         pyro.set_rng_seed(seed)
         elbo.differentiable_loss(problem.model, guide, *problem.args)
     state = elbo.state_dict()
-    assert state["step_count"] == 3 and set(state["site_baselines"]) == {
-        (name, "average") for name in SITES}
+    saved = state[KEY]
+    assert state["step_count"] == 3 and saved["kind"] == "site_baselines"
+    assert set(saved["slots"]) == {(name, "average") for name in SITES}
     fresh = AnalyticKLELBO(max_plate_nesting=0)
     fresh.load_state_dict(copy.deepcopy(state))
     for loss in (elbo, fresh):
@@ -222,7 +230,7 @@ def test_checkpoint_restores_the_averages():
         if loss is elbo:
             expected = grad
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)
-    JensenELBO().load_state_dict({"site_baselines": state["site_baselines"]})  # any loss
+    JensenELBO().load_state_dict({KEY: saved})  # any loss takes them
 
 
 @pytest.mark.usefixtures("traced_only")
@@ -249,7 +257,7 @@ def test_compiled_step_carries_the_averages_as_svi_does():
     pyro.set_rng_seed(1)
     compiled.step(*problem.args)
     after = ({n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()},
-             copy.deepcopy(loss.state_dict()["site_baselines"]))
+             _averages(loss))
     with torch.no_grad():
         for name, leaf in pyro.get_param_store().named_parameters():
             leaf.copy_(params[name])
@@ -262,7 +270,7 @@ def test_compiled_step_carries_the_averages_as_svi_does():
     for name, leaf in pyro.get_param_store().named_parameters():
         torch.testing.assert_close(after[0][name], leaf.detach(), rtol=1e-9, atol=1e-10)
     assert not torch.equal(after[0]["b"], params["b"])  # the value learned
-    for key, value in eager_loss.state_dict()["site_baselines"].items():
+    for key, value in _averages(eager_loss).items():
         torch.testing.assert_close(after[1][key], value, rtol=1e-9, atol=1e-10)
-    assert not torch.equal(after[1][("z_0", "average")], checkpoint["site_baselines"][
-        ("z_0", "average")])
+    assert not torch.equal(after[1][("z_0", "average")],
+                           checkpoint[KEY]["slots"][("z_0", "average")])

@@ -26,6 +26,14 @@ import torch
 from pyro.infer.util import torch_item
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .adapter import (
+    advance_step,
+    compile_refusal,
+    eager_loss_fn,
+    is_compilable,
+    prepare_step_inputs,
+    step_inputs,
+)
 from .assumptions import CONSTANT_ADVICE, checked_data
 from .backend import compile_step
 from .cache import (
@@ -37,14 +45,7 @@ from .cache import (
     warn_changed_numbers,
 )
 from .checkpoint import adopt, own_state
-from .jit import (
-    MAX_GRAPHS,
-    MAX_RETRACES,
-    device_of,
-    eager_loss_fn,
-    prepare_step_inputs,
-    step_inputs,
-)
+from .jit import MAX_GRAPHS, MAX_RETRACES, device_of
 from .optimizers import ParamOptimizer, check_supported, functional_optimizer
 from .rng import cuda_devices, rng_preserved
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
@@ -57,20 +58,17 @@ _GRAPHS_MESSAGE = (
 )
 
 
-def _check_loss(loss) -> None:
-    if not hasattr(loss, "_eager_differentiable_loss"):
+def _check_loss(loss, model, guide) -> None:
+    if not is_compilable(loss):
         raise TypeError(
             "CompiledSVI compiles the losses of pyro_elbo_ext (JensenELBO, AnalyticKLELBO, "
             f"HardAttentionELBO); got {type(loss).__name__}: use pyro.infer.SVI for it (Pyro's "
             "Trace_ELBO reads its surrogate's value into Python with .item(), which a graph "
             "would freeze; JensenELBO(entropy='sampled') estimates the same L)"
         )
-    if getattr(loss, "estimator", None) == "dreg":
-        raise ValueError(
-            f"CompiledSVI cannot compile {type(loss).__name__}(estimator='dreg'): its gradient "
-            "is rescaled by a tensor hook, which a traced graph does not keep (the compiled "
-            "gradient would be wrong). Use pyro.infer.SVI for DReG, or estimator='iwae'"
-        )
+    reason = compile_refusal(loss, model, guide)
+    if reason is not None:
+        raise ValueError(f"CompiledSVI cannot compile {reason}")
 
 
 class _Step:
@@ -204,7 +202,7 @@ class CompiledSVI:
     """
 
     def __init__(self, model, guide, optim, loss):
-        _check_loss(loss)
+        _check_loss(loss, model, guide)
         check_supported(optim)
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         adopt(optim, self)  # Pyro's optim.get_state() / save() / load() reach this step's state
@@ -255,8 +253,7 @@ class CompiledSVI:
 
     def _advance(self) -> None:
         """One training step taken: the loss's step counter moves (a schedule's position)."""
-        if hasattr(self.loss, "step_count"):
-            self.loss.step_count += 1
+        advance_step(self.loss)
 
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The loss estimate at the current parameters, eager, without a step."""

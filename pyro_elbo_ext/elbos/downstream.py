@@ -68,9 +68,9 @@ from pyro.poutine.messenger import Messenger
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .densities import PATHWISE
-from .plan import OBSERVED, UNGUIDED, Plan, Planning
+from .graphs import distribution_tensors
+from .plan import OBSERVED, UNGUIDED, Plan, PlanFact, Planning
 from .sites import is_subsample_site
-from .treatments import distribution_tensors
 
 #: term kinds computed from the model's densities alone (the rest read the guide, or both)
 MODEL_KINDS = frozenset({"log_likelihood", "log_prior"})
@@ -396,7 +396,7 @@ def _closure(name: str, sampler_inputs: dict[str, frozenset[str]]) -> frozenset[
 # ---------------------------------------------------------------------------- the analysis
 def score_site_names(plan: Plan) -> list[str]:
     """The sites of a plan that carry a score-function term."""
-    return [site.name for site in plan.sites if site.estimator != PATHWISE]
+    return [site.name for site in plan.sites if site.gradient != PATHWISE]
 
 
 def downstream_rule(planning: Planning, plan: Plan,
@@ -466,11 +466,16 @@ def score_downstream(elbo, model, guide, *args, **kwargs) -> dict[str, frozenset
     """
     call = elbo._begin(model, guide, args, kwargs, training=False)
     with torch.no_grad(), torch.random.fork_rng():
-        estimate = next(iter(elbo._estimates(call)))
-    rule = estimate.plan.downstream
-    names = score_site_names(estimate.plan)
+        plan = next(iter(elbo._batches(call))).plan
+    rule = plan.fact(DOWNSTREAM)
+    names = score_site_names(plan)
     return {name: None if rule is None else rule.sites_met(name) for name in names}
 
 
-__all__ = ["GUIDE_KINDS", "MODEL_KINDS", "Downstream", "Flow", "downstream_rule",
+#: a plan's decision (:func:`downstream_rule`), read by the combination of every loss whose
+#: estimate is a sum of terms; ``None``: the plate rule
+DOWNSTREAM: PlanFact[Downstream | None] = PlanFact("the terms each score site meets")
+
+
+__all__ = ["DOWNSTREAM", "GUIDE_KINDS", "MODEL_KINDS", "Downstream", "Flow", "downstream_rule",
            "sample_order_flow", "score_downstream", "score_site_names", "trace_flow"]

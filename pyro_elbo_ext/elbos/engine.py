@@ -45,7 +45,7 @@ TERM_SIGNS: dict[str, float] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Term:
     """One site's contribution to L for one particle.
 
@@ -67,6 +67,10 @@ class Term:
     analytic : bool
         Whether the term was computed in closed form (analytic entropy or KL) rather than
         from the sample.
+    weight : float or torch.Tensor
+        The factor the term was multiplied by (:meth:`scaled`): 1 for a term of L itself.
+    weight_label : str
+        What the factor is called (e.g. ``"kl_weight"``), for ``decompose``'s notes.
     sampled : torch.Tensor or None
         For a closed-form term of a site whose sample carries a score function: the
         one-sample estimate of the same quantity at that sample (``-log q(z)`` for
@@ -86,6 +90,8 @@ class Term:
     pathwise: torch.Tensor | None
     frames: frozenset[Frame]
     analytic: bool = False
+    weight: float | torch.Tensor = 1.0
+    weight_label: str = ""
     sampled: torch.Tensor | None = None
 
     @property
@@ -93,8 +99,31 @@ class Term:
         """The term's quantity in the convention of its kind (e.g. KL >= 0)."""
         return self.contribution * TERM_SIGNS[self.kind]
 
+    def scaled(self, weight: float | torch.Tensor, label: str = "weight") -> Term:
+        """The term times ``weight``: its contribution and its pathwise part (a term whose
+        gradient is carried by score terms alone keeps ``pathwise=None``).
 
-@dataclass
+        A constant weight of exactly 1 returns the term itself; a tensor weight (a schedule's
+        value, a compiled graph's input) is always applied, so a graph never branches on it.
+        ``decompose`` reports the objective as not L where a term's weight is not 1.
+        """
+        if not isinstance(weight, torch.Tensor) and weight == 1.0:
+            return self
+        contribution = weight * self.contribution
+        if self.pathwise is None:
+            pathwise = None
+        elif self.pathwise is self.contribution:
+            pathwise = contribution  # keeps the engine's "pathwise is contribution" sharing
+        else:
+            pathwise = weight * self.pathwise
+        sampled = None if self.sampled is None else weight * self.sampled
+        if self.weight_label:
+            weight, label = self.weight * weight, f"{self.weight_label} x {label}"
+        return Term(self.site, self.kind, contribution, pathwise, self.frames, self.analytic,
+                    weight, label, sampled)
+
+
+@dataclass(slots=True)
 class ScoreSite:
     """A site whose sample carries a score-function gradient.
 
@@ -110,8 +139,9 @@ class ScoreSite:
         The vectorized plates of the site.
     learning_signal : bool
         Whether the loss's learning signal (baseline, reward transform, normalizer) replaces
-        the plain reward for this site (hard-attention sites); otherwise the score meets the
-        Rao-Blackwellized reward itself.
+        the plain reward for this site (hard-attention sites, sites with Pyro's per-site
+        ``infer={"baseline": ...}``); otherwise the score meets the Rao-Blackwellized reward
+        itself.
     downstream_sites : frozenset of str or None
         The sites any of whose terms the site's reward may hold (``None``: every site not
         separated from it by plates); a reward transform that adds per-site values reads it.
@@ -131,24 +161,20 @@ class ScoreSite:
 SignalFn = Callable[[ScoreSite, torch.Tensor], torch.Tensor]
 
 
-@dataclass
+@dataclass(slots=True)
 class ParticleEstimate:
-    """The engine's result for one particle (or one vectorized batch of particles).
+    """:func:`combine`'s result for one particle (or one vectorized batch of particles).
 
-    ``elbo`` is the estimate of L (summed over vectorized particles, not averaged);
-    ``surrogate`` is the differentiable surrogate of L whose gradient estimates dL (``elbo``
-    itself, the same tensor, when every term's gradient is pathwise and no site has a score
-    term);
-    ``terms`` are the terms that were summed.
+    ``total`` is the sum of the terms' contributions: L_hat summed over the batch's
+    vectorized particles (not averaged); ``surrogate`` is the differentiable surrogate whose
+    gradient estimates that sum's (``total`` itself, the same tensor, when every term's
+    gradient is pathwise and no site has a score term); ``terms`` are the terms that were
+    summed.
     """
 
-    elbo: torch.Tensor
+    total: torch.Tensor
     surrogate: torch.Tensor
     terms: Sequence[Term]
-    #: the plan the particle was combined under (set by the loss)
-    plan: Any = None
-    #: the learning signal bound to this particle, whose update follows its gradient
-    signal: Any = None
 
 
 def sum_to_frames(
@@ -215,7 +241,8 @@ def combine(
         The sites that need a score-function term.  The reward each one meets is the sum of
         the term contributions that may depend on its sample (all of them where
         ``downstream`` is ``None``), detached and Rao-Blackwellized by plates
-        (:func:`sum_to_frames`).
+        (:func:`sum_to_frames`); a site's own closed-form terms enter as their ``sampled``
+        form.
     signal : SignalFn, optional
         The learning signal of sites marked ``learning_signal`` (see :data:`SignalFn`).
     downstream : Downstream, optional
@@ -271,7 +298,7 @@ def combine(
             surrogate = score_term if surrogate is None else surrogate + score_term
     if surrogate is None:  # nothing differentiable at all
         surrogate = torch.zeros_like(elbo)
-    return ParticleEstimate(elbo=elbo, surrogate=surrogate, terms=terms)
+    return ParticleEstimate(total=elbo, surrogate=surrogate, terms=terms)
 
 
 def expect_over_enumerated(
@@ -311,7 +338,7 @@ def expect_over_enumerated(
         sampled = None if term.sampled is None else _weighted_sum(
             term.sampled, weight, max_plate_nesting)
         out.append(Term(term.site, term.kind, value, pathwise, term.frames,
-                        exact or term.analytic, sampled))
+                        exact or term.analytic, term.weight, term.weight_label, sampled))
     return out
 
 

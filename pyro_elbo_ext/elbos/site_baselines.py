@@ -1,7 +1,7 @@
 r"""Pyro's per-site baselines (``infer={"baseline": {...}}``), with TraceGraph_ELBO's semantics.
 
-A guide site whose sample carries a score function may say how its learning signal is
-centred, exactly as for Pyro's ``TraceGraph_ELBO``::
+A site whose sample carries a score function may say how its learning signal is centred,
+exactly as for Pyro's ``TraceGraph_ELBO``::
 
     pyro.sample("z", dist.Bernoulli(logits=...),
                 infer={"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": 0.9}})
@@ -9,7 +9,7 @@ centred, exactly as for Pyro's ``TraceGraph_ELBO``::
     pyro.sample("z", ..., infer={"baseline": {"baseline_value": b}})
 
 The score term of the site then meets ``sg(R - b)`` instead of ``sg(R)``, with ``R`` its
-Rao-Blackwellized reward (:mod:`.downstream`) and
+reward (Rao-Blackwellized by the data flow: :mod:`.downstream`) and
 
 .. math::
 
@@ -26,27 +26,28 @@ optimizer trains them with the model's and guide's (register the network with
 only past state and inputs that do not depend on the site's sample, so the estimate stays
 unbiased (Williams 1992; Mnih & Gregor 2014, arXiv:1402.0030).
 
-The decaying averages are learning-signal state like the loss-level baselines of
-:mod:`.baselines`: read in the forward pass, replaced by an update after the particle's
-gradient (skipped with a warning naming the site when not finite), carried through a compiled
-step (:meth:`~.baselines.LearningSignal.carried_state`) and saved by the loss's
-``state_dict()`` under ``"site_baselines"``.
+:class:`SiteBaselines` is a part of the loss's learning signal (:mod:`.signals`): its
+decaying averages are read in the forward pass, replaced by an update after the gradient
+(skipped with a warning naming the site when not finite), carried through a compiled step
+and saved by the loss's ``state_dict()``.  For a site with these options it takes the place
+of the loss's own baseline (``HardAttentionELBO(baseline=...)``); a loss's reward transform
+and normalizer still apply to the sites that use them.
 
 Contents: :data:`BASELINE_KEYS`, :class:`BaselineOptions` and :func:`baseline_options` (the
-dict, validated as Pyro validates it, naming the site), :class:`SiteBaselines` (the state),
-:func:`site_baseline_plan` (the options of a plan's score sites).
+dict, validated as Pyro validates it, naming the site), :data:`SITE_BASELINES` and
+:func:`site_baseline_plan` (the options of a plan's score sites), :class:`SiteBaselines`.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .baselines import StateSlots, _all_finite
 from .densities import PATHWISE
+from .signals import SITE_BASELINES, SignalPart, SignalSite
+from .state import all_finite
 
 #: the keys Pyro's TraceGraph_ELBO reads from ``infer["baseline"]``
 BASELINE_KEYS = ("use_decaying_avg_baseline", "baseline_beta", "nn_baseline",
@@ -55,12 +56,15 @@ BASELINE_KEYS = ("use_decaying_avg_baseline", "baseline_beta", "nn_baseline",
 
 @dataclass(frozen=True)
 class BaselineOptions:
-    """A site's baseline: which parts (decided once per plan) and the average's decay."""
+    """A site's baseline, decided once per plan: which parts, the average's decay, and
+    whether the site's treatment also takes the loss's learning signal (its reward transform
+    and normalizer)."""
 
     decaying: bool
     beta: float
     network: bool
     value: bool
+    with_loss_signal: bool = False
 
 
 def baseline_options(name: str, infer: dict) -> BaselineOptions | None:
@@ -86,8 +90,8 @@ def baseline_options(name: str, infer: dict) -> BaselineOptions | None:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
         raise ValueError(f"site '{name}': baseline_beta must be a number in [0, 1), got "
                          f"{beta!r}")
-    network, value = options.get("nn_baseline") is not None, options.get(
-        "baseline_value") is not None
+    network = options.get("nn_baseline") is not None
+    value = options.get("baseline_value") is not None
     if network and value:
         raise ValueError(f"site '{name}': infer['baseline'] cannot use baseline_value and "
                          "nn_baseline together (as for Pyro's TraceGraph_ELBO); keep one")
@@ -102,92 +106,104 @@ def baseline_options(name: str, infer: dict) -> BaselineOptions | None:
 
 def site_baseline_plan(plan, model_trace, guide_trace) -> dict[str, BaselineOptions]:
     """The baseline options of a plan's score-function sites (read from the trace that
-    sampled each one), validated once per plan."""
+    sampled each one), validated once per plan; sites whose options ask for nothing are
+    left out."""
     out = {}
     for site in plan.sites:
-        if site.estimator == PATHWISE:
+        if site.gradient == PATHWISE:
             continue
-        sampled_by_model = getattr(site.treatment, "sampled_by", "guide") == "model"
-        trace_site = (model_trace if sampled_by_model else guide_trace).nodes.get(site.name)
+        by_model = site.treatment.sampled_by == "model"
+        trace_site = (model_trace if by_model else guide_trace).nodes.get(site.name)
         if trace_site is None:
             continue
         options = baseline_options(site.name, trace_site["infer"])
         if options is not None and (options.decaying or options.network or options.value):
-            out[site.name] = options
+            out[site.name] = BaselineOptions(options.decaying, options.beta, options.network,
+                                             options.value,
+                                             site.treatment.uses_learning_signal)
     return out
 
 
-class SiteBaselines(StateSlots):
-    """The decaying averages of Pyro's per-site baselines, one per site, element by element.
+class SiteBaselines(SignalPart):
+    """Pyro's per-site baselines as a learning-signal part (see the module docstring).
 
-    State per site: ``(site, "average")``, a tensor of the site's signal shape (zeros before
-    the first update).  Saved by the loss's ``state_dict()`` (:meth:`checkpoint`).
+    State per site with a decaying average: ``(site, "average")``, a tensor of the site's
+    signal shape (zeros before the first update, and again if that shape changes).
     """
 
+    kind = "site_baselines"
     what = "decaying-average baseline"
 
-    def average(self, site: str, like: torch.Tensor) -> torch.Tensor:
-        """The site's current average (zeros of ``like``'s shape before its first update, or
-        when the site's shape has changed)."""
-        average = self.slots.get((site, "average"))
+    @staticmethod
+    def options(site: SignalSite) -> BaselineOptions:
+        return site.ctx.plan.fact(SITE_BASELINES)[site.name]
+
+    def average(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The site's current average (zeros of ``like``'s shape before its first update)."""
+        average = self.slots.get((name, "average"))
         if average is None or average.shape != like.shape:
-            average = self.slots[(site, "average")] = torch.zeros_like(like)
-            self.slots[(site, "skipped")] = torch.zeros((), dtype=torch.bool,
+            average = self.slots[(name, "average")] = torch.zeros_like(like)
+            self.slots[(name, "skipped")] = torch.zeros((), dtype=torch.bool,
                                                         device=like.device)
         return average
 
-    def update(self, site: str, reward: torch.Tensor, beta: float) -> None:
+    @staticmethod
+    def _expanded(site: SignalSite, signal: torch.Tensor) -> torch.Tensor:
+        return signal.expand(torch.broadcast_shapes(signal.shape, site.score_function.shape))
+
+    def _baseline(self, site: SignalSite, reward: torch.Tensor):
+        """``(b, learned part or None)`` for the site at this step."""
+        options = self.options(site)
+        baseline = self.average(site.name, reward) if options.decaying else None
+        learned = None
+        given = site.infer["baseline"]
+        if options.network:
+            x = given["nn_baseline_input"]
+            learned = given["nn_baseline"](x.detach() if torch.is_tensor(x) else x)
+        elif options.value:
+            learned = given["baseline_value"]
+            if not torch.is_tensor(learned):
+                learned = torch.as_tensor(learned, dtype=reward.dtype, device=reward.device)
+        if learned is not None:
+            try:
+                shape = torch.broadcast_shapes(learned.shape, reward.shape)
+            except RuntimeError:
+                shape = None
+            if shape != reward.shape:
+                raise ValueError(
+                    f"site '{site.name}': the baseline has shape {tuple(learned.shape)}, but "
+                    f"the site's learning signal has shape {tuple(reward.shape)}; give one "
+                    "value per element of the site's batch shape (or a scalar)")
+            baseline = learned if baseline is None else baseline + learned
+        return baseline, learned
+
+    def apply(self, site: SignalSite, signal: torch.Tensor) -> torch.Tensor:
+        """``sg(R - b)``; a network's or a value's squared error is kept for the surrogate."""
+        reward = self._expanded(site, signal)
+        baseline, learned = self._baseline(site, reward)
+        if learned is not None:
+            site.memo[(self, site.name)] = (reward.detach() - baseline).pow(2).sum()
+        return (reward - baseline).detach()
+
+    def surrogate(self, site: SignalSite, signal: torch.Tensor) -> torch.Tensor | None:
+        """Minus the squared error of a network or value baseline (the SVI optimizer then
+        regresses it on the reward), or ``None``."""
+        error = site.memo.pop((self, site.name), None)
+        return None if error is None else -error
+
+    def update(self, site: SignalSite, signal: torch.Tensor, applied: torch.Tensor) -> None:
         """``a <- (1 - beta) R + beta a`` where the reward is finite (else skipped, warned)."""
-        reward = reward.detach()
-        average = self.average(site, reward)
-        ok = _all_finite(reward)
-        self.slots[(site, "average")] = torch.where(ok, (1 - beta) * reward + beta * average,
-                                                    average)
-        self._settle(site, ok)
-
-    def checkpoint(self) -> dict:
-        """The state to save (``{}`` when no site has an average)."""
-        return self._saved_slots()
-
-    def restore(self, saved: dict) -> None:
-        """Load what :meth:`checkpoint` saved."""
-        self.slots = {}
-        self._load_slots(saved)
+        options = self.options(site)
+        if not options.decaying:
+            return
+        reward = self._expanded(site, signal).detach()
+        average = self.average(site.name, reward)
+        ok = all_finite(reward)
+        beta = options.beta
+        self.slots[(site.name, "average")] = torch.where(
+            ok, (1 - beta) * reward + beta * average, average)
+        self.settle(site.name, ok)
 
 
-def centre(name: str, options: BaselineOptions, infer: dict, reward: torch.Tensor,
-           average: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor,
-                                                                     torch.Tensor | None]:
-    """``(sg(R - b), regression)``: the site's centred signal and, for a network or a value,
-    the squared error ``sum (sg(R) - b)^2`` that trains it (``None`` otherwise).
-
-    ``reward`` is expanded to the site's signal shape; ``average(like)`` reads the decaying
-    average.  The baseline must broadcast to that shape (a scalar, or the shape itself).
-    """
-    baseline = average(reward) if options.decaying else None
-    learned = None
-    if options.network:
-        net, x = infer["baseline"]["nn_baseline"], infer["baseline"]["nn_baseline_input"]
-        learned = net(x.detach() if torch.is_tensor(x) else x)
-    elif options.value:
-        learned = infer["baseline"]["baseline_value"]
-        if not torch.is_tensor(learned):
-            learned = torch.as_tensor(learned, dtype=reward.dtype, device=reward.device)
-    if learned is not None:
-        try:
-            shape = torch.broadcast_shapes(learned.shape, reward.shape)
-        except RuntimeError:
-            shape = None
-        if shape != reward.shape:
-            raise ValueError(
-                f"site '{name}': the baseline has shape {tuple(learned.shape)}, but the "
-                f"site's learning signal has shape {tuple(reward.shape)}; give one value per "
-                "element of the site's batch shape (or a scalar)")
-        baseline = learned if baseline is None else baseline + learned
-    signal = (reward - baseline).detach()
-    regression = None if learned is None else (reward.detach() - baseline).pow(2).sum()
-    return signal, regression
-
-
-__all__ = ["BASELINE_KEYS", "BaselineOptions", "SiteBaselines", "baseline_options", "centre",
-           "site_baseline_plan"]
+__all__ = ["BASELINE_KEYS", "SITE_BASELINES", "BaselineOptions", "SiteBaselines",
+           "baseline_options", "site_baseline_plan"]
