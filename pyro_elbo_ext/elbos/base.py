@@ -118,10 +118,6 @@ class SiteTreatmentELBO(ELBO):
     learning_signal = None
     #: how the particles' terms become the estimate (the combine hook)
     combination: Combination = MEAN
-    #: whether Pyro's per-site baselines (``infer={"baseline": ...}``) centre the score
-    #: terms (a loss whose combination is not a sum of terms, whose own signal does, warns
-    #: that they are ignored)
-    applies_site_baselines: bool = True
 
     def __init__(self, num_particles: int = 1, jit: bool = False, **kwargs):
         super().__init__(num_particles=check_positive_int("num_particles", num_particles),
@@ -221,13 +217,16 @@ class SiteTreatmentELBO(ELBO):
 
     def _plan_score_sites(self, planning: Planning, plan: Plan) -> None:
         """Once per plan: the terms each score-function site meets (the data flow,
-        :mod:`.downstream`) and Pyro's per-site baselines (:mod:`.site_baselines`)."""
-        plan.facts[DOWNSTREAM] = downstream_rule(planning, plan, self._as_traced,
-                                                 type(self).__name__)
+        :mod:`.downstream`) and Pyro's per-site baselines (:mod:`.site_baselines`), where the
+        loss's combination is a sum of terms (:attr:`~.combination.Combination.sums_terms`)."""
+        sums_terms = self.combination.sums_terms
+        if sums_terms:
+            plan.facts[DOWNSTREAM] = downstream_rule(planning, plan, self._as_traced,
+                                                     type(self).__name__)
         options = site_baseline_plan(plan, planning.model_trace, planning.guide_trace)
         if not options:
             return
-        if not self.applies_site_baselines:
+        if not sums_terms:
             warnings.warn(
                 f"{type(self).__name__} does not use Pyro's per-site baselines: "
                 f"infer['baseline'] of {', '.join(map(repr, options))} is ignored (its own "

@@ -101,6 +101,10 @@ class Combination:
 
     #: the quantity estimated, as messages name it
     quantity: str = "L"
+    #: whether the estimate is a sum of the terms, so that a score site's reward may leave
+    #: out the terms its sample cannot reach (the plan's data-flow rule,
+    #: :data:`~.downstream.DOWNSTREAM`) and Pyro's per-site baselines centre it
+    sums_terms: bool = True
     #: whether ``estimate(batches)`` is the sum of ``estimate([b])`` over the batches: the
     #: engine then takes each batch's gradient and learning-signal update in turn (the memory
     #: of one particle's graph at a time), as Pyro's ``Trace_ELBO`` does
