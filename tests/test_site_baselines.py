@@ -274,3 +274,13 @@ def test_compiled_step_carries_the_averages_as_svi_does():
         torch.testing.assert_close(after[1][key], value, rtol=1e-9, atol=1e-10)
     assert not torch.equal(after[1][("z_0", "average")],
                            checkpoint[KEY]["slots"][("z_0", "average")])
+
+
+def test_the_importance_weighted_bound_says_it_ignores_them():
+    """Its log-mean-exp is not a sum of terms; VIMCO's signal centres the log-weights."""
+    from pyro_elbo_ext import ImportanceWeightedELBO
+
+    problem, guide = _chain_with(lambda name: {"use_decaying_avg_baseline": True})
+    with pytest.warns(UserWarning, match="does not use Pyro's per-site baselines.*'z_0'"):
+        ImportanceWeightedELBO(num_particles=2, max_plate_nesting=0).loss(
+            problem.model, guide, *problem.args)
