@@ -39,6 +39,7 @@ from pyro_elbo_ext.compiled import backend
 from pyro_elbo_ext.compiled.adapter import EagerFallbackWarning, adapt
 from pyro_elbo_ext.compiled.pyro_losses import PyroEnumLoss
 from pyro_elbo_ext.compiled.trace import trace_loss_and_grad
+from pyro_elbo_ext.problems.discrete import binary_chain
 
 F64 = torch.float64
 
@@ -293,14 +294,65 @@ def _discrete_model(data):
     normal_model(data)
 
 
-def test_tracegraph_with_a_discrete_guide_site_runs_eagerly(traced_only):
-    """Pyro's dependency-based Rao-Blackwellization is not ours yet: SVI's steps (Pyro's
-    TraceGraph_ELBO and CompiledSVI's functional Adam), one warning naming the site."""
-    expected = _trajectory(SVI, _discrete_model, _discrete_guide, TraceGraph_ELBO(), DATA)
-    with pytest.warns(EagerFallbackWarning, match="TraceGraph_ELBO.*sites \\(b\\)"):
-        actual = _trajectory(CompiledSVI, _discrete_model, _discrete_guide, TraceGraph_ELBO(),
-                             DATA)
+def _baselined_chain():
+    """Three binary sites sampled in sequence in a Markov chain, a decaying-average baseline on
+    each and a learned baseline value on one (TraceGraph_ELBO's ``infer["baseline"]``)."""
+    problem = binary_chain(num_sites=3, dtype=F64)
+
+    def config(msg):
+        if msg["name"] == "z_1":
+            return {"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": 0.8,
+                                 "baseline_value": pyro.param(
+                                     "b", lambda: torch.tensor(-0.5, dtype=F64))}}
+        if msg["name"].startswith("z_"):
+            return {"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": 0.8}}
+        return {}
+
+    return problem.model, poutine.infer_config(problem.guide, config), problem.args[0]
+
+
+def _without_averages(trajectory):
+    """TraceGraph_ELBO keeps its decaying averages in the param store; ours on the loss."""
+    losses, params = trajectory
+    return losses, {n: p for n, p in params.items() if not n.startswith("__baseline")}
+
+
+def test_tracegraph_on_a_discrete_guide_with_baselines_takes_svis_steps(traced_only):
+    """Score-function sites Rao-Blackwellized by the data flow, with Pyro's per-site baselines
+    (decaying averages, a learned baseline value): CompiledSVI traces
+    JensenELBO(entropy="sampled") and takes pyro.infer.SVI's TraceGraph_ELBO steps draw for
+    draw, silently."""
+    model, guide, data = _baselined_chain()
+    assert adapt(TraceGraph_ELBO()).structure_check(model, guide, (data,), {}) is None
+    expected = _without_averages(_trajectory(SVI, model, guide, TraceGraph_ELBO(), data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actual = _without_averages(_trajectory(CompiledSVI, model, guide, TraceGraph_ELBO(),
+                                               data))
     _assert_same(actual, expected, rtol=1e-9)
+    assert actual[1]["b"] != -0.5  # the baseline value learned
+
+
+def test_trace_elbo_with_a_discrete_guide_site_runs_eagerly(traced_only):
+    """Trace_ELBO's score term meets every term of its plates, ours only those downstream of
+    the site (TraceGraph_ELBO's): not the same draws, so SVI's steps, one warning."""
+    expected = _trajectory(SVI, _discrete_model, _discrete_guide, Trace_ELBO(), DATA)
+    with pytest.warns(EagerFallbackWarning, match=r"Trace_ELBO.*sites .*\(b\)") as record:
+        actual = _trajectory(CompiledSVI, _discrete_model, _discrete_guide, Trace_ELBO(), DATA)
+    assert sum(w.category is EagerFallbackWarning for w in record) == 1
+    _assert_same(actual, expected, rtol=1e-9)
+
+
+def test_sequential_renyi_takes_svis_steps(traced_only):
+    """RenyiELBO(alpha=0, vectorize_particles=False): ImportanceWeightedELBO's sequential
+    particles, draw for draw."""
+    make = lambda: RenyiELBO(alpha=0, num_particles=3, max_plate_nesting=1)  # noqa: E731
+    assert not adapt(make()).traced.vectorize_particles
+    expected = _trajectory(SVI, normal_model, normal_guide, make(), DATA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actual = _trajectory(CompiledSVI, normal_model, normal_guide, make(), DATA)
+    _assert_same(actual, expected)
 
 
 def test_subsampled_renyi_runs_eagerly(traced_only):

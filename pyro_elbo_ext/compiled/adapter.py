@@ -16,21 +16,27 @@
   ======================================================  =========================================
   ``Trace_ELBO``, ``JitTrace_ELBO``                       ``JensenELBO(entropy="sampled")``: the
                                                           same L_hat and surrogate, draw for draw
+                                                          on a reparameterized guide; a guide
+                                                          with a score-function site runs eagerly
+                                                          (Trace_ELBO's score terms meet every
+                                                          term in their plates, ours only the
+                                                          terms downstream of them)
   ``TraceMeanField_ELBO``, ``JitTraceMeanField_ELBO``     ``AnalyticKLELBO()``: the same closed-form
                                                           KL per site, draw for draw where the
                                                           guide is mean-field (elsewhere ours uses
-                                                          Monte Carlo for the site and warns)
-  ``TraceGraph_ELBO``, ``JitTraceGraph_ELBO``             ``JensenELBO(entropy="sampled")`` for a
-                                                          fully reparameterized guide (the same
-                                                          estimator); a guide with a
-                                                          non-reparameterized site runs eagerly
-                                                          (Pyro's dependency-based
-                                                          Rao-Blackwellization and per-site
-                                                          baselines are not ours yet)
+                                                          Monte Carlo for the site and warns); a
+                                                          guide with a score-function site runs
+                                                          eagerly (Pyro gives it no score term)
+  ``TraceGraph_ELBO``, ``JitTraceGraph_ELBO``             ``JensenELBO(entropy="sampled")``: the
+                                                          same estimator draw for draw (score
+                                                          costs Rao-Blackwellized by dependency,
+                                                          Pyro's per-site baselines); a guide
+                                                          site that is reparameterized with a
+                                                          score-function part (a Rejector) runs
+                                                          eagerly (Pyro gives it no score term)
   ``RenyiELBO(alpha=0)``                                  ``ImportanceWeightedELBO(estimator=
-                                                          "iwae")``: the same estimator (draw for
-                                                          draw with ``vectorize_particles=True``);
-                                                          a subsampled (scaled) site or a
+                                                          "iwae")``: the same estimator, draw for
+                                                          draw; a subsampled (scaled) site or a
                                                           non-reparameterized guide site runs
                                                           eagerly (the two differ there)
   ======================================================  =========================================
@@ -43,10 +49,13 @@
   step runs eagerly, exactly as :class:`pyro.infer.SVI` runs it, with one
   :class:`EagerFallbackWarning` naming the loss and the reason.
 
-The protocol a compilable loss offers (``carried_state``, ``step_inputs``...) is read here
-too (:func:`eager_loss_fn`, :func:`step_inputs`, :func:`prepare_step_inputs`,
-:func:`advance_step`, :func:`compile_refusal`), so that moving the losses onto
-``pyro_elbo_ext.elbos.protocol`` changes this file alone.
+Every call the compiled path makes on a loss goes through this module too, through
+:class:`~pyro_elbo_ext.elbos.protocol.CompilableLoss` only (:func:`is_compilable`,
+:func:`eager_loss_fn`, :func:`state_carrier`, :func:`step_inputs`,
+:func:`prepare_step_inputs`, :func:`advance_step`, :func:`compile_refusal`): the protocol is
+the one surface between them.  A loss without it (one of Pyro's own ELBOs run eagerly) is
+driven by its public ``differentiable_loss`` alone: no carried state, no step inputs, no step
+counter.
 """
 
 from __future__ import annotations
@@ -60,7 +69,9 @@ import pyro.poutine as poutine
 import torch
 
 from ..elbos import AnalyticKLELBO, ImportanceWeightedELBO, JensenELBO
-from ..elbos.densities import PATHWISE, estimator_kind
+from ..elbos.densities import MIXED, PATHWISE, gradient_kind
+from ..elbos.protocol import is_compilable as _has_protocol
+from ..elbos.sites import is_subsample_site
 
 
 class EagerFallbackWarning(UserWarning):
@@ -69,55 +80,56 @@ class EagerFallbackWarning(UserWarning):
 
 
 # ============================================================================ the protocol
+#: per loss type: whether it implements the protocol (asked once per type: this is on the path
+#: of every compiled step)
+_COMPILABLE: dict[type, bool] = {}
+
+
+def is_compilable(loss) -> bool:
+    """Whether ``loss`` implements :class:`~pyro_elbo_ext.elbos.protocol.CompilableLoss` (the
+    losses of this package, :class:`~.pyro_losses.PyroEnumLoss`; not Pyro's own ELBOs)."""
+    kind = type(loss)
+    known = _COMPILABLE.get(kind)
+    if known is None:
+        known = _COMPILABLE[kind] = _has_protocol(loss)
+    return known
+
+
 def eager_loss_fn(loss) -> Callable:
     """``(model, guide, args, kwargs) -> -L_hat`` on the eager path of ``loss`` (what a
     compiled path traces)."""
-    for name in ("eager_differentiable_loss", "_eager_differentiable_loss"):
-        eager = getattr(loss, name, None)
-        if eager is not None:
-            return eager
+    if is_compilable(loss):
+        return loss.eager_differentiable_loss
     return lambda model, guide, args, kwargs: loss.differentiable_loss(
         model, guide, *args, **kwargs
     )
 
 
-def step_inputs(loss) -> tuple:
+def state_carrier(loss):
+    """``loss`` where it carries state through a compiled step (the protocol), else ``None``."""
+    return loss if is_compilable(loss) else None
+
+
+def step_inputs(loss) -> tuple[torch.Tensor, ...]:
     """The loss's per-step input tensors (``()`` for a loss without the protocol)."""
-    inputs = getattr(loss, "step_inputs", None)
-    return inputs() if inputs is not None else ()
+    return loss.step_inputs() if is_compilable(loss) else ()
 
 
 def prepare_step_inputs(loss) -> None:
     """Refresh the loss's per-step inputs, where it has any."""
-    prepare = getattr(loss, "prepare_step_inputs", None)
-    if prepare is not None:
-        prepare()
+    if is_compilable(loss):
+        loss.prepare_step_inputs()
 
 
 def advance_step(loss) -> None:
-    """One training step taken: the loss's step counter moves (a schedule's position)."""
-    advance = getattr(loss, "advance_step", None)
-    if advance is not None:
-        advance()
-    elif hasattr(loss, "step_count"):
-        loss.step_count += 1
+    """One training step was taken: the loss's counter moves (a schedule's position)."""
+    if is_compilable(loss):
+        loss.advance_step()
 
 
 def compile_refusal(loss, model, guide) -> str | None:
-    """Why ``loss`` cannot be compiled faithfully for (model, guide), or ``None``."""
-    refusal = getattr(loss, "compile_refusal", None)
-    if refusal is not None:
-        return refusal(model, guide)
-    if getattr(loss, "estimator", None) == "dreg":
-        return ("its gradient is rescaled by a tensor hook (DReG), which a traced graph does "
-                "not keep; estimator='iwae' compiles")
-    return None
-
-
-def is_ours(loss) -> bool:
-    """A loss of this package (it has the eager path the compiled step traces)."""
-    return hasattr(loss, "eager_differentiable_loss") or hasattr(
-        loss, "_eager_differentiable_loss")
+    """Why ``loss`` cannot be compiled faithfully for ``(model, guide)``, or ``None``."""
+    return loss.compile_refusal(model, guide) if is_compilable(loss) else None
 
 
 # ============================================================================ adapting a loss
@@ -179,20 +191,35 @@ def _guide_sites(model, guide, args, kwargs) -> list[dict]:
     with poutine.block(), torch.no_grad():
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     return [site for site in trace.nodes.values()
-            if site["type"] == "sample" and not site["is_observed"]]
+            if site["type"] == "sample" and not site["is_observed"]
+            and not is_subsample_site(site)]
 
 
 def _score_sites(sites: list[dict]) -> list[str]:
     """Names of the guide sites whose gradient has a score-function part."""
-    return [site["name"] for site in sites if estimator_kind(site["fn"]) != PATHWISE]
+    return [site["name"] for site in sites if gradient_kind(site["fn"]) != PATHWISE]
+
+
+def _plate_rule_check(model, guide, args, kwargs) -> str | None:
+    """``Trace_ELBO`` and ``TraceMeanField_ELBO`` on a guide with a score-function site."""
+    names = _score_sites(_guide_sites(model, guide, args, kwargs))
+    if names:
+        return (f"the guide samples sites with a score-function gradient ({', '.join(names)}), "
+                "whose score term meets every term not separated from it by plates here "
+                "(TraceMeanField_ELBO: none), while the compiled estimators Rao-Blackwellize it "
+                "by the data flow (TraceGraph_ELBO's estimator): the same expectation, not the "
+                "same draws; TraceGraph_ELBO or JensenELBO(entropy='sampled') compile it")
+    return None
 
 
 def _tracegraph_check(model, guide, args, kwargs) -> str | None:
-    names = _score_sites(_guide_sites(model, guide, args, kwargs))
+    names = [site["name"] for site in _guide_sites(model, guide, args, kwargs)
+             if gradient_kind(site["fn"]) == MIXED]
     if names:
-        return (f"the guide samples non-reparameterized sites ({', '.join(names)}), whose "
-                "gradient TraceGraph_ELBO Rao-Blackwellizes by dependency with per-site "
-                "baselines; the compiled estimators do not do that yet (issue #23)")
+        return (f"the guide samples sites ({', '.join(names)}) that are reparameterized and "
+                "have a score-function part (a Rejector such as RejectionGamma), which "
+                "TraceGraph_ELBO gives no score term and JensenELBO(entropy='sampled') does: "
+                "not the same estimator")
     return None
 
 
@@ -229,13 +256,14 @@ def _mapped(loss, ours, description: str, check: StructureCheck | None = None) -
 def adapt(loss) -> Adapted:
     """How CompiledSVI computes the steps of ``loss`` (see the module docstring)."""
     kind = type(loss)
-    if is_ours(loss):
+    if is_compilable(loss):
         return Adapted(loss, loss, description=kind.__name__)
     if kind in (infer.Trace_ELBO, infer.JitTrace_ELBO):
         return _mapped(loss, JensenELBO(entropy="sampled", **_settings(loss)),
-                       "JensenELBO(entropy='sampled')")
+                       "JensenELBO(entropy='sampled')", _plate_rule_check)
     if kind in (infer.TraceMeanField_ELBO, infer.JitTraceMeanField_ELBO):
-        return _mapped(loss, AnalyticKLELBO(**_settings(loss)), "AnalyticKLELBO()")
+        return _mapped(loss, AnalyticKLELBO(**_settings(loss)), "AnalyticKLELBO()",
+                       _plate_rule_check)
     if kind in (infer.TraceGraph_ELBO, infer.JitTraceGraph_ELBO):
         return _mapped(loss, JensenELBO(entropy="sampled", **_settings(loss)),
                        "JensenELBO(entropy='sampled')", _tracegraph_check)
@@ -244,9 +272,7 @@ def adapt(loss) -> Adapted:
             return Adapted(loss, None, reason=(
                 f"RenyiELBO(alpha={loss.alpha}) has no counterpart among the compiled "
                 "estimators (only alpha=0, the importance-weighted bound, has)"))
-        settings = _settings(loss)
-        settings.pop("vectorize_particles")  # ours always vectorizes its particles
-        return _mapped(loss, ImportanceWeightedELBO(estimator="iwae", **settings),
+        return _mapped(loss, ImportanceWeightedELBO(estimator="iwae", **_settings(loss)),
                        "ImportanceWeightedELBO(estimator='iwae')", _renyi_check)
     if kind in (infer.TraceEnum_ELBO, infer.JitTraceEnum_ELBO):
         from .pyro_losses import PyroEnumLoss
@@ -282,7 +308,8 @@ __all__ = [
     "advance_step",
     "compile_refusal",
     "eager_loss_fn",
-    "is_ours",
+    "is_compilable",
+    "state_carrier",
     "prepare_step_inputs",
     "step_inputs",
     "warn_eager",

@@ -1,7 +1,8 @@
 """``jit=True``: a loss's value and gradient from one compiled graph (Inductor).
 
-:meth:`SiteTreatmentELBO.differentiable_loss <pyro_elbo_ext.SiteTreatmentELBO.differentiable_loss>`
-with ``jit=True`` calls :func:`compiled_loss_for`.  The returned loss tensor carries the
+A loss with ``jit=True`` asks the registry of :mod:`pyro_elbo_ext.elbos.protocol` for the jit
+backend, which is :class:`CompiledLosses` (registered in :mod:`pyro_elbo_ext.compiled`), and
+keeps the one it builds.  Its ``differentiable_loss`` returns a loss tensor that carries the
 compiled gradient: its ``backward()`` writes ``grad_output * d(-L_hat)/dparam`` into each
 parameter's ``.grad`` (first-order only; differentiating it twice is not supported).
 
@@ -25,7 +26,7 @@ import pyro
 import torch
 from torch.autograd.function import once_differentiable
 
-from .adapter import eager_loss_fn, step_inputs
+from .adapter import compile_refusal, eager_loss_fn, state_carrier, step_inputs
 from .assumptions import CONSTANT_ADVICE, checked_data
 from .backend import compile_step
 from .cache import (
@@ -175,9 +176,8 @@ class CompiledLoss:
 
     def _trace(self, loss, args, kwargs, extra) -> TracedLossGrad:
         loss_fn, model, guide = eager_loss_fn(loss), self.model, self.guide
-        carrier = loss if hasattr(loss, "carried_state") else None
         return trace_loss_and_grad(lambda a, k: loss_fn(model, guide, a, k), args, kwargs,
-                                   extra, carrier, functions=(model, guide))
+                                   extra, state_carrier(loss), functions=(model, guide))
 
     def _count_retrace(self, reason: str, advice: str) -> None:
         self.retraces = count_retrace(self.retraces, MAX_RETRACES, "compiled loss", reason,
@@ -209,15 +209,33 @@ def _announce_params(names) -> None:
         pyro.param(name)
 
 
-def compiled_loss_for(loss, model, guide) -> CompiledLoss:
-    """The :class:`CompiledLoss` of ``(model, guide)`` under ``loss``, from ``loss``'s bounded
-    cache of pairs (created on first use)."""
-    cache = loss.__dict__.get("_compiled")
-    if not isinstance(cache, BoundedCache):
-        cache = loss._compiled = BoundedCache(MAX_PAIRS, _PAIRS_MESSAGE)
-    key = callable_key(model, guide)
-    compiled = cache.lookup(key)
-    if compiled is None:
-        compiled = CompiledLoss(loss, model, guide)
-        cache.insert(key, compiled)
-    return compiled
+class CompiledLosses(BoundedCache):
+    """``jit=True``'s backend for one loss: its :class:`CompiledLoss` per (model, guide) pair,
+    in a bounded cache (the factory registered with
+    :func:`~pyro_elbo_ext.elbos.protocol.register_jit_backend`; the loss keeps it)."""
+
+    def __init__(self, loss):
+        super().__init__(MAX_PAIRS, _PAIRS_MESSAGE)
+        self._loss = weakref.ref(loss)
+
+    def for_pair(self, model, guide) -> CompiledLoss:
+        """The :class:`CompiledLoss` of ``(model, guide)`` (created on first use; refused with
+        the loss's own reason where it cannot be compiled faithfully)."""
+        key = callable_key(model, guide)
+        compiled = self.lookup(key)
+        if compiled is None:
+            loss = self._loss()
+            reason = compile_refusal(loss, model, guide)
+            if reason is not None:
+                raise ValueError(f"jit=True cannot compile {reason}")
+            compiled = CompiledLoss(loss, model, guide)
+            self.insert(key, compiled)
+        return compiled
+
+    def differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
+        """``-L_hat`` whose ``backward()`` hands out the compiled gradient."""
+        return self.for_pair(model, guide)(*args, **kwargs)
+
+    def loss_and_grads(self, model, guide, args, kwargs) -> torch.Tensor:
+        """``-L_hat``, its compiled gradient added into the parameters' ``.grad``."""
+        return self.for_pair(model, guide).loss_and_grads(*args, **kwargs)

@@ -25,7 +25,7 @@ Pyro's eager values and gradients (``tests/test_compiled_pyro_losses.py``).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import pyro.infer.traceenum_elbo as traceenum_elbo
 import torch
@@ -96,7 +96,9 @@ class PyroEnumLoss:
 
     Its eager differentiable loss is ``TraceEnum_ELBO.differentiable_loss`` of the user's
     instance (the TorchScript of ``JitTraceEnum_ELBO`` is bypassed: the same computation),
-    with :func:`tracing`'s patches active; it carries no state between steps.
+    with :func:`tracing`'s patches active.  It implements
+    :class:`~pyro_elbo_ext.elbos.protocol.CompilableLoss` as a loss without state: nothing
+    carried between steps, no scheduled inputs, no step counter, no refusal.
     """
 
     def __init__(self, elbo: TraceEnum_ELBO):
@@ -108,6 +110,32 @@ class PyroEnumLoss:
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         return self.elbo.loss(model, guide, *args, **kwargs)
+
+    # ------------------------------------------------------------ the protocol (stateless)
+    def carried_state(self) -> dict:
+        return {}
+
+    def load_carried_state(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"TraceEnum_ELBO carries no state; got keys {list(state)}")
+
+    def state_updates_paused(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def report_carried_state(self) -> None:
+        pass
+
+    def step_inputs(self) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    def prepare_step_inputs(self) -> None:
+        pass
+
+    def advance_step(self) -> None:
+        pass
+
+    def compile_refusal(self, model, guide) -> str | None:
+        return None
 
 
 __all__ = ["PyroEnumLoss", "tracing"]

@@ -43,8 +43,9 @@ from .adapter import (
     advance_step,
     compile_refusal,
     eager_loss_fn,
-    is_ours,
+    is_compilable,
     prepare_step_inputs,
+    state_carrier,
     step_inputs,
     warn_eager,
 )
@@ -407,7 +408,7 @@ class CompiledSVI:
         """A step was taken: advance the loss's step count; the loss as a float."""
         advance_step(self.traced_loss)
         value = torch_item(loss)
-        if math.isnan(value) and not is_ours(self.loss):
+        if math.isnan(value) and not is_compilable(self.loss):
             warnings.warn("Encountered NaN: loss", stacklevel=3)  # as Pyro's warn_if_nan
         return value
 
@@ -458,7 +459,7 @@ class CompiledSVI:
         raises it)."""
         start = time.perf_counter()
         with poutine.trace(param_only=True) as capture:
-            if is_ours(self.loss) or self.adapted.traced is self.loss:
+            if is_compilable(self.loss) or self.adapted.traced is self.loss:
                 value = self._loss_fn(self.model, self.guide, args, kwargs)
                 if value.requires_grad:
                     value.backward()
@@ -523,7 +524,7 @@ class CompiledSVI:
             if reason is not None:
                 raise _Refused(reason)
         loss_fn, model, guide = self._loss_fn, self.model, self.guide
-        carrier = self.traced_loss if hasattr(self.traced_loss, "carried_state") else None
+        carrier = state_carrier(self.traced_loss)
         traced = trace_loss_and_grad(lambda a, k: loss_fn(model, guide, a, k), args, kwargs,
                                      extra, carrier, functions=(model, guide))
         trained = [(n, p) for n, p, t in zip(traced.names, traced.params, traced.trainable)

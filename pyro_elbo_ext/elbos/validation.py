@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .engine import ParticleEstimate, Term
+from .engine import Term
 from .sites import (
     is_auxiliary_site,
     is_deterministic_site,
@@ -146,15 +146,16 @@ def first_nonfinite_term(terms: Sequence[Term]) -> Term | None:
     return None
 
 
-def warn_nonfinite(terms: Sequence[Term], loss_name: str) -> None:
-    """Warn, naming the site, when L is not finite."""
+def warn_nonfinite(terms: Sequence[Term], loss_name: str, quantity: str = "L") -> None:
+    """Warn, naming the site, when the estimate (of ``quantity``) is not finite."""
     bad = first_nonfinite_term(terms)
     where = (
         f"the first non-finite term is the {bad.kind} of site '{bad.site}'"
         if bad is not None
         else "no single term is non-finite (the sum overflowed)"
     )
-    warnings.warn(f"{loss_name}: the estimate of L is not finite; {where}", stacklevel=4)
+    warnings.warn(f"{loss_name}: the estimate of {quantity} is not finite; {where}",
+                  stacklevel=4)
 
 
 def graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -192,14 +193,13 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return math.isfinite(float(total))
 
 
-def warn_nonfinite_gradient(
-    estimate: ParticleEstimate, leaves: list[torch.Tensor], loss_name: str
-) -> None:
+def warn_nonfinite_gradient(estimate, leaves: list[torch.Tensor], loss_name: str) -> None:
     """After ``backward``: warn, naming the site, when a parameter's gradient is not finite.
 
     L may be finite while its gradient is not (e.g. ``sqrt`` of a parameter at 0).  The
     gradient of each term is recomputed, in trace order, on the parameters whose gradient is
-    not finite, and the first term with a non-finite gradient is named.  ``leaves`` are the
+    not finite, and the first term with a non-finite gradient is named (``estimate.terms``:
+    a :class:`~.combination.Estimate`'s).  ``leaves`` are the
     parameters to check (see :func:`graph_leaves`); the estimate's graph must be retained.
     Runs only under validation.
     """
