@@ -20,7 +20,7 @@ the graph:
 Both patches are active only while ``make_fx`` records (:func:`tracing`), and only inside
 ``Dice.compute_expectation`` and ``TraceEnum_ELBO.differentiable_loss``; the eager run that
 finds the parameters, and every other caller, run Pyro's code unchanged.  Tested against
-Pyro's eager values and gradients (``tests/test_compiled_pyro_losses.py``).
+Pyro's eager values and gradients (``tests/test_compiled_adapter.py``).
 """
 
 from __future__ import annotations
