@@ -114,3 +114,27 @@ def test_without_a_registered_backend_jit_says_what_to_import(monkeypatch):
     with pytest.raises(RuntimeError, match="import pyro_elbo_ext.*jit=False"):
         JensenELBO(jit=True).differentiable_loss(lambda: None, lambda: None)
     pyro.clear_param_store()
+
+
+def test_a_signal_planned_inside_a_paused_call_starts_paused():
+    """Pyro's per-site baselines are planned on the first call, which under a compiled path is
+    its paused discovery run: the averages are created there but not updated (CompiledSVI's
+    build step used to update them twice)."""
+    from pyro import poutine
+
+    from pyro_elbo_ext.problems.discrete import binary_chain
+
+    problem = binary_chain(num_sites=2, dtype=torch.float64)
+    problem.set_params()
+    guide = poutine.infer_config(problem.guide, lambda msg: {"baseline": {
+        "use_decaying_avg_baseline": True}} if msg["name"].startswith("z_") else {})
+    loss = JensenELBO(max_plate_nesting=0)
+
+    def averages():
+        return [v for k, v in loss.carried_state().items() if k[-1] == "average"]
+
+    with loss.state_updates_paused():
+        loss.eager_differentiable_loss(problem.model, guide, problem.args, {})
+    assert len(averages()) == 2 and not any(v.any() for v in averages())
+    loss.eager_differentiable_loss(problem.model, guide, problem.args, {})
+    assert all(v.any() for v in averages())
