@@ -333,6 +333,20 @@ def test_tracegraph_on_a_discrete_guide_with_baselines_takes_svis_steps(traced_o
     assert actual[1]["b"] != -0.5  # the baseline value learned
 
 
+def test_tracegraph_with_a_rejector_site_runs_eagerly():
+    """A reparameterized site with a score-function part: TraceGraph_ELBO gives it no score
+    term, ours does, so that structure runs eagerly (the check names the site)."""
+    from pyro.distributions.testing.rejection_gamma import RejectionGamma
+
+    def guide(data):
+        rate = pyro.param("rate", torch.tensor(1.0, dtype=F64),
+                          constraint=dist.constraints.positive)
+        pyro.sample("g", RejectionGamma(torch.tensor(2.0, dtype=F64), rate))
+
+    reason = adapt(TraceGraph_ELBO()).structure_check(None, guide, (DATA,), {})
+    assert reason is not None and "(g)" in reason and "Rejector" in reason
+
+
 def test_trace_elbo_with_a_discrete_guide_site_runs_eagerly(traced_only):
     """Trace_ELBO's score term meets every term of its plates, ours only those downstream of
     the site (TraceGraph_ELBO's): not the same draws, so SVI's steps, one warning."""
