@@ -43,7 +43,8 @@
 
 * **Pyro's** ``TraceEnum_ELBO`` / ``JitTraceEnum_ELBO``: Pyro's own
   ``TraceEnum_ELBO.differentiable_loss`` (its enumeration and tensor contraction) is traced,
-  with the two value reads taken out of the traced path (:mod:`.pyro_losses`);
+  with the two value reads taken out of the traced path (:mod:`.pyro_losses`); a guide with a
+  rejection sampler (Pyro's ``Rejector`` family) runs eagerly;
 * **anything else** (``Trace_MMD``, ``ReweightedWakeSleep``, ``TraceTailAdaptive_ELBO``,
   ``RenyiELBO`` with ``alpha != 0``, ``TraceTMC_ELBO``, a user's own subclass of an ELBO): the
   step runs eagerly, exactly as :class:`pyro.infer.SVI` runs it, with one
@@ -223,6 +224,17 @@ def _tracegraph_check(model, guide, args, kwargs) -> str | None:
     return None
 
 
+def _enum_check(model, guide, args, kwargs) -> str | None:
+    """``TraceEnum_ELBO`` on a guide with a rejection sampler."""
+    names = [site["name"] for site in _guide_sites(model, guide, args, kwargs)
+             if gradient_kind(site["fn"]) == MIXED]
+    if names:
+        return (f"the guide samples sites ({', '.join(names)}) that are reparameterized and "
+                "have a score-function part (Pyro's Rejector family), whose samplers draw "
+                "until they accept: a number of draws, read into Python, that a graph cannot fix")
+    return None
+
+
 def _renyi_check(model, guide, args, kwargs) -> str | None:
     sites = _guide_sites(model, guide, args, kwargs)
     names = _score_sites(sites)
@@ -278,7 +290,8 @@ def adapt(loss) -> Adapted:
         from .pyro_losses import PyroEnumLoss
 
         return Adapted(loss, PyroEnumLoss(loss),
-                       description=f"{kind.__name__} (Pyro's enumeration, traced)")
+                       description=f"{kind.__name__} (Pyro's enumeration, traced)",
+                       structure_check=_enum_check)
     if isinstance(loss, infer.ELBO) and kind.__module__.startswith("pyro."):
         reason = (f"{kind.__name__} is not among the losses CompiledSVI compiles (Trace_ELBO, "
                   "TraceMeanField_ELBO, TraceGraph_ELBO, RenyiELBO(alpha=0), TraceEnum_ELBO, "
