@@ -213,26 +213,27 @@ def _plate_rule_check(model, guide, args, kwargs) -> str | None:
     return None
 
 
-def _tracegraph_check(model, guide, args, kwargs) -> str | None:
-    names = [site["name"] for site in _guide_sites(model, guide, args, kwargs)
-             if gradient_kind(site["fn"]) == MIXED]
-    if names:
-        return (f"the guide samples sites ({', '.join(names)}) that are reparameterized and "
-                "have a score-function part (a Rejector such as RejectionGamma), which "
-                "TraceGraph_ELBO gives no score term and JensenELBO(entropy='sampled') does: "
-                "not the same estimator")
-    return None
+def _rejector_check(why: str) -> StructureCheck:
+    """A check that runs a structure eagerly where the guide has a reparameterized site with a
+    score-function part (Pyro's ``Rejector`` family), saying ``why``."""
+    def check(model, guide, args, kwargs) -> str | None:
+        names = [site["name"] for site in _guide_sites(model, guide, args, kwargs)
+                 if gradient_kind(site["fn"]) == MIXED]
+        if names:
+            return (f"the guide samples sites ({', '.join(names)}) that are reparameterized "
+                    f"and have a score-function part (Pyro's Rejector family): {why}")
+        return None
+    return check
 
 
-def _enum_check(model, guide, args, kwargs) -> str | None:
-    """``TraceEnum_ELBO`` on a guide with a rejection sampler."""
-    names = [site["name"] for site in _guide_sites(model, guide, args, kwargs)
-             if gradient_kind(site["fn"]) == MIXED]
-    if names:
-        return (f"the guide samples sites ({', '.join(names)}) that are reparameterized and "
-                "have a score-function part (Pyro's Rejector family), whose samplers draw "
-                "until they accept: a number of draws, read into Python, that a graph cannot fix")
-    return None
+#: ``TraceGraph_ELBO`` on a guide with a rejection sampler
+_tracegraph_check = _rejector_check(
+    "TraceGraph_ELBO gives them no score term and JensenELBO(entropy='sampled') does: not the "
+    "same estimator")
+#: ``TraceEnum_ELBO`` on a guide with a rejection sampler
+_enum_check = _rejector_check(
+    "their samplers draw until they accept, a number of draws read into Python that a graph "
+    "cannot fix")
 
 
 def _renyi_check(model, guide, args, kwargs) -> str | None:
