@@ -322,13 +322,13 @@ def straight_through_bernoulli(
     r"""Straight-through Gumbel (logistic) sample: value :math:`H(z)`, gradient of
     :math:`\sigma(z/\lambda)`, with :math:`z` from :func:`logistic_relaxation`.
 
-    ``hard + soft - stop_grad(soft)``: forward it is exactly Bernoulli(:math:`\sigma(\alpha)`);
+    ``hard + (soft - stop_grad(soft))``: forward it is exactly Bernoulli(:math:`\sigma(\alpha)`);
     :math:`\nabla_\alpha f` through it is the biased straight-through estimate.
     """
     z = logistic_relaxation(logits, u)
     soft = torch.sigmoid(z / temperature)
     hard = (z > 0).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly hard in value (no rounding of hard + soft)
 
 
 def straight_through_one_hot(
@@ -342,7 +342,7 @@ def straight_through_one_hot(
     z = gumbel_relaxation(logits, u)
     soft = torch.softmax(z / temperature, -1)
     hard = nn.functional.one_hot(z.argmax(-1), z.shape[-1]).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())
 
 
 # ---------------------------------------------------------------------------- RELAX
