@@ -303,21 +303,22 @@ def plot(race: dict, path: Path) -> None:
     except ImportError:  # matplotlib is the compare extra; the numbers are in the JSON
         return
     names = list(race)
+    colors = dict(zip(CURVE_ESTIMATORS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 6.5), squeeze=False)
     for j, name in enumerate(names):
         for estimator, runs in race[name].items():
             steps = runs[0]["steps"]
             gap = [sum(r["gap"][i] for r in runs) / len(runs) for i in range(len(steps))]
             var = [sum(r["variance"][i] for r in runs) / len(runs) for i in range(len(steps))]
-            axes[0, j].plot(steps, gap, label=estimator)
-            axes[1, j].plot(steps, var, label=estimator)
+            axes[0, j].plot(steps, gap, label=estimator, color=colors[estimator])
+            axes[1, j].plot(steps, var, label=estimator, color=colors[estimator])
         axes[0, j].set_title(name)
         axes[0, j].set_yscale("log")
         axes[1, j].set_yscale("log")
         axes[1, j].set_xlabel("step")
     axes[0, 0].set_ylabel("E[f] - min f (exact)")
     axes[1, 0].set_ylabel("total gradient variance")
-    axes[0, -1].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
