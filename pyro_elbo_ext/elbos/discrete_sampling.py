@@ -67,8 +67,9 @@ class DiscreteDraw:
     logits : Tensor
         The distribution's logits, broadcast to the noise's shape (detached).
     particle_dim : int or None
-        The dimension of the vectorized particles (DisARM: the pair of particle ``k`` is
-        ``k + K/2`` along it); ``None`` for sequential particles.
+        The batch dimension of the vectorized particles, counted from the right of the batch
+        shape as Pyro's plates count (DisARM: the pair of particle ``k`` is ``k + K/2`` along
+        it); ``None`` for sequential particles.
     pair_member : int or None
         Sequential DisARM particles: 0 for the first member of a pair, 1 for the second.
     temperature : float
@@ -139,8 +140,12 @@ class DiscreteSampler(Messenger):
         check_estimator(estimator, msg["name"], fn, self.num_particles)
         logits = _full_logits(fn, family)
         particle_dim = self._particle_dim(msg)
+        # the particle plate's dim counts batch dims; the noise has the event dims (and a
+        # Categorical's categories) on its right
+        offset = len(fn.event_shape) + (1 if family == "categorical" else 0)
+        noise_dim = None if particle_dim is None else particle_dim - offset
         with torch.no_grad():
-            noise, member = self._noise(msg["name"], estimator, logits, family, particle_dim)
+            noise, member = self._noise(msg["name"], estimator, logits, family, noise_dim)
         temperature = float(msg["infer"].get(TEMPERATURE_KEY, DEFAULT_TEMPERATURE))
         msg["value"] = _value(estimator, family, logits, noise, temperature)
         msg["infer"] = dict(msg["infer"])  # the site's own dict (a user's may be shared)

@@ -73,12 +73,12 @@ def disarm_surrogate(fn, value: torch.Tensor, reward: torch.Tensor, draw: Discre
         When the site's logits differ between the two members of a pair: they depend on
         other random draws of the guide, and the pair is not antithetic for one distribution.
     """
-    dim = draw.particle_dim
-    if dim is None:
+    if draw.particle_dim is None:
         raise ValueError(
             f"discrete_estimator='disarm' at site '{site}' needs vectorize_particles=True "
             "(each antithetic pair is two vectorized particles)"
         )
+    dim = draw.particle_dim - event_dim  # in the value's dims (events on the right)
     logits = site_logits(fn).expand(value.shape)
     half = value.shape[dim] // 2
     first, second = logits.narrow(dim, 0, half), logits.narrow(dim, half, half)
