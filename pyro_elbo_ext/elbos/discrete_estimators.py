@@ -354,7 +354,8 @@ class ControlVariate(nn.Module):
         c_\phi(z) = \eta\, f(\sigma(z/\lambda)) + r_\rho(z)
 
     with :math:`\eta` and :math:`\log\lambda` learned scalars and :math:`r_\rho` a small MLP
-    over the (flattened) relaxation, each part optional:
+    over the (flattened) relaxation (its output layer starts at zero, so that a neural control
+    variate starts as plain REINFORCE), each part optional:
 
     * ``use_relaxed_f=True, hidden=0``: REBAR's control variate (Tucker et al. 2017);
     * ``use_relaxed_f=True, hidden>0``: RELAX as in Grathwohl et al. (2018), section 3.2;
@@ -402,6 +403,8 @@ class ControlVariate(nn.Module):
             width = math.prod(self.event_shape)
             self.net = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(),
                                      nn.Linear(hidden, 1)).to(dtype)
+            nn.init.zeros_(self.net[2].weight)  # r starts at 0: RELAX starts at REINFORCE
+            nn.init.zeros_(self.net[2].bias)
 
     def relaxed(self, z: torch.Tensor) -> torch.Tensor:
         r""":math:`\sigma(z/\lambda)` (sigmoid, or softmax over the last dimension)."""
