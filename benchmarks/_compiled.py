@@ -33,7 +33,7 @@ def compiled_svi_step(elbo, model, guide, args, optim) -> StepFn:
     return lambda: svi.step(*args)
 
 
-def _legacy_compiled_loss(self, model, guide):
+def _legacy_compiled_loss(self, model, guide, args, kwargs):
     """The body of ``SiteTreatmentELBO._compiled_loss`` before the compiled path (TorchScript)."""
     cache = self.__dict__.setdefault("_torchscript", {})
     key = (id(model), id(guide))
@@ -42,14 +42,14 @@ def _legacy_compiled_loss(self, model, guide):
         weak_self = weakref.ref(self)
 
         def loss_fn(*args, **kwargs):
-            return weak_self()._eager_differentiable_loss(model, guide, args, kwargs)
+            return weak_self().eager_differentiable_loss(model, guide, args, kwargs)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             compiled = pyro.ops.jit.trace(loss_fn, ignore_warnings=True,
                                           jit_options=self.jit_options)
         cache[key] = compiled
-    return compiled
+    return compiled(*args, **kwargs)
 
 
 def _legacy_loss_and_grads(self, model, guide, args, kwargs) -> float:

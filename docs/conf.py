@@ -53,7 +53,8 @@ API_GROUPS = {
 #: modules shown first in a group's page (the rest follow alphabetically)
 API_FIRST = {
     "pyro_elbo_ext.elbos": ("jensen", "analytic_kl", "hard_attention", "importance_weighted",
-                            "base", "decomposition", "baselines"),
+                            "base", "plan", "treatments", "engine", "combination", "signals",
+                            "baselines", "learned_baseline", "decomposition", "protocol"),
     "pyro_elbo_ext.compare": ("statistics", "training", "estimators", "records", "plots"),
     "pyro_elbo_ext.diagnostics": ("inference_data", "psis", "compare_posterior"),
 }

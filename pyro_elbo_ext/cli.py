@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from ._extras import MissingExtraError
-from .problems import PROBLEMS, UnknownProblemError, describe_problem, get_problem, problem_options
+from .problems import PROBLEMS, describe_problem, get_problem, problem_options
+from .problems.registry import ProblemOptionError, UnknownProblemError
 
 PROG = "pyro-elbo-ext"
 DEFAULT_PROBLEM = "normal_normal"
@@ -154,6 +155,8 @@ def _build_problem(args):
     options = dict(args.problem_option)
     try:
         problem = get_problem(args.problem, **options)
+    except ProblemOptionError as exc:
+        raise CLIError(f"argument -P/--problem-option: {exc}") from exc
     except (KeyError, ValueError):
         raise
     except Exception as exc:  # a factory rejecting an option value
@@ -353,8 +356,9 @@ def _run_diagnose(args) -> int:
     else:
         print(f"\nthe guide's posterior against {result.reference} "
               "(mean_error_z: error / its MC SE):")
-    print(result.table.to_string(float_format=lambda v: f"{v:.4g}"))
-    _print_paths(result.save(args.out, plots=not args.no_plots))
+    paths = result.save(args.out, plots=not args.no_plots)
+    print(result.table_text(full_table=paths["table"]))
+    _print_paths(paths)
     return 0
 
 

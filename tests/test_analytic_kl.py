@@ -18,8 +18,10 @@ from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
 from torch.distributions import constraints
 
 from pyro_elbo_ext.compiled import backend as compiled_backend
-from pyro_elbo_ext.elbos.analytic_kl import AnalyticKLELBO, analytic_kl, model_parents
+from pyro_elbo_ext.elbos.analytic_kl import AUXILIARY_WEIGHTED, AnalyticKLELBO
+from pyro_elbo_ext.elbos.dependencies import model_parents
 from pyro_elbo_ext.elbos.jensen import JensenELBO
+from pyro_elbo_ext.elbos.kl import analytic_kl
 from pyro_elbo_ext.problems import CONJUGATE_PROBLEMS, Problem, get_problem
 
 from .mc import K_SE, assert_mean_close, draw_loss_and_grads
@@ -679,7 +681,7 @@ def test_autonormal_kl_sites_weight_only_the_named_latents_auxiliary_entropy():
     values = _draws_of_L(elbo, guide, True)
     assert_mean_close(values, e_loglik - kls["z2"], what="AutoNormal, kl_sites=['z1']")
     (plan,) = elbo._plans._plans.values()
-    weights = plan.facts["auxiliary_weighted"]
+    weights = plan.fact(AUXILIARY_WEIGHTED)
     assert weights == {"z1_unconstrained": True, "z2_unconstrained": False}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -91,6 +92,97 @@ def test_diagnose_fits_and_compares_with_the_closed_form(tmp_path, capsys):
     assert (tmp_path / "diagnose_normal_normal_posterior.png").stat().st_size > 1000
 
 
+def _spy(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` (a figure-making function) by one that records its figures."""
+    figures = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        figures.append(original(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(module, name, spy)
+    return figures
+
+
+def test_diagnose_many_latents_prints_a_summary_and_plots_a_few(tmp_path, capsys, monkeypatch):
+    """vae_digits with 30 images has 60 latent elements: the terminal gets one line per site
+    and 16 rows with a note naming the full CSV, the figure 8 legible panels (not 40 tiny ones
+    of ArviZ's cap) and says how many it shows."""
+    from pyro_elbo_ext.diagnostics import workflow
+
+    figures = _spy(monkeypatch, workflow, "plot_posterior")
+    argv = ["diagnose", "vae_digits", "-P", "num_data=30", "--steps", "3", "--num-samples", "50",
+            "--out", str(tmp_path), "-q"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    csv = tmp_path / "diagnose_vae_digits.csv"
+    assert "60 rows over 1 site(s); per site:" in out
+    assert f"16 of 60 rows, the first rows of each site (all 60: {csv}):" in out
+    assert len(out.splitlines()) < 45
+    assert len(pd.read_csv(csv, index_col=0)) == 60
+    (fig,) = figures
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert len(panels) == 8
+    assert [ax.get_title() for ax in panels] == [f"z[{i // 2}, {i % 2}]" for i in range(8)]
+    assert "8 of 60 elements" in fig._suptitle.get_text()
+    width, height = fig.get_size_inches()
+    assert width * height / len(panels) > 5  # square inches per panel
+
+
+def test_diagnose_draws_the_nuts_reference_on_the_posterior_plot(tmp_path, capsys, monkeypatch):
+    """--reference nuts: each panel carries the NUTS draws' histogram (the same draws as the
+    table's ref_mean) beside the guide's, and the legend names it."""
+    from pyro_elbo_ext.diagnostics import workflow
+
+    figures = _spy(monkeypatch, workflow, "plot_posterior")
+    argv = ["diagnose", "normal_normal", "--steps", "50", "--num-samples", "200", "--reference",
+            "nuts", "--nuts-samples", "30", "--out", str(tmp_path), "-q"]
+    assert main(argv) == 0
+    assert "against NUTS (30 draws)" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "diagnose_normal_normal.csv", index_col=0)
+    (fig,) = figures
+    (ax,) = [ax for ax in fig.axes if ax.axison]
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert labels == ["guide", "NUTS (30 draws)"]
+    reference = [p for p in ax.patches if p.get_label() == "NUTS (30 draws)"]
+    assert len(reference) == 1
+    assert [line.get_xdata()[0] for line in ax.get_lines()] == [table.loc["z", "ref_mean"]]
+
+
+def test_fit_curves_show_the_start_and_zoom_on_the_end(tmp_path, capsys, monkeypatch):
+    """The learning-curve figure's top row holds the whole run (the first evaluation inside
+    the axis), the bottom row the second half zoomed (a narrower range than the whole run's)."""
+    from pyro_elbo_ext.compare import plots
+
+    figures = _spy(monkeypatch, plots, "plot_learning_curves")
+    argv = ["fit", "normal_normal", "-e", "trace_elbo,jensen_path", "--steps", "60",
+            "--eval-every", "3", "--eval-particles", "5", "--out", str(tmp_path), "-q"]
+    assert main(argv) == 0
+    curves = pd.read_csv(tmp_path / "fit_normal_normal_curves.csv").dropna(subset=["exact_elbo"])
+    (fig,) = figures
+    whole, _, zoom, _ = fig.axes[:4]
+    low, high = whole.get_ylim()
+    assert low <= curves["exact_elbo"].min() and curves["exact_elbo"].max() <= high
+    zoom_low, zoom_high = zoom.get_ylim()
+    assert zoom_high - zoom_low < 0.2 * (high - low)
+    late = curves[curves["step"] >= 30]["exact_elbo"]
+    assert zoom_low <= late.min() and late.max() <= zoom_high
+
+
+def test_fit_evaluations_share_their_random_draws(tmp_path, capsys):
+    """Evaluations of L use the same draws at every step (common random numbers): with the
+    parameters held still (lr 1e-12) the 5-particle estimates agree to rounding, where fresh
+    draws would differ by the estimate's noise."""
+    argv = ["fit", "vae_digits", "-P", "num_data=20", "-e", "jensen_path", "--steps", "20",
+            "--eval-every", "5", "--eval-particles", "5", "--lr", "1e-12", "--out",
+            str(tmp_path), "-q", "--no-plots"]
+    assert main(argv) == 0
+    evals = pd.read_csv(tmp_path / "fit_vae_digits_curves.csv")["eval_elbo"].dropna()
+    assert len(evals) == 4
+    assert np.ptp(evals) < 1e-6 * abs(evals.mean())
+
+
 @pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
 def test_help_on_every_subcommand(command, capsys):
     argv = ["--help"] if command is None else [command, "--help"]
@@ -111,6 +203,12 @@ def test_help_on_every_subcommand(command, capsys):
     (["compare", "vae_digits", "--at", "posterior"], "has no closed-form posterior"),
     (["compare", "-P", "bogus=1"], "has no option(s) ['bogus']"),
     (["compare", "-P", "num_data"], "expected KEY=VALUE"),
+    (["compare", "-P", "num_data=abc"], "argument -P/--problem-option: problem 'normal_normal': "
+                                        "option num_data takes an integer (default 20), got 'abc'"),
+    (["fit", "logistic_regression", "-P", "prior_scale=wide"],
+     "option prior_scale takes a number (default 1.0), got 'wide'"),
+    (["diagnose", "-P", "dtype=int32"], "argument -P/--problem-option: problem 'normal_normal': "
+                                        "option dtype must be a torch floating-point dtype"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["diagnose", "--num-samples", "0"], "argument --num-samples: expected a positive integer"),
     (["diagnose", "random_attention", "--steps", "1"], "does not apply to problem"),

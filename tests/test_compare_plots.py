@@ -21,7 +21,7 @@ def test_plots_return_figures(tmp_path):
     figures = [plot_gradient_variance(summary), plot_bound(summary),
                plot_learning_curves(fit.frame, fit.log_evidence)]
     assert all(isinstance(f, Figure) for f in figures)
-    assert [len(f.axes) for f in figures] == [3, 1, 2]
+    assert [len(f.axes) for f in figures] == [3, 1, 4]  # curves: whole run, second half
     assert figures[0].axes[0].get_xscale() == "log"
     for i, fig in enumerate(figures):
         fig.savefig(tmp_path / f"{i}.png")

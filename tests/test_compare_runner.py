@@ -229,3 +229,76 @@ def test_an_unbiased_estimator_at_r_10_stays_below_the_stated_threshold():
     assert np.mean(over) <= 0.01 + K_SE * math.sqrt(0.01 * 0.99 / len(runs))
     assert all(r.bias_z_threshold > 3.5 for r in runs)  # t with 9 degrees of freedom
     assert np.mean([r.too_few_repeats for r in runs]) > 0.5  # skewed draws: R = 10 is too few
+
+
+# ---------------------------------------------------------------- a user's pyro.module problem
+def _module_problem(update_module_params: bool, list_module_params: bool = True):
+    """A user's own Problem: a linear decoder registered with ``pyro.module`` (Pyro's default
+    ``update_module_params=False`` unless asked), local latents with a Normal guide."""
+    from pyro.params import param_with_module_name
+
+    from pyro_elbo_ext.problems import Problem
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, generator=gen, **F64)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        net = torch.nn.Linear(2, 3).double()
+
+    def model(data):
+        decoder = pyro.module("decoder", net, update_module_params=update_module_params)
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample("z", pyro.distributions.Normal(torch.zeros(2, **F64), 1.0)
+                            .to_event(1))
+            pyro.sample("obs", pyro.distributions.Normal(decoder(z), 1.0).to_event(1), obs=data)
+
+    def guide(data):
+        loc = pyro.param("loc", torch.zeros(data.shape[0], 2, **F64))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("z", pyro.distributions.Normal(loc, 0.5).to_event(1))
+
+    init = {"loc": 0.1 * torch.ones(12, 2, **F64)}
+    if list_module_params:
+        init.update({param_with_module_name("decoder", n): p.detach().clone()
+                     for n, p in net.named_parameters()})
+    return Problem("user_module", "a user's pyro.module model", model, guide, args=(x,),
+                   init_params=init), net, model, guide
+
+
+@pytest.mark.parametrize("update_module_params", [False, True])
+def test_module_parameters_are_measured_as_pyro_computes_their_gradient(update_module_params):
+    """Each draw of the module's gradient is Pyro's own Trace_ELBO gradient of the module's
+    parameters in ordinary use (a fresh param store, the same seed), and the comparison
+    reports their variance (not 0 and an infinite efficiency) and leaves the module as it was."""
+    problem, net, model, guide = _module_problem(update_module_params)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    draws = draw_estimates(problem, "trace_elbo", 4, seed=7)
+    for r in range(4):
+        pyro.clear_param_store()
+        pyro.param("loc", problem.init_params["loc"].clone())
+        with torch.no_grad():  # the problem's starting values, as the user's module had them
+            for n, p in net.named_parameters():
+                p.copy_(before[n])
+                p.grad = None
+        pyro.set_rng_seed(7 + r)
+        pyro.infer.Trace_ELBO().loss_and_grads(model, guide, *problem.args)
+        for n, p in net.named_parameters():
+            np.testing.assert_allclose(draws.grads[f"decoder$$${n}"][r], -p.grad.numpy(),
+                                       rtol=1e-12)
+    comparison = compare_estimators(problem, ["trace_elbo", "jensen_analytic"], num_repeats=20,
+                                    reference="none", progress=False)
+    tidy = comparison.tidy()
+    module_var = tidy[tidy["parameter"].str.startswith("decoder")].groupby("estimator")[
+        "grad_var"].sum()
+    assert (module_var > 1.0).all(), module_var
+    assert np.isfinite(comparison.summary()["efficiency"]).all()
+    for n, p in net.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+def test_module_parameters_missing_from_init_params_are_refused():
+    problem, *_ = _module_problem(False, list_module_params=False)
+    with pytest.raises(ValueError, match=r"reads the parameter\(s\) \['decoder\$\$\$bias', "
+                                         r"'decoder\$\$\$weight'\], which init_params does not"):
+        compare_estimators(problem, ["trace_elbo"], num_repeats=3, reference="none",
+                           progress=False)

@@ -201,7 +201,7 @@ def test_inductor_with_eager_random_equals_eager():
         elbo = JensenELBO(jit=jit_flag, num_particles=4, vectorize_particles=True,
                           max_plate_nesting=problem.max_plate_nesting)
         if jit_flag:
-            jit.compiled_loss_for(elbo, model, guide).eager_random = True
+            elbo._jit().for_pair(model, guide).eager_random = True
         return elbo
 
     def traced_then_compiled(jit_flag):

@@ -16,7 +16,7 @@ from pyro.distributions.testing.rejection_gamma import RejectionGamma, ShapeAugm
 from pyro.infer import Trace_ELBO
 
 from pyro_elbo_ext import AnalyticKLELBO, HardAttentionELBO, JensenELBO
-from pyro_elbo_ext.elbos.densities import MIXED, PATHWISE, SCORE_FUNCTION, estimator_kind
+from pyro_elbo_ext.elbos.densities import MIXED, PATHWISE, SCORE_FUNCTION, gradient_kind
 
 from .mc import assert_mean_close
 
@@ -67,12 +67,12 @@ def _gradient_draws(elbo, guide, num_draws: int):
     return torch.stack(draws)
 
 
-def test_estimator_kind_reads_score_parts():
-    assert estimator_kind(dist.Normal(0.0, 1.0)) == PATHWISE
-    assert estimator_kind(dist.Normal(torch.zeros(2), 1.0).to_event(1).mask(True)) == PATHWISE
-    assert estimator_kind(dist.Categorical(logits=torch.zeros(3))) == SCORE_FUNCTION
-    assert estimator_kind(RejectionGamma(torch.tensor(2.0), torch.tensor(1.0))) == MIXED
-    assert estimator_kind(
+def test_gradient_kind_reads_score_parts():
+    assert gradient_kind(dist.Normal(0.0, 1.0)) == PATHWISE
+    assert gradient_kind(dist.Normal(torch.zeros(2), 1.0).to_event(1).mask(True)) == PATHWISE
+    assert gradient_kind(dist.Categorical(logits=torch.zeros(3))) == SCORE_FUNCTION
+    assert gradient_kind(RejectionGamma(torch.tensor(2.0), torch.tensor(1.0))) == MIXED
+    assert gradient_kind(
         ShapeAugmentedGamma(torch.tensor(2.0), torch.tensor(1.0)).expand([3])) == MIXED
 
 

@@ -7,6 +7,9 @@ Every Monte Carlo assertion uses a tolerance of ``K_SE`` standard errors of the 
 from __future__ import annotations
 
 import math
+import re
+import warnings
+from pathlib import Path
 
 import arviz as az
 import matplotlib
@@ -306,6 +309,42 @@ def test_psis_flags_a_narrow_off_centre_guide_and_corrects_toward_the_posterior(
     assert abs(corrected - m) < abs(guide_mean - m)
 
 
+def _exact_loo_predictive(problem) -> np.ndarray:
+    """log p(x_i | X_-i) of normal_normal in closed form: the posterior given the other N - 1
+    observations, N(m_-i, s_-i^2), convolved with the noise N(0, sigma^2 = 1) (prior N(0, 2^2))."""
+    x = problem.args[0].double().numpy()
+    prec = 1 / 2.0**2 + (x.size - 1)
+    mean = (x.sum() - x) / prec
+    var = 1 / prec + 1.0
+    return -0.5 * np.log(2 * np.pi * var) - (x - mean) ** 2 / (2 * var)
+
+
+def test_loo_from_guide_draws_is_weighted_for_q_and_az_loo_is_not():
+    """With an off-posterior q (N(m + 0.5 s, 1.3 s)), elpd_loo is log p(x_i | X_-i) in closed
+    form (within 4 of its own standard errors over 8 independent runs); az.loo on the same
+    draws, which takes them for posterior draws, is far off: the guide page's story."""
+    problem = _normal_normal()
+    m, s = _exact_posterior(problem)
+    problem.set_params({"loc": torch.tensor(m + 0.5 * s), "scale": torch.tensor(1.3 * s)})
+    exact = _exact_loo_predictive(problem)
+    ours, arviz = [], []
+    for seed in range(8):
+        pyro.set_rng_seed(seed)
+        idata = to_inference_data(problem.model, problem.guide, *problem.args, num_samples=4000)
+        result = psis_from_inference_data(idata)
+        assert float(result.khat_loo["obs"].max()) < 0.5
+        ours.append(result.elpd_loo["obs"].values)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arviz.append(az.loo(idata, pointwise=True).loo_i.values)
+    ours, arviz = np.array(ours), np.array(arviz)
+    se = ours.std(0, ddof=1) / np.sqrt(len(ours))
+    assert np.all(np.abs(ours.mean(0) - exact) <= K_SE * se + 1e-12), (ours.mean(0) - exact) / se
+    arviz_se = arviz.std(0, ddof=1) / np.sqrt(len(arviz))
+    assert np.max(np.abs(arviz.mean(0) - exact) / arviz_se) > 10 * K_SE
+    assert f"elpd_loo {ours[-1].sum():.2f}" in str(result)
+
+
 def test_khat_verdict_thresholds():
     assert [khat_verdict(k) for k in (-math.inf, 0.49, 0.5, 0.69, 0.7, math.nan)] == [
         "good", "good", "ok", "ok", "unreliable", "unreliable"
@@ -446,3 +485,33 @@ def test_subsampled_plates_are_refused():
     problem = get_problem("normal_normal", subsample_size=5)
     with pytest.raises(ValueError, match="plate 'data' .* subsamples 5 of 20"):
         to_inference_data(problem.model, problem.guide, *problem.args, num_samples=10)
+
+
+# ----------------------------------------------------------------------------- the guide page
+def _page(path: str) -> tuple[str, list[str]]:
+    """A documentation page's text and its ``python`` blocks."""
+    text = (Path(__file__).resolve().parents[1] / path).read_text()
+    return text, re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_diagnostics_page_example_and_its_claims(capsys):
+    """docs/guide/diagnostics.md: its first block runs as written (eight schools, a mean-field
+    guide), its second (az.loo on the same draws) too, and what the page says of them holds:
+    the guide is unreliable (k-hat >= 0.7, every LOO k-hat >= 0.7) while az.loo, which takes the
+    draws for posterior draws, calls every observation good; and the quoted output is the run's."""
+    page, blocks = _page("docs/guide/diagnostics.md")
+    namespace: dict = {}
+    exec(compile(blocks[0], "diagnostics.md[0]", "exec"), namespace)
+    result = namespace["result"]
+    assert result.verdict == "unreliable" and result.khat >= 0.7
+    khat_loo = result.khat_loo["obs"].values
+    assert khat_loo.shape == (8,) and (khat_loo >= 0.7).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(blocks[1], "diagnostics.md[1]", "exec"), namespace)
+    pareto_k = namespace["loo"].pareto_k.values
+    assert (pareto_k < 0.25).all()
+    out = capsys.readouterr().out
+    text = str(result).splitlines()
+    for line in (text[0], text[-1], str(pareto_k.round(2))):
+        assert line in out and line in page, line

@@ -36,7 +36,7 @@ def test_combine_value_pathwise_and_score_terms():
         Term("b", "kl", -theta * 2.0, -theta * 2.0, frozenset()),
     ]
     est = combine(terms, [ScoreSite("s", log_q, frozenset({DATA}))])
-    assert float(est.elbo) == pytest.approx(2.0 - 0.6)
+    assert float(est.total) == pytest.approx(2.0 - 0.6)
     (grad,) = torch.autograd.grad(est.surrogate, theta)
     # pathwise: -2; score: sum_i dlogq_i * (cost_i) with cost_i = lik_i + global kl term
     cost = torch.tensor([0.5, 1.5]) - 0.6
@@ -53,7 +53,7 @@ def test_learning_signal_replaces_the_cost_only_where_marked():
     sites = [ScoreSite("attended", theta * 1.0, frozenset(), learning_signal=True),
              ScoreSite("guided", theta * 10.0, frozenset())]
     est = combine(terms, sites, signal)
-    assert float(est.elbo) == 3.0
+    assert float(est.total) == 3.0
     (grad,) = torch.autograd.grad(est.surrogate, theta)
     # the marked site meets the signal 3 - 2, the other the plain cost 3
     assert float(grad) == pytest.approx(1.0 * (3.0 - 2.0) + 10.0 * 3.0)
@@ -62,4 +62,4 @@ def test_learning_signal_replaces_the_cost_only_where_marked():
 def test_empty_program_has_zero_bound():
     """Pyro's ELBOs give 0 for a model and guide with no sample sites; so does the engine."""
     est = combine([])
-    assert float(est.elbo) == 0.0 and float(est.surrogate) == 0.0
+    assert float(est.total) == 0.0 and float(est.surrogate) == 0.0

@@ -7,13 +7,16 @@ computed by the code under test.
 import itertools
 import math
 import time
+import warnings
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 
+from pyro_elbo_ext.elbos import AnalyticKLELBO, JensenELBO
 from pyro_elbo_ext.elbos.hard_attention import HardAttentionELBO, empty_guide
 from pyro_elbo_ext.problems.hard_attention import (
     cluttered_digits,
@@ -369,6 +372,84 @@ def test_error_learned_baseline_without_input():
     elbo = HardAttentionELBO(estimator="reinforce", baseline="learned")
     with pytest.raises(ValueError, match=r"'where'.*baseline_input"):
         elbo.differentiable_loss(model, empty_guide, torch.tensor(1.0))
+
+
+# ------------------------------------------------------- a mixture marked for Pyro's enumeration
+MIXTURE_DATA = torch.tensor([-2.1, -1.7, -2.4, 1.9, 2.3, 2.0])
+
+
+@config_enumerate
+def gaussian_mixture(data):
+    """Pyro's Gaussian-mixture tutorial model: the assignment is meant to be summed out."""
+    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+
+
+def mixture_guide(data):
+    """Point masses on the globals (AutoDelta's role in the tutorial), at fixed values."""
+    pyro.sample("weights", dist.Delta(torch.tensor([0.3, 0.7]), event_dim=1))
+    pyro.sample("scale", dist.Delta(torch.tensor(0.8)))
+    with pyro.plate("components", 2):
+        pyro.sample("locs", dist.Delta(torch.tensor([-2.0, 2.0])))
+
+
+def hand_mixture_objectives(data):
+    """(F, log p(x)) at the guide's values, by explicit loops over points and components:
+    F = sum_i sum_k w_k log N(x_i | loc_k, s) and log p(x) = sum_i log sum_k w_k N(...), each
+    plus the globals' log prior (the point masses' entropy is 0)."""
+    w, s, locs = [0.3, 0.7], 0.8, [-2.0, 2.0]
+    prior = (dist.Dirichlet(0.5 * torch.ones(2)).log_prob(torch.tensor(w))
+             + dist.LogNormal(0.0, 2.0).log_prob(torch.tensor(s))
+             + sum(dist.Normal(0.0, 10.0).log_prob(torch.tensor(m)) for m in locs))
+    F = log_px = prior
+    for x in data.tolist():
+        logs = [float(dist.Normal(m, s).log_prob(torch.tensor(x))) for m in locs]
+        F = F + sum(wk * lk for wk, lk in zip(w, logs))
+        log_px = log_px + math.log(sum(wk * math.exp(lk) for wk, lk in zip(w, logs)))
+    return float(F), float(log_px)
+
+
+@pytest.mark.parametrize("loss", [JensenELBO, AnalyticKLELBO])
+def test_mixture_refusal_names_traceenum_elbo(loss):
+    """A discrete model latent the guide does not sample: the error says to keep Pyro's
+    TraceEnum_ELBO for summing it out (and when HardAttentionELBO is the loss instead)."""
+    with pytest.raises(ValueError, match="'assignment' is not sampled by the guide") as error:
+        loss(max_plate_nesting=1).loss(gaussian_mixture, mixture_guide, MIXTURE_DATA)
+    message = str(error.value)
+    assert "keep Pyro's TraceEnum_ELBO" in message and "log sum_z p(x, z)" in message
+    assert "HardAttentionELBO" in message and "E_p(z)[log p(x | z)]" in message
+
+
+@pytest.mark.parametrize("estimator", ["enum", "reinforce"])
+def test_site_marked_for_enumeration_warns_which_objective(estimator):
+    """HardAttentionELBO on a site marked for Pyro's enumeration warns that it maximizes F,
+    not log p(x); and F is what it computes (by hand), while TraceEnum_ELBO gives log p(x)."""
+    F, log_px = hand_mixture_objectives(MIXTURE_DATA)
+    loss = HardAttentionELBO(estimator=estimator, max_plate_nesting=1)
+    with pytest.warns(UserWarning, match="'assignment' is marked infer=") as record:
+        value = loss.loss(gaussian_mixture, mixture_guide, MIXTURE_DATA)
+    message = str(record[0].message)
+    assert "TraceEnum_ELBO" in message
+    assert "log p(x) = log sum_assignment p(x, assignment)" in message
+    assert "F = E_p(assignment)[log p(x | assignment)] <= log p(x)" in message
+    if estimator == "enum":  # the stated objective, exactly
+        assert -value == pytest.approx(F, rel=1e-12)
+    pyro_value = TraceEnum_ELBO(max_plate_nesting=1).loss(gaussian_mixture, mixture_guide,
+                                                          MIXTURE_DATA)
+    assert -pyro_value == pytest.approx(log_px, rel=1e-12)
+    assert log_px - F > 1.0  # the two objectives differ: the warning is not pedantry
+
+
+def test_unmarked_attention_site_does_not_warn():
+    problem = make_problem(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HardAttentionELBO(estimator="enum").loss(problem.model, empty_guide, *problem.args)
 
 
 # ---------------------------------------------------------------------------- digits

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -23,13 +24,14 @@ from pyro.infer.autoguide import (
     AutoNormal,
     AutoNormalMessenger,
 )
+from pyro.nn import PyroModule, PyroSample
 from pyro.poutine.messenger import Messenger
 from torch.distributions import Normal, constraints
 
 from pyro_elbo_ext import ImportanceWeightedELBO
-from pyro_elbo_ext.elbos.importance_weighted import leave_one_out_bounds
+from pyro_elbo_ext.elbos.weights import leave_one_out_bounds
 from pyro_elbo_ext.problems import get_problem
-from tests.mc import K_SE
+from tests.mc import K_SE, assert_mean_close
 from tests.models import discrete_guide as mixed_guide
 from tests.models import discrete_model as mixed_model
 
@@ -327,12 +329,10 @@ def forced(guide, values):
     return wrapped
 
 
-@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_discrete_site_bound_and_gradient_equal_enumeration_of_every_k_tuple(estimator, k):
-    """The expectation of our estimates over all 3^K tuples (each computed by the loss with
-    the tuple forced) equals L_K and dL_K computed exactly by enumeration."""
-    elbo = ImportanceWeightedELBO(num_particles=k, estimator=estimator, max_plate_nesting=0)
+def _expectation_over_tuples_is_exact(elbo, k: int, guide_for) -> torch.Tensor:
+    """The expectation of ``elbo``'s estimates over all 3^K tuples of the discrete site's
+    draws (``guide_for(values)``: the guide drawing them) equals L_K and dL_K computed exactly
+    by enumeration; returns the exact dL_K/dlogits."""
     with poutine.block():  # create the parameters
         discrete_model(DISCRETE_X), discrete_guide(DISCRETE_X)
     leaves = {n: pyro.param(n).unconstrained() for n in ("logits", "mu")}
@@ -346,8 +346,7 @@ def test_discrete_site_bound_and_gradient_equal_enumeration_of_every_k_tuple(est
         t = torch.tensor(values)
         prob = log_q_all[t].sum().exp()
         exact_bound = exact_bound + prob * (torch.logsumexp(log_w_all[t], 0) - math.log(k))
-        loss = elbo.differentiable_loss(discrete_model, forced(discrete_guide, values),
-                                        DISCRETE_X)
+        loss = elbo.differentiable_loss(discrete_model, guide_for(values), DISCRETE_X)
         expected_value += float(prob.detach()) * -float(loss.detach())
         for n, g in grads_of(loss, leaves).items():
             expected_grads[n] += prob.detach() * g
@@ -355,6 +354,17 @@ def test_discrete_site_bound_and_gradient_equal_enumeration_of_every_k_tuple(est
     assert expected_value == pytest.approx(float(exact_bound.detach()), abs=1e-12)
     torch.testing.assert_close(expected_grads["logits"], exact_logits, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(expected_grads["mu"], exact_mu, rtol=1e-10, atol=1e-12)
+    return exact_logits
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_discrete_site_bound_and_gradient_equal_enumeration_of_every_k_tuple(estimator, k):
+    """The expectation of our estimates over all 3^K tuples (each computed by the loss with
+    the tuple forced) equals L_K and dL_K computed exactly by enumeration."""
+    elbo = ImportanceWeightedELBO(num_particles=k, estimator=estimator, max_plate_nesting=0)
+    exact_logits = _expectation_over_tuples_is_exact(
+        elbo, k, lambda values: forced(discrete_guide, values))
     assert exact_logits.abs().max() > 1e-2  # the reference is not trivially zero
 
 
@@ -527,17 +537,7 @@ def test_scales_and_masks_enter_the_weight_as_in_renyi():
 
 def test_hierarchical_guide_makes_dreg_fall_back_to_iwae_with_a_warning():
     data = torch.tensor([0.4, 1.3])
-
-    def model(data):
-        a = pyro.sample("a", dist.Normal(0.0, 1.0))
-        b = pyro.sample("b", dist.Normal(a, 1.0))
-        with pyro.plate("data", 2):
-            pyro.sample("obs", dist.Normal(b, 1.0), obs=data)
-
-    def guide(data):
-        a = pyro.sample("a", dist.Normal(pyro.param("qa", torch.tensor(0.2)), 1.0))
-        pyro.sample("b", dist.Normal(a + pyro.param("qb", torch.tensor(0.1)), 0.5))
-
+    model, guide = _chain_model, _conditional_guide  # q(b | a) for p(a) p(b | a)
     dreg = ImportanceWeightedELBO(3, "dreg", max_plate_nesting=1)
     with pytest.warns(UserWarning, match="site 'b' depend on another reparameterized"):
         ours = _param_grads(dreg, model, guide, data)
@@ -547,10 +547,11 @@ def test_hierarchical_guide_makes_dreg_fall_back_to_iwae_with_a_warning():
 
 # ---------------------------------------------------------------------------- interface
 def test_svi_module_call_and_guessed_plate_nesting(nn64):
-    elbo = ImportanceWeightedELBO(num_particles=4)  # max_plate_nesting guessed: 1
+    elbo = ImportanceWeightedELBO(num_particles=4)  # max_plate_nesting guessed: 1 (+ particles)
     svi = pyro.infer.SVI(nn64.model, nn64.guide, pyro.optim.Adam({"lr": 0.05}), loss=elbo)
     losses = [svi.step(*nn64.args) for _ in range(60)]
-    assert elbo.max_plate_nesting == 1
+    # the model's one plate, plus the vectorized particle plate: Pyro's ELBO counts it too
+    assert elbo.max_plate_nesting == 2
     assert sum(losses[-10:]) < sum(losses[:10])
     module = elbo(nn64.model, nn64.guide)
     pyro.set_rng_seed(2)
@@ -598,8 +599,6 @@ def test_bad_input_is_refused_with_a_message():
     with pytest.raises(ValueError, match=r"CompiledSVI cannot compile .*estimator='dreg'"):
         CompiledSVI(lambda: None, lambda: None, pyro.optim.Adam({"lr": 0.1}),
                     ImportanceWeightedELBO(estimator="dreg"))
-    with pytest.raises(ValueError, match="always vectorizes"):
-        ImportanceWeightedELBO(vectorize_particles=False)
 
     def model():
         pyro.sample("a", dist.Normal(0.0, 1.0))
@@ -657,3 +656,228 @@ def test_validation_refuses_unknown_guide_sites_and_misplaced_batch_dims():
     with pytest.raises(ValueError, match="'z'"):
         elbo.loss(model, batched_guide, data)
 
+
+
+# ---------------------------------------------------------------------------- sequential particles
+class Sequenced(Messenger):
+    """Sets site z's value to the next of ``values`` at each run (one per sequential
+    particle)."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = iter(values)
+
+    def _pyro_sample(self, msg):
+        if msg["name"] == "z":
+            msg["value"] = torch.tensor(next(self.values))
+
+
+def _sequenced(values):
+    """The discrete guide drawing ``values``, one per run (one per sequential particle)."""
+    sequenced = Sequenced(values)
+
+    def guide(x):
+        with sequenced:
+            discrete_guide(x)
+
+    return guide
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_sequential_particles_bound_and_gradient_equal_enumeration(estimator, k):
+    """vectorize_particles=False (issue 27 row 17): over all 3^K tuples of the K sequential
+    runs' draws, the expected estimate and gradient (VIMCO's included) are L_K and dL_K
+    computed exactly by enumeration."""
+    elbo = ImportanceWeightedELBO(num_particles=k, estimator=estimator,
+                                  vectorize_particles=False)
+    _expectation_over_tuples_is_exact(elbo, k, _sequenced)
+
+
+class BNN(PyroModule):
+    """Pyro's Bayesian-neural-network tutorial model (Bayesian regression with PyroSample
+    weights, ``tutorial/source/bayesian_regression.ipynb``, one hidden layer)."""
+
+    def __init__(self, hidden=5, prior_scale=10.0):
+        super().__init__()
+        self.activation = torch.nn.Tanh()
+        self.layer1 = PyroModule[torch.nn.Linear](1, hidden)
+        self.layer2 = PyroModule[torch.nn.Linear](hidden, 1)
+        self.layer1.weight = PyroSample(
+            dist.Normal(0.0, prior_scale).expand([hidden, 1]).to_event(2))
+        self.layer1.bias = PyroSample(dist.Normal(0.0, prior_scale).expand([hidden]).to_event(1))
+        self.layer2.weight = PyroSample(
+            dist.Normal(0.0, prior_scale).expand([1, hidden]).to_event(2))
+        self.layer2.bias = PyroSample(dist.Normal(0.0, prior_scale).expand([1]).to_event(1))
+
+    def forward(self, x, y=None):
+        mu = self.layer2(self.activation(self.layer1(x.reshape(-1, 1)))).squeeze(-1)
+        sigma = pyro.sample("sigma", dist.Gamma(0.5, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mu, sigma * sigma), obs=y)
+        return mu
+
+
+def _bnn_problem():
+    x = torch.linspace(-1.0, 1.0, 12)
+    y = torch.sin(3.0 * x) + 0.1 * torch.randn(12, generator=torch.Generator().manual_seed(0))
+    model = BNN()
+    guide = AutoDiagonalNormal(model)
+    pyro.set_rng_seed(0)
+    guide(x, y)
+    return model, guide, (x, y)
+
+
+def _mixture_model(data):
+    """A mixture whose component means are indexed by a sampled assignment."""
+    weights = pyro.sample("weights", dist.Dirichlet(torch.ones(2)))
+    locs = pyro.sample("locs", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], 1.0), obs=data)
+
+
+def _mixture_guide(data):
+    concentration = pyro.param("concentration", torch.ones(2),
+                               constraint=constraints.positive)
+    pyro.sample("weights", dist.Dirichlet(concentration))
+    pyro.sample("locs", dist.Normal(pyro.param("locs_loc", torch.tensor([-1.0, 1.0])),
+                                    1.0).to_event(1))
+    logits = pyro.param("assignment_logits", torch.zeros(len(data), 2))
+    with pyro.plate("data", len(data)):
+        pyro.sample("assignment", dist.Categorical(logits=logits))
+
+
+MIXTURE_DATA = torch.tensor([-2.1, -1.7, -2.4, 1.9, 2.2, 2.6])
+
+
+def _sequential_renyi(k):
+    return RenyiELBO(alpha=0, num_particles=k, vectorize_particles=False)
+
+
+@pytest.fixture
+def float64():
+    """float64 by default (the BNN's log-weights are of order 1e5 at its start: float32 would
+    round away the differences between particles)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_sequential_particles_on_the_bnn_tutorial_equal_pyro_renyi_draw_for_draw(float64):
+    """Issue 27 row 17: Pyro's BNN tutorial model cannot run vectorized (nn.Linear with
+    sampled weights); with vectorize_particles=False the value and the gradient are those of
+    Pyro's RenyiELBO(alpha=0, vectorize_particles=False) for the same draws."""
+    model, guide, args = _bnn_problem()
+    ours = _param_grads(ImportanceWeightedELBO(4, vectorize_particles=False), model, guide,
+                        *args)
+    theirs = _param_grads(_sequential_renyi(4), model, guide, *args)
+    _assert_same(ours, theirs, rtol=1e-8)
+
+
+def test_sequential_particles_on_a_mixture_indexed_by_an_assignment():
+    """The same for a mixture indexed by a sampled assignment: the value and the continuous
+    parameters' gradients are Renyi's draw for draw; the discrete assignment gets VIMCO's
+    score gradient, where Renyi gives none."""
+    ours = _param_grads(ImportanceWeightedELBO(5, vectorize_particles=False), _mixture_model,
+                        _mixture_guide, MIXTURE_DATA)
+    theirs = _param_grads(_sequential_renyi(5), _mixture_model, _mixture_guide, MIXTURE_DATA)
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-5)
+    for name in ("concentration", "locs_loc"):
+        torch.testing.assert_close(ours[1][name], theirs[1][name], rtol=1e-4, atol=1e-5)
+    assert theirs[1].get("assignment_logits", torch.zeros(1)).abs().max() == 0
+    assert ours[1]["assignment_logits"].abs().max() > 0
+
+
+@pytest.mark.parametrize("case", ["bnn", "mixture"])
+def test_a_model_that_cannot_run_vectorized_gets_an_error_naming_vectorization(case):
+    if case == "bnn":
+        model, guide, args = _bnn_problem()
+    else:
+        model, guide, args = _mixture_model, _mixture_guide, (MIXTURE_DATA,)
+    with pytest.raises((RuntimeError, ValueError),
+                       match=r"(?s)particles vectorized.*vectorize_particles=False"):
+        ImportanceWeightedELBO(4).loss(model, guide, *args)
+
+
+def test_sequential_particles_refuse_a_subsampled_plate():
+    """Each sequential run draws its own minibatch: no element's weights can be averaged."""
+    with pytest.raises(ValueError, match=r"'data' is subsampled.*vectorize_particles=False"):
+        ImportanceWeightedELBO(3, vectorize_particles=False).loss(local_model, local_guide,
+                                                                  LOCAL_X, 2)
+
+
+# ---------------------------------------------------------------------------- decisions per plan
+def _one_latent_model(x):
+    with pyro.plate("draws", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def _one_latent_guide(rsample: bool):
+    def guide(x):
+        loc = pyro.param("loc", lambda: x.new_full(x.shape, 0.3))
+        with pyro.plate("draws", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 0.8).has_rsample_(rsample))
+
+    return guide
+
+
+def _exact_l2_gradient(x: float, loc: float, scale: float) -> float:
+    """dL_2/dloc for p(z) = N(0, 1), p(x | z) = N(z, 1), q = N(loc, scale), by Gauss-Hermite
+    quadrature over the two draws (z = loc + scale * sqrt(2) t: reparameterized nodes)."""
+    nodes, weights = numpy.polynomial.hermite.hermgauss(60)
+    t = torch.tensor(nodes, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64) / math.sqrt(math.pi)
+    loc_t = torch.tensor(loc, dtype=torch.float64, requires_grad=True)
+    z = loc_t + scale * math.sqrt(2.0) * t
+    log_w = (Normal(0.0, 1.0).log_prob(z) + Normal(z, 1.0).log_prob(torch.tensor(x))
+             - Normal(loc_t, scale).log_prob(z))
+    pairs = torch.logsumexp(torch.stack(torch.broadcast_tensors(log_w[:, None], log_w[None, :])),
+                            0) - math.log(2.0)
+    bound = (w[:, None] * w[None, :] * pairs).sum()
+    (grad,) = torch.autograd.grad(bound, [loc_t])
+    return float(grad)
+
+
+def test_dreg_decision_is_not_reused_for_a_site_that_is_no_longer_reparameterized():
+    """Issue 27 row 3: DReG's stopped q, decided for a reparameterized guide, must not be
+    applied to the same-named site of a guide whose sample is not reparameterized (a
+    score-function site): the gradient is then VIMCO's, unbiased for the exact dL_2/dloc."""
+    x = torch.full((4000,), 0.7, dtype=torch.float64)
+    elbo = ImportanceWeightedELBO(2, "dreg", max_plate_nesting=1)
+    elbo.differentiable_loss(_one_latent_model, _one_latent_guide(True), x)
+    loss = elbo.differentiable_loss(_one_latent_model, _one_latent_guide(False), x)
+    (grad,) = torch.autograd.grad(-loss, [pyro.param("loc").unconstrained()])
+    assert_mean_close(grad, _exact_l2_gradient(0.7, 0.3, 0.8), what="dL_2/dloc")
+
+
+def _chain_model(data):
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    b = pyro.sample("b", dist.Normal(a, 1.0))
+    with pyro.plate("data", 2):
+        pyro.sample("obs", dist.Normal(b, 1.0), obs=data)
+
+
+def _mean_field_guide(data):
+    pyro.sample("a", dist.Normal(pyro.param("qa", torch.tensor(0.2)), 1.0))
+    pyro.sample("b", dist.Normal(pyro.param("qb", torch.tensor(0.1)), 0.5))
+
+
+def _conditional_guide(data):
+    a = pyro.sample("a", dist.Normal(pyro.param("qa", torch.tensor(0.2)), 1.0))
+    pyro.sample("b", dist.Normal(a + pyro.param("qb", torch.tensor(0.1)), 0.5))
+
+
+def test_dreg_decision_is_not_reused_for_a_guide_with_other_dependencies():
+    """Issue 27 row 4: a DReG loss used on a mean-field guide, then on q(b | a) with the same
+    site names, falls back to IWAE there (with its warning): Pyro's RenyiELBO(alpha=0)'s
+    gradient, draw for draw."""
+    data = torch.tensor([0.4, 1.3])
+    elbo = ImportanceWeightedELBO(3, "dreg", max_plate_nesting=1)
+    _param_grads(elbo, _chain_model, _mean_field_guide, data)
+    with pytest.warns(UserWarning, match="site 'b' depend on another reparameterized"):
+        ours = _param_grads(elbo, _chain_model, _conditional_guide, data)
+    _assert_same(ours, _param_grads(_renyi(3), _chain_model, _conditional_guide, data),
+                 rtol=1e-5)

@@ -2,7 +2,10 @@
 
 * :class:`Draws` -- the R estimates of L, of dL (per parameter leaf) and their wall times;
 * :func:`resolve_params` -- ``at="init" | "posterior" | {values}`` to parameter values;
-* :func:`draw_estimates` -- evaluate an estimator R times.
+* :func:`draw_estimates` -- evaluate an estimator R times;
+* :func:`check_params_listed` -- refuse parameters that ``init_params`` leaves out;
+* :func:`module_values_restored` -- put the values of a problem's ``pyro.module`` parameters
+  back after a comparison.
 
 Repetition r of every estimator runs under the seed ``seed + r`` (common random numbers): the
 estimators that sample the guide the same way see the same draws, so their differences are
@@ -12,6 +15,8 @@ measured with less noise.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +24,7 @@ import pyro
 import torch
 
 from ..problems import Problem
+from ..problems.base import MODULE_DIVIDER
 from .estimators import EstimatorSpec, get_estimator
 
 
@@ -84,6 +90,8 @@ def draw_estimates(
         start = time.perf_counter()
         value = loss.loss_and_grads(model, guide, *problem.args, **problem.kwargs)
         elapsed = time.perf_counter() - start
+        if r == min(0, -warmup):
+            check_params_listed(problem)
         if r < 0:
             continue
         values[r], seconds[r] = -float(value), elapsed
@@ -97,4 +105,38 @@ def draw_estimates(
     return Draws(spec.name, values, grads, seconds, used, float(eps))
 
 
-__all__ = ["Draws", "draw_estimates", "resolve_params"]
+def check_params_listed(problem: Problem) -> None:
+    """A ValueError naming the parameters in Pyro's param store (read by the model or guide)
+    that ``problem.init_params`` leaves out: nothing would reset or measure them."""
+    unlisted = problem.unlisted_params()
+    if unlisted:
+        modules = sorted({n.split(MODULE_DIVIDER)[0] for n in unlisted if MODULE_DIVIDER in n})
+        hint = "" if not modules else (
+            f"; for pyro.module({modules[0]!r}, net): {{param_with_module_name({modules[0]!r}, "
+            "n): p.detach().clone() for n, p in net.named_parameters()}} "
+            "(pyro.params.param_with_module_name)"
+        )
+        raise ValueError(
+            f"problem {problem.name!r}: the model or guide reads the parameter(s) {unlisted}, "
+            "which init_params does not list, so the comparison would neither reset nor "
+            f"measure them; add each to init_params with its starting value{hint}"
+        )
+
+
+@contextmanager
+def module_values_restored(problem: Problem) -> Iterator[None]:
+    """On exit, write back the values that the problem's ``pyro.module`` parameters had on
+    entry (:meth:`Problem.set_params` writes each point's values into the module's own
+    tensors; a training run steps them)."""
+    saved = {name: (own, own.detach().clone())
+             for name, own in problem.module_parameters().items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for own, value in saved.values():
+                own.copy_(value)
+
+
+__all__ = ["Draws", "check_params_listed", "draw_estimates", "module_values_restored",
+           "resolve_params"]

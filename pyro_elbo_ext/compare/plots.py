@@ -156,35 +156,56 @@ def plot_bound(summary: pd.DataFrame, title: str | None = None) -> Figure:
 def plot_learning_curves(
     frame: pd.DataFrame, log_evidence: float | None = None, title: str | None = None
 ) -> Figure:
-    """L against SVI step and against cumulative wall time, one line per estimator.
+    """L against SVI step and against cumulative wall time, one line per estimator: the whole
+    run (top row, the start included) and its second half zoomed (bottom row).
 
     Uses the closed-form ``exact_elbo`` where the problem has one, else the common-yardstick
-    estimate ``eval_elbo``; draws log p(X) as a horizontal line where known.
+    estimate ``eval_elbo``; draws log p(X) as a horizontal line where known (in the zoomed row
+    only when it lies within the zoomed range's span of the curves).
     """
     column = "exact_elbo" if frame["exact_elbo"].notna().any() else "eval_elbo"
     label = "exact L(q)" if column == "exact_elbo" else "L (estimate, common yardstick)"
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    by_step, by_time = fig.subplots(1, 2, sharey=True)
-    for name, group in frame.groupby("estimator", sort=False):
-        points = group.dropna(subset=[column])
-        by_step.plot(points["step"], points[column], label=name)
-        by_time.plot(points["wall_time_s"], points[column], label=name)
-    for ax in (by_step, by_time):
-        if log_evidence is not None:
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
+    (whole_step, whole_time), (zoom_step, zoom_time) = fig.subplots(2, 2, sharey="row")
+    points = frame.dropna(subset=[column])
+    half = points["step"].max() / 2 if len(points) else 0.0
+    late = points[points["step"] >= half]
+    for name, group in points.groupby("estimator", sort=False):
+        for ax in (whole_step, zoom_step):
+            ax.plot(group["step"], group[column], label=name)
+        for ax in (whole_time, zoom_time):
+            ax.plot(group["wall_time_s"], group[column], label=name)
+    if len(late):
+        low, top = late[column].min(), late[column].max()
+        span = max(top - low, 1e-6 * max(1.0, abs(top)))
+        near = log_evidence is not None and top <= log_evidence <= top + span
+        if near:
+            top = log_evidence
+        zoom_step.set_ylim(low - 0.1 * span, top + 0.1 * span)
+        zoom_step.set_xlim(half, points["step"].max())
+        zoom_time.set_xlim(late["wall_time_s"].min(), points["wall_time_s"].max())
+    else:
+        near = False
+    for ax in (whole_step, whole_time, zoom_step, zoom_time):
+        if log_evidence is not None and (ax in (whole_step, whole_time) or near):
             ax.axhline(log_evidence, color="black", ls=":", label="log p(X)")
         ax.grid(alpha=0.3)
-    values = frame[column].dropna()
-    if len(values):  # focus on the converging part: ignore the first few percent of the range
-        top = max(values.max(), log_evidence if log_evidence is not None else -np.inf)
-        low = values.quantile(0.1)
-        span = max(top - low, 1e-6)
-        by_step.set_ylim(low - 0.1 * span, top + 0.1 * span)
-    by_step.set_xlabel("SVI step")
-    by_time.set_xlabel("wall time (s)")
-    by_step.set_ylabel(label)
-    by_time.legend(loc="lower right", fontsize="small")
+    whole_step.set_title("the whole run", fontsize=10)
+    whole_time.set_title("the whole run, against wall time", fontsize=10)
+    last = points["step"].max() if len(points) else 0
+    zoom_step.set_title(f"the second half (steps {half:.0f}-{last}), zoomed", fontsize=10)
+    zoom_time.set_title("the second half, against wall time", fontsize=10)
+    for ax in (zoom_step, whole_step):
+        ax.set_ylabel(label)
+    zoom_step.set_xlabel("SVI step")
+    zoom_time.set_xlabel("wall time (s)")
+    handles, names = whole_step.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 6),
+               fontsize="small")
     problem = frame["problem"].iloc[0] if len(frame) else ""
-    fig.suptitle(title or f"{problem}: learning curves")
+    note = ("" if column == "exact_elbo" else
+            "; every evaluation uses the same random draws (common random numbers)")
+    fig.suptitle(title or f"{problem}: learning curves{note}")
     return fig
 
 

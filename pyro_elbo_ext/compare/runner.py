@@ -15,7 +15,7 @@ from pyro.util import get_rng_state, set_rng_state
 
 from .._extras import require
 from ..problems import Problem
-from .draws import draw_estimates, resolve_params
+from .draws import draw_estimates, module_values_restored, resolve_params
 from .estimators import chosen_estimators, get_estimator
 from .records import Comparison
 from .reference import reference_gradient
@@ -99,16 +99,18 @@ def compare_at_points(
     saved, rng = store.get_state(), get_rng_state()
     references, records = {}, []
     try:
-        for label, params in resolved:
-            ref = reference_gradient(problem, params, reference, reference_repeats, seed)
-            references[label] = ref
-            bar = tqdm(specs, desc=f"compare {problem.name} at {label}", unit="estimator",
-                       disable=None if progress is None else not progress,
-                       delay=0 if progress else 2.0, leave=False)
-            for spec in bar:
-                bar.set_postfix_str(spec.name)
-                draws = draw_estimates(problem, spec, num_repeats, seed, num_particles, params)
-                records.append(summarize(problem, spec, draws, ref, label, seed))
+        with module_values_restored(problem):
+            for label, params in resolved:
+                ref = reference_gradient(problem, params, reference, reference_repeats, seed)
+                references[label] = ref
+                bar = tqdm(specs, desc=f"compare {problem.name} at {label}", unit="estimator",
+                           disable=None if progress is None else not progress,
+                           delay=0 if progress else 2.0, leave=False)
+                for spec in bar:
+                    bar.set_postfix_str(spec.name)
+                    draws = draw_estimates(problem, spec, num_repeats, seed, num_particles,
+                                           params)
+                    records.append(summarize(problem, spec, draws, ref, label, seed))
     finally:
         store.set_state(saved)
         set_rng_state(rng)

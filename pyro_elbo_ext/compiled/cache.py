@@ -1,10 +1,18 @@
-"""A bounded, least-recently-used cache of compiled graphs that says when it thrashes."""
+"""A bounded, least-recently-used cache of compiled graphs that says when it thrashes, and the
+warnings and errors of a graph that keeps going stale (pointing at the user's line)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable
+
+import pyro
+import torch
+
+from .trace import changed_numbers, number_hint
 
 
 class BoundedCache(OrderedDict):
@@ -66,27 +74,71 @@ def callable_key(*fns) -> tuple:
     return tuple(key)
 
 
-def count_retrace(count: int, limit: int, who: str, where: str, fallback: str,
-                  stacklevel: int) -> int:
-    """Account for one retrace forced by a changed tensor read; returns the new count.
+#: what to do about a read that keeps changing (the retrace warning's and error's advice)
+READ_ADVICE = (
+    "The model or guide reads tensor values into Python: make that control flow independent "
+    "of tensor values (e.g. torch.where), or pass the deciding value as a non-tensor argument"
+)
 
-    Warns naming ``where`` (the lines whose reads changed) while ``count`` stays within
-    ``limit``; beyond it raises a RuntimeError that says what to change (``fallback``: the
-    eager alternative to name).
+
+def read_changed(traced) -> str:
+    """Why a graph with guarded reads (:mod:`.trace`) went stale."""
+    return (f"a tensor value read into Python at {traced.where_read()} changed since the "
+            "graph was traced")
+
+
+def count_retrace(count: int, limit: int, who: str, reason: str, advice: str,
+                  fallback: str) -> int:
+    """Account for one retrace forced by something the graph assumed; returns the new count.
+
+    Warns with ``reason`` (what changed) while ``count`` stays within ``limit``; beyond it
+    raises a RuntimeError with ``advice`` (what to change) and ``fallback`` (the eager
+    alternative to name).
     """
     count += 1
     if count > limit:
         raise RuntimeError(
-            f"{who}: the model or guide reads tensor values into Python ({where}) and they "
-            f"changed {count} times, so the compiled graph keeps going stale. Make that "
-            "control flow independent of tensor values (e.g. torch.where), pass the deciding "
-            f"value as a non-tensor argument, or use {fallback}"
+            f"{who}: {reason} ({count} times), so the compiled graph keeps going stale. "
+            f"{advice}, or use {fallback}"
         )
     warnings.warn(
-        f"{who}: a tensor value read into Python at {where} changed since the graph was "
-        f"traced; the stale result was not used, retracing and recompiling ({count} of at "
-        f"most {limit})",
+        f"{who}: {reason}; the stale result was not used, retracing and recompiling ({count} "
+        f"of at most {limit})",
         RuntimeWarning,
-        stacklevel=stacklevel + 1,
+        stacklevel=user_stacklevel(),
     )
     return count
+
+
+def random_read_error(who: str, traced, fallback: str) -> RuntimeError:
+    """The error for a read that differs between a trace and the first call of its graph with
+    the same arguments, parameters and state: it depends on random draws."""
+    return RuntimeError(
+        f"{who}: the tensor value read into Python at {traced.where_read()} differs between "
+        "the trace and the first call of the compiled graph with the same arguments, "
+        "parameters and state: it depends on random draws (e.g. subsample indices read with "
+        ".tolist()), which no graph can freeze. Use the tensor itself instead of its values "
+        f"in Python (index with it: data[idx], torch.index_select), or use {fallback}"
+    )
+
+
+def warn_changed_numbers(key, cache, who: str) -> None:
+    """Warn, before a new graph is built for ``key``, where only Python numbers tell it from a
+    key already in ``cache``: say to pass them as 0-dim tensors."""
+    changes = changed_numbers(key, cache.keys())
+    if changes:
+        warnings.warn(f"{who}: {number_hint(changes)}", RuntimeWarning,
+                      stacklevel=user_stacklevel())
+
+
+_PACKAGE_DIRS = tuple(os.path.dirname(module.__file__) + os.sep for module in (torch, pyro)) + (
+    os.path.dirname(os.path.dirname(__file__)) + os.sep,)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller point at the
+    first frame outside torch, Pyro and this package (the user's ``svi.step`` line)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level

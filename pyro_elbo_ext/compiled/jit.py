@@ -1,7 +1,8 @@
 """``jit=True``: a loss's value and gradient from one compiled graph (Inductor).
 
-:meth:`SiteTreatmentELBO.differentiable_loss <pyro_elbo_ext.SiteTreatmentELBO.differentiable_loss>`
-with ``jit=True`` calls :func:`compiled_loss_for`.  The returned loss tensor carries the
+A loss with ``jit=True`` asks the registry of :mod:`pyro_elbo_ext.elbos.protocol` for the jit
+backend, which is :class:`CompiledLosses` (registered in :mod:`pyro_elbo_ext.compiled`), and
+keeps the one it builds.  Its ``differentiable_loss`` returns a loss tensor that carries the
 compiled gradient: its ``backward()`` writes ``grad_output * d(-L_hat)/dparam`` into each
 parameter's ``.grad`` (first-order only; differentiating it twice is not supported).
 
@@ -10,7 +11,10 @@ Per loss, one :class:`CompiledLoss` per (model, guide) pair, in a bounded cache 
 would otherwise compile on every call and hold every graph: the cache drops the oldest and
 warns).  Per pair, one graph per structure key (shapes, dtypes, non-tensor arguments), at
 most :data:`MAX_GRAPHS`, and at most :data:`MAX_RETRACES` retraces forced by changed tensor
-reads (see :mod:`pyro_elbo_ext.compiled.trace`) before an error says what to change.
+reads (see :mod:`pyro_elbo_ext.compiled.trace`) or changed constants (see
+:mod:`pyro_elbo_ext.compiled.assumptions`, checked before every call) before an error says
+what to change.  A graph's first result comes from its compiled call, not from its trace (whose
+random draws are taken off the user's stream), so a rebuilt graph continues the stream exactly.
 """
 
 from __future__ import annotations
@@ -22,8 +26,18 @@ import pyro
 import torch
 from torch.autograd.function import once_differentiable
 
+from .adapter import compile_refusal, eager_loss_fn, state_carrier, step_inputs
+from .assumptions import CONSTANT_ADVICE, checked_data
 from .backend import compile_step
-from .cache import BoundedCache, callable_key, count_retrace
+from .cache import (
+    READ_ADVICE,
+    BoundedCache,
+    callable_key,
+    count_retrace,
+    random_read_error,
+    read_changed,
+    warn_changed_numbers,
+)
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
 
 MAX_PAIRS = 8
@@ -41,16 +55,6 @@ _GRAPHS_MESSAGE = (
     "Each new structure is a new compilation: keep shapes fixed (e.g. pad minibatches) and pass "
     "changing numbers as tensors"
 )
-
-
-def eager_loss_fn(loss):
-    """``(model, guide, args, kwargs) -> -L_hat`` on the eager path of ``loss``."""
-    eager = getattr(loss, "_eager_differentiable_loss", None)
-    if eager is not None:
-        return eager
-    return lambda model, guide, args, kwargs: loss.differentiable_loss(
-        model, guide, *args, **kwargs
-    )
 
 
 def device_of(tensors) -> torch.device:
@@ -107,59 +111,77 @@ class CompiledLoss:
 
     def value_and_grads(self, *args, **kwargs):
         """``(-L_hat, d(-L_hat)/dparams, params)`` from one call of the compiled graph (traced
-        and compiled first for a new structure); the loss takes its new carried state."""
+        and compiled first for a new structure, or where an assumption of the graph broke);
+        the loss takes its new carried state.  ``params`` are the parameters that require
+        grad."""
         loss = self._loss()
         key, data = structure_key(args, kwargs)
-        data = data + list(step_inputs(loss))  # e.g. a scheduled KL weight
+        extra = list(step_inputs(loss))  # e.g. a scheduled KL weight
+        data = checked_data(data) + extra
         entry = self.graphs.lookup(key)
-        store = pyro.get_param_store()._params
-        state = entry.traced.state_inputs(loss) if entry is not None else None
-        if state is not None and entry.traced.params_current(store):
-            params = entry.traced.params
-            with torch.no_grad():
-                outputs = entry.compiled(*params, *data, *state)
-            if outputs[0].is_cuda:  # a CUDA graph reuses its output buffers on the next call
-                outputs = [o.clone() for o in outputs]
-            if not entry.traced.guarded or bool(outputs[-1]):
+        if entry is not None:
+            outputs = self._call(entry, loss, data)
+            if outputs is not None:
                 _announce_params(entry.traced.names)
                 return self._result(loss, entry.traced, outputs)
-            self._count_retrace(entry.traced)
-        traced = self._trace(loss, args, kwargs, data)
+        else:
+            warn_changed_numbers(key, self.graphs, "compiled loss")
+        traced = self._trace(loss, args, kwargs, extra)
+        traced.built()
         inputs = traced.params + data + (traced.state_inputs(loss) or [])
         compiled = compile_step(traced.graph, inputs, device_of(inputs), self.eager_random)
-        self.graphs.insert(key, GraphEntry(traced, compiled))
-        return self._result(loss, traced, traced.outputs)
+        entry = GraphEntry(traced, compiled)
+        self.graphs.insert(key, entry)
+        # the step's result comes from the compiled graph, not from the trace (whose draws
+        # were taken off the user's random stream): a rebuilt graph continues the stream
+        # exactly where an uninterrupted run would
+        outputs = self._run(entry, data, traced.state_inputs(loss))
+        if traced.guarded and not bool(outputs[-1]):
+            raise random_read_error("compiled loss", traced, "jit=False / pyro.infer.SVI")
+        return self._result(loss, traced, outputs)
+
+    def _call(self, entry: GraphEntry, loss, data):
+        """The graph's outputs for this call, or ``None`` when it must be rebuilt."""
+        traced = entry.traced
+        stale = traced.stale(pyro.get_param_store()._params)
+        if stale is not None:
+            reason, counted = stale
+            if counted:
+                self._count_retrace(reason, CONSTANT_ADVICE)
+            return None
+        state = traced.state_inputs(loss)
+        if state is None:
+            return None
+        outputs = self._run(entry, data, state)
+        if traced.guarded and not bool(outputs[-1]):
+            self._count_retrace(read_changed(traced), READ_ADVICE)
+            return None
+        return outputs
+
+    @staticmethod
+    def _run(entry: GraphEntry, data, state):
+        with torch.no_grad():
+            outputs = entry.compiled(*entry.traced.params, *data, *state)
+        if outputs[0].is_cuda:  # a CUDA graph reuses its output buffers on the next call
+            outputs = [o.clone() for o in outputs]
+        return outputs
 
     @staticmethod
     def _result(loss, traced: TracedLossGrad, outputs):
         if traced.state_keys:
             loss.load_carried_state(traced.new_state(outputs))
             loss.report_carried_state()
-        params = traced.params
+        params = traced.grad_params
         return outputs[0], tuple(outputs[1: 1 + len(params)]), params
 
-    def _trace(self, loss, args, kwargs, data) -> TracedLossGrad:
+    def _trace(self, loss, args, kwargs, extra) -> TracedLossGrad:
         loss_fn, model, guide = eager_loss_fn(loss), self.model, self.guide
-        carrier = loss if hasattr(loss, "carried_state") else None
-        return trace_loss_and_grad(lambda: loss_fn(model, guide, args, kwargs), data, carrier)
+        return trace_loss_and_grad(lambda a, k: loss_fn(model, guide, a, k), args, kwargs,
+                                   extra, state_carrier(loss), functions=(model, guide))
 
-    def _count_retrace(self, traced: TracedLossGrad) -> None:
-        self.retraces = count_retrace(self.retraces, MAX_RETRACES, "compiled loss",
-                                      traced.where_read(), "jit=False / pyro.infer.SVI",
-                                      stacklevel=4)
-
-
-def step_inputs(loss) -> tuple:
-    """The loss's per-step input tensors (``()`` for a loss without the protocol)."""
-    inputs = getattr(loss, "step_inputs", None)
-    return inputs() if inputs is not None else ()
-
-
-def prepare_step_inputs(loss) -> None:
-    """Refresh the loss's per-step inputs, where it has any."""
-    prepare = getattr(loss, "prepare_step_inputs", None)
-    if prepare is not None:
-        prepare()
+    def _count_retrace(self, reason: str, advice: str) -> None:
+        self.retraces = count_retrace(self.retraces, MAX_RETRACES, "compiled loss", reason,
+                                      advice, "jit=False / pyro.infer.SVI")
 
 
 def accumulate_grads(params, grads) -> None:
@@ -187,15 +209,33 @@ def _announce_params(names) -> None:
         pyro.param(name)
 
 
-def compiled_loss_for(loss, model, guide) -> CompiledLoss:
-    """The :class:`CompiledLoss` of ``(model, guide)`` under ``loss``, from ``loss``'s bounded
-    cache of pairs (created on first use)."""
-    cache = loss.__dict__.get("_compiled")
-    if not isinstance(cache, BoundedCache):
-        cache = loss._compiled = BoundedCache(MAX_PAIRS, _PAIRS_MESSAGE)
-    key = callable_key(model, guide)
-    compiled = cache.lookup(key)
-    if compiled is None:
-        compiled = CompiledLoss(loss, model, guide)
-        cache.insert(key, compiled)
-    return compiled
+class CompiledLosses(BoundedCache):
+    """``jit=True``'s backend for one loss: its :class:`CompiledLoss` per (model, guide) pair,
+    in a bounded cache (the factory registered with
+    :func:`~pyro_elbo_ext.elbos.protocol.register_jit_backend`; the loss keeps it)."""
+
+    def __init__(self, loss):
+        super().__init__(MAX_PAIRS, _PAIRS_MESSAGE)
+        self._loss = weakref.ref(loss)
+
+    def for_pair(self, model, guide) -> CompiledLoss:
+        """The :class:`CompiledLoss` of ``(model, guide)`` (created on first use; refused with
+        the loss's own reason where it cannot be compiled faithfully)."""
+        key = callable_key(model, guide)
+        compiled = self.lookup(key)
+        if compiled is None:
+            loss = self._loss()
+            reason = compile_refusal(loss, model, guide)
+            if reason is not None:
+                raise ValueError(f"jit=True cannot compile {reason}")
+            compiled = CompiledLoss(loss, model, guide)
+            self.insert(key, compiled)
+        return compiled
+
+    def differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
+        """``-L_hat`` whose ``backward()`` hands out the compiled gradient."""
+        return self.for_pair(model, guide)(*args, **kwargs)
+
+    def loss_and_grads(self, model, guide, args, kwargs) -> torch.Tensor:
+        """``-L_hat``, its compiled gradient added into the parameters' ``.grad``."""
+        return self.for_pair(model, guide).loss_and_grads(*args, **kwargs)

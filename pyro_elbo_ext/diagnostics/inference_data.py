@@ -75,10 +75,12 @@ def to_inference_data(
     ``observed_data``
         The observed values.
     ``log_likelihood``
-        Pointwise :math:`\log p(x_i \mid Z_s)` per observed site and plate element, so that
-        ``az.loo`` / ``az.waic`` work (pass ``var_name=`` when there are several observed
-        sites). Note that LOO on guide draws treats q as the posterior; see
-        :func:`psis_diagnostics` for k-hat values that correct for q.
+        Pointwise :math:`\log p(x_i \mid Z_s)` per observed site and plate element (what
+        :func:`~.psis.psis_from_inference_data` weighs for its leave-one-out k-hats and
+        ``elpd_loo``). ``az.loo`` and ``az.waic`` accept the group, but they take the draws
+        for posterior draws: on guide draws their k-hats and estimates describe neither q nor
+        the posterior, so use ``psis_from_inference_data(idata).khat_loo`` / ``.elpd_loo``
+        (weighted for q) instead; see :func:`~.psis.psis_diagnostics`.
     ``sample_stats``
         Per draw: ``log_weight`` :math:`\log w_s = \log p(X, Z_s) - \log q(Z_s)`, ``lp``
         :math:`\log p(X, Z_s)`, ``log_q``, and the Monte Carlo ELBO terms

@@ -70,6 +70,14 @@ class PSISResult:
         leave-one-out weights :math:`p(X, Z_s) / (q(Z_s)\, p(x_i \mid Z_s))`, which take q to
         :math:`p(Z \mid X_{-i})`. Large values flag influential observations, or a q too
         poor for LOO (Magnusson, Andersen, Jonasson & Vehtari 2019, arXiv:1904.10679).
+        Not ``az.loo``'s k-hats: those take the draws to come from the posterior (see
+        :func:`psis_diagnostics`).
+    elpd_loo : xarray.Dataset
+        Per observation: the PSIS-LOO estimate of :math:`\log p(x_i \mid X_{-i})` from the
+        guide's draws, :math:`\log \sum_s \tilde w_{is}\, p(x_i \mid Z_s)` with the smoothed,
+        normalized leave-one-out weights above; its sum over the observations is what
+        ``az.loo`` reports as ``elpd_loo`` for posterior draws.  Trustworthy where
+        ``khat_loo`` is below 0.7.
     elbo : float
         The mean log weight, a Monte Carlo estimate of L.
     """
@@ -82,6 +90,7 @@ class PSISResult:
     guide_means: xr.Dataset
     corrected_means: xr.Dataset
     khat_loo: xr.Dataset
+    elpd_loo: xr.Dataset
     elbo: float
 
     def __str__(self) -> str:
@@ -97,7 +106,10 @@ class PSISResult:
                          f"{np.array2string(corrected, precision=4)}")
         for name in self.khat_loo.data_vars:
             k = np.asarray(self.khat_loo[name].values)
-            lines.append(f"  LOO k-hat of '{name}': max {np.max(k):.3f}, "
+            elpd = np.asarray(self.elpd_loo[name].values).reshape(-1)
+            se = math.sqrt(elpd.size * np.var(elpd)) if elpd.size > 1 else math.nan
+            lines.append(f"  LOO of '{name}' (guide draws, weighted for q): elpd_loo "
+                         f"{elpd.sum():.2f} (SE {se:.2f}); k-hat max {np.max(k):.3f}, "
                          f"{int(np.sum(k >= OK_KHAT))} of {k.size} >= {OK_KHAT}")
         return "\n".join(lines)
 
@@ -167,16 +179,18 @@ def psis_from_inference_data(idata: az.InferenceData) -> PSISResult:
     guide_means = posterior.mean(("chain", "draw"))
     corrected_means = (posterior * w).sum(("chain", "draw"))
 
-    khat_loo = {}
+    khat_loo, elpd_loo = {}, {}
     if "log_likelihood" in idata.groups():
         for name, loglik in idata.log_likelihood.data_vars.items():
             obs_dims = [d for d in loglik.dims if d not in ("chain", "draw")]
             values = np.asarray(loglik.transpose("chain", "draw", *obs_dims).values, np.float64)
-            values = values.reshape((num_samples, *values.shape[2:]))
-            loo_lw = log_weight.reshape((num_samples,) + (1,) * len(obs_dims)) - values
-            _, k = _psis(np.moveaxis(loo_lw, 0, -1))
-            khat_loo[name] = xr.DataArray(np.asarray(k), dims=obs_dims,
-                                          coords={d: loglik[d] for d in obs_dims})
+            values = np.moveaxis(values.reshape((num_samples, *values.shape[2:])), 0, -1)
+            # w_is = p(X, Z_s) / (q(Z_s) p(x_i | Z_s)), proportional to p(Z_s | X_-i) / q(Z_s)
+            smoothed_loo, k = _psis(log_weight - values)
+            coords = {d: loglik[d] for d in obs_dims}
+            khat_loo[name] = xr.DataArray(np.asarray(k), dims=obs_dims, coords=coords)
+            elpd = np.logaddexp.reduce(smoothed_loo + values, axis=-1)
+            elpd_loo[name] = xr.DataArray(elpd, dims=obs_dims, coords=coords)
     return PSISResult(
         khat=khat,
         verdict=khat_verdict(khat),
@@ -186,6 +200,7 @@ def psis_from_inference_data(idata: az.InferenceData) -> PSISResult:
         guide_means=guide_means,
         corrected_means=corrected_means,
         khat_loo=xr.Dataset(khat_loo),
+        elpd_loo=xr.Dataset(elpd_loo),
         elbo=float(np.mean(log_weight)),
     )
 
@@ -225,10 +240,18 @@ def psis_diagnostics(
     Per observation group: for each element i of an observed site's plates the result also
     holds the k-hat of the leave-one-out ratios
     :math:`p(X, Z_s) / (q(Z_s)\, p(x_i \mid Z_s)) \propto p(Z_s \mid X_{-i}) / q(Z_s)`
-    (PSIS-LOO with draws from q rather than the posterior, Magnusson et al. 2019). We chose
-    this over per-plate k-hats of the joint ratio because the joint ratio does not factorize
-    over the plate when there are global latents, whereas the LOO ratios are well defined for
-    every model and are what ``az.loo`` needs to be trustworthy on guide draws.
+    (PSIS-LOO with draws from q rather than the posterior, Magnusson et al. 2019), and the
+    LOO estimate :math:`\log \sum_s \tilde w_{is}\, p(x_i \mid Z_s)` of
+    :math:`\log p(x_i \mid X_{-i})` (``elpd_loo``). We chose this over per-plate k-hats of the
+    joint ratio because the joint ratio does not factorize over the plate when there are global
+    latents, whereas the LOO ratios are well defined for every model.
+
+    ``az.loo(idata)`` on the same draws answers another question: it takes them to come from
+    the posterior and weighs them by :math:`1 / p(x_i \mid Z_s)` alone, which is
+    :math:`p(Z_s \mid X_{-i}) / p(Z_s \mid X)` only when they do. On guide draws its k-hats
+    and its ``elpd_loo`` describe neither q nor the posterior (they may call an unreliable
+    guide good, or the reverse); ``khat_loo`` and ``elpd_loo`` here are its counterparts for
+    draws from q, and ``az.loo`` is for posterior draws (NUTS: ``az.from_pyro(mcmc)``).
 
     Parameters
     ----------

@@ -3,7 +3,8 @@
 * :func:`diagnose` -- SVI steps with a named estimator, draws from the fitted guide, PSIS k-hat,
   and the guide's posterior against a reference (the closed form, or a NUTS run);
 * :func:`nuts_reference` -- Pyro's NUTS on the problem's model, as an InferenceData;
-* :class:`Diagnosis` -- the result, with :meth:`Diagnosis.save` (CSV table, NetCDF draws, plot).
+* :class:`Diagnosis` -- the result, with :meth:`Diagnosis.save` (CSV table, NetCDF draws, plot)
+  and :meth:`Diagnosis.table_text` (the table, summarized per site when it is long).
 
 This is what ``pyro-elbo-ext diagnose`` runs; the command line only parses and prints.
 """
@@ -21,12 +22,16 @@ from .._extras import require
 from ..problems import Problem
 from .compare_posterior import compare_posterior
 from .inference_data import to_inference_data
+from .plots import chosen_elements, plot_posterior, site_of
 from .psis import PSISResult, psis_from_inference_data
 
 az = require("arviz", "diagnostics")
 
 #: the reference posteriors :func:`diagnose` knows
 REFERENCES = ("auto", "nuts", "none")
+
+#: rows of the posterior table shown in full; a longer one is summarized per site
+MAX_TABLE_ROWS = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +55,9 @@ class Diagnosis:
     reference : str or None
         What the table compares with (``"the closed-form posterior"``, ``"NUTS (500 draws)"``),
         or None.
+    reference_draws : arviz.InferenceData or None
+        The reference's draws (NUTS), drawn on the posterior plot; None for the closed form
+        (its mean and sd are drawn) or no reference.
     """
 
     problem: Problem
@@ -60,6 +68,44 @@ class Diagnosis:
     psis: PSISResult
     table: object
     reference: str | None
+    reference_draws: object = None
+
+    def table_text(self, max_rows: int = MAX_TABLE_ROWS, full_table: str | Path | None = None,
+                   float_format=lambda v: f"{v:.4g}") -> str:
+        """:attr:`table` as text: whole when it has at most ``max_rows`` rows; otherwise one
+        line per site (its number of elements and the range of each statistic) and the
+        ``max_rows`` rows that :func:`~.plots.chosen_elements` picks (every site's worst
+        ``|mean_error_z|``, then the worst of all, largest first), with a note naming
+        ``full_table``.
+        """
+        table = self.table
+        if len(table) <= max_rows:
+            return table.to_string(float_format=float_format)
+        sites = table.groupby(table.index.map(site_of), sort=False)
+        summary = sites.size().to_frame("elements")
+        for column in ("mean", "sd"):
+            summary[f"{column} min"] = sites[column].min()
+            summary[f"{column} max"] = sites[column].max()
+        if "mean_error_z" in table:
+            summary["max |mean_error_z|"] = sites["mean_error_z"].agg(lambda z: z.abs().max())
+            summary["max |sd_error|"] = sites["sd_error"].agg(lambda e: e.abs().max())
+        shown = table.loc[chosen_elements(table, max_rows)]
+        if "mean_error_z" in table:
+            shown = shown.iloc[np.argsort(-shown["mean_error_z"].abs().to_numpy(),
+                                          kind="stable")]
+            which = "the rows with the largest |mean_error_z|, every site represented"
+        else:
+            shown = shown.loc[[label for label in table.index if label in shown.index]]
+            which = "the first rows of each site"
+        where = f" (all {len(table)}: {full_table})" if full_table is not None else ""
+        return "\n".join([
+            f"{len(table)} rows over {len(summary)} site(s); per site:",
+            summary.rename_axis("site").reset_index().to_string(index=False,
+                                                               float_format=float_format),
+            "",
+            f"{len(shown)} of {len(table)} rows, {which}{where}:",
+            shown.to_string(float_format=float_format),
+        ])
 
     def save(self, out: str | Path, plots: bool = True) -> dict[str, Path]:
         """Write ``diagnose_<problem>.csv``, ``.nc`` and (with ``plots``) ``_posterior.png``."""
@@ -70,14 +116,8 @@ class Diagnosis:
         self.table.to_csv(paths["table"])
         self.idata.to_netcdf(str(paths["idata"]))
         if plots:
-            names = list(self.idata.posterior.data_vars)[:6]
-            axes = az.plot_posterior(self.idata, var_names=names)
-            figure = np.atleast_1d(axes).ravel()[0].get_figure()
-            figure.suptitle(f"{self.problem.name}: the guide's posterior after {self.num_steps} "
-                            f"{self.estimator} steps ({self.idata.posterior.sizes['draw']} draws)")
             paths["posterior_png"] = out / f"{stem}_posterior.png"
-            figure.savefig(paths["posterior_png"], dpi=110)
-            require("matplotlib.pyplot", "diagnostics").close(figure)
+            plot_posterior(self).savefig(paths["posterior_png"], dpi=110)
         return paths
 
 
@@ -144,9 +184,9 @@ def diagnose(
         idata = to_inference_data(problem.model, problem.guide, *problem.args,
                                   num_samples=num_samples, **problem.kwargs)
         psis = psis_from_inference_data(idata)
-        source = reference_idata = None
+        source = reference_idata = reference_draws = None
         if reference == "nuts":
-            reference_idata = nuts_reference(problem, nuts_samples, progress)
+            reference_idata = reference_draws = nuts_reference(problem, nuts_samples, progress)
             source = f"NUTS ({nuts_samples} draws)"
         elif reference == "auto" and problem.posterior_params is not None:
             reference_idata, source = problem, "the closed-form posterior"
@@ -156,7 +196,8 @@ def diagnose(
         table = az.summary(idata, kind="stats")
     else:
         table = compare_posterior(idata, reference_idata)
-    return Diagnosis(problem, estimator, num_steps, lr, idata, psis, table, source)
+    return Diagnosis(problem, estimator, num_steps, lr, idata, psis, table, source,
+                     reference_draws)
 
 
-__all__ = ["REFERENCES", "Diagnosis", "diagnose", "nuts_reference"]
+__all__ = ["MAX_TABLE_ROWS", "REFERENCES", "Diagnosis", "diagnose", "nuts_reference"]

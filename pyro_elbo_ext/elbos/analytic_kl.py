@@ -1,7 +1,9 @@
-"""AnalyticKLELBO: L = E_q[log p(X | Z)] - KL[q(Z) || p(Z)], with a closed-form KL where valid.
+r"""AnalyticKLELBO: L = E_q[log p(X | Z)] - KL[q(Z) || p(Z)], with a closed-form KL where valid.
 
-The closed forms are in :mod:`.kl`, the dependency analysis that decides where they are valid in
-:mod:`.dependencies`; this module is the loss: its treatment of a site and its KL weight.
+The closed forms are in :mod:`.kl` and the treatment in :mod:`.treatments`
+(:class:`~.treatments.KLTreatment`); the dependency analysis that decides where a closed form
+is valid is in :mod:`.dependencies`.  This module is the loss: its choice per site and its KL
+weight (:class:`KLWeighting`).
 """
 
 from __future__ import annotations
@@ -10,21 +12,20 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.util import is_validation_enabled
 
 from .base import SiteTreatmentELBO
-from .densities import PATHWISE, entropy_term, estimator_kind, log_density, scaled_and_masked
-from .dependencies import auxiliary_children, model_parents, preceding_latents
-from .engine import Term
-from .kl import analytic_kl, same_value
-from .plan import AUXILIARY, GUIDED, Planning, SiteView, Treatment
-from .sites import is_latent_site, plate_frames
+from .densities import gradient_kind
+from .dependencies import auxiliary_feeds, late_parents
+from .graphs import is_delta
+from .kl import analytic_kl
+from .plan import AUXILIARY, GUIDED, PlanFact, Planning, SiteView, Treatment
+from .sites import is_latent_site
 from .tracing import graph_tracing
-from .treatments import is_delta
+from .treatments import KLTreatment, Weighted
 from .validation import check_choice, check_number
 
 #: what to do with a site whose analytic KL would be biased (see ``AnalyticKLELBO``)
@@ -32,8 +33,46 @@ DEPENDENCY_VIOLATION_ACTIONS = ("fallback", "raise")
 
 KLWeight = float | Callable[[int], float]
 
+#: the latents whose model parents the guide samples later: ``{site: (late parents...)}``
+LATE_PARENTS: PlanFact[dict[str, tuple[str, ...]]] = PlanFact("late parents")
+#: per auxiliary guide site, whether its entropy takes the KL weight
+AUXILIARY_WEIGHTED: PlanFact[dict[str, bool]] = PlanFact("auxiliary sites weighted")
+#: ``kl_sites`` checked against the guided latents of the structure (``None``)
+KL_SITES_CHECKED: PlanFact[None] = PlanFact("kl_sites checked")
 
-# ---------------------------------------------------------------------------- the loss
+
+@dataclass(frozen=True)
+class KLWeighting:
+    """The KL weight option: a number >= 0 or a schedule ``weight(step) -> number``, and the
+    latent sites it applies to (``None``: all)."""
+
+    weight: KLWeight = 1.0
+    sites: frozenset[str] | None = None
+
+    def __post_init__(self):
+        if not callable(self.weight):
+            object.__setattr__(self, "weight", check_number("kl_weight", self.weight, low=0.0))
+        object.__setattr__(self, "sites", _check_kl_sites(self.sites))
+
+    @property
+    def scheduled(self) -> bool:
+        return callable(self.weight)
+
+    @property
+    def trivial(self) -> bool:
+        """A constant weight of 1: L itself."""
+        return not self.scheduled and self.weight == 1.0
+
+    def at(self, step: int) -> float:
+        """The weight at ``step`` (a schedule's value checked: a number >= 0)."""
+        if not self.scheduled:
+            return self.weight
+        return check_number(f"kl_weight({step})", self.weight(step), low=0.0)
+
+    def applies_to(self, site: str) -> bool:
+        return self.sites is None or site in self.sites
+
+
 class AnalyticKLELBO(SiteTreatmentELBO):
     r"""The evidence lower bound in its KL form, with a closed-form KL wherever it is valid.
 
@@ -118,7 +157,9 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     warm-up ramp; Bowman et al. 2015, arXiv:1511.06349; Sønderby et al. 2016,
     arXiv:1602.02282; beta-VAE: Higgins et al. 2017, Burgess et al. 2018, arXiv:1804.03599)
     the objective is ``E_q[log p(X | Z)] - w * KL`` (for the sites in ``kl_sites``, all
-    latents by default), in its value and in its gradient.  For w < 1 it is **no longer a
+    latents by default), in its value and in its gradient: each weighted site's treatment is
+    :class:`~.treatments.Weighted` around :class:`~.treatments.KLTreatment`, reading the
+    step's ``"kl_weight"`` setting.  For w < 1 it is **no longer a
     lower bound** on log p(X) (it can exceed it; at w = 0 it is the expected log-likelihood);
     for w > 1 it is a looser bound than L; either way its maximizer is in general not the q
     closest to the posterior.  The step count (``step_count``) advances once per
@@ -160,33 +201,57 @@ class AnalyticKLELBO(SiteTreatmentELBO):
         **kwargs,
     ):
         super().__init__(num_particles=num_particles, **kwargs)
-        if not callable(kl_weight):
-            kl_weight = check_number("kl_weight", kl_weight, low=0.0)
-        self.kl_weight = kl_weight
-        #: a schedule's weight at the current step, a 0-dim tensor refreshed in place: the
-        #: value a compiled graph reads as an input (see :meth:`step_inputs`)
-        self._scheduled_weight = torch.zeros((), dtype=torch.float64) if callable(
-            kl_weight) else None
-        self.kl_sites = _check_kl_sites(kl_sites)
+        self.weighting = KLWeighting(kl_weight, kl_sites)
         self.on_dependency_violation = check_choice(
             "on_dependency_violation", on_dependency_violation, DEPENDENCY_VIOLATION_ACTIONS
         )
+        #: a schedule's weight at the current step, a 0-dim tensor refreshed in place: the
+        #: value a compiled graph reads as an input (see :meth:`step_inputs`)
+        self._scheduled_weight = (torch.zeros((), dtype=torch.float64)
+                                  if self.weighting.scheduled else None)
 
-    # ------------------------------------------------------------------ the weight and its state
-    def _weight_at(self, step: int) -> float:
-        if not callable(self.kl_weight):
-            return self.kl_weight
-        return check_number(f"kl_weight({step})", self.kl_weight(step), low=0.0)
+    @property
+    def kl_weight(self) -> KLWeight:
+        return self.weighting.weight
 
-    def _step_settings(self, training: bool) -> KLStep:
-        """This call's KL weight: that of the current step (the count advances after a
-        training call).  A schedule's weight is the tensor :meth:`step_inputs` holds, written
-        here for the current step (a compiled call reads it as a graph input instead)."""
+    @property
+    def kl_sites(self) -> frozenset[str] | None:
+        return self.weighting.sites
+
+    # ------------------------------------------------------------------ the treatment
+    def treat(self, site: SiteView, planning: Planning) -> Treatment:
+        """Guided latents: -KL (closed form where valid), weighted where ``kl_sites`` says;
+        auxiliary sites: their entropy, weighted where they feed weighted latents."""
+        if site.role == AUXILIARY:
+            inner = super().treat(site, planning)
+            weighted = self.weighting.sites is None or planning.fact(
+                AUXILIARY_WEIGHTED, lambda: self._weigh_auxiliary(planning))[site.name]
+            return self._weighted(inner, weighted)
+        if site.role != GUIDED:
+            return super().treat(site, planning)
+        planning.fact(KL_SITES_CHECKED, lambda: self._check_kl_sites_exist(planning))
+        late = planning.fact(LATE_PARENTS, lambda: self._late_parents(planning))
+        model_fn, guide_fn = site.model_site["fn"], site.guide_site["fn"]
+        analytic = (site.name not in late and not is_delta(guide_fn)
+                    and _kl_registered(guide_fn, model_fn))
+        kl = KLTreatment(analytic, gradient_kind(guide_fn))
+        return self._weighted(kl, self.weighting.applies_to(site.name))
+
+    def _weighted(self, treatment: Treatment, weighted: bool) -> Treatment:
+        if not weighted or self.weighting.trivial:
+            return treatment
+        return Weighted(treatment, "kl_weight")
+
+    # ------------------------------------------------------------------ the weight
+    def step_settings(self, training: bool) -> dict:
+        """This call's KL weight, that of the current step (the count advances after a
+        training call): a schedule's is the tensor :meth:`step_inputs` holds, written here for
+        the current step (a compiled call reads it as a graph input instead)."""
         if self._scheduled_weight is None:
-            return KLStep(self.kl_weight, self.step_count)
+            return {"kl_weight": self.weighting.weight}
         if not graph_tracing():  # traced, the tensor is a graph input: its value is the caller's
             self.prepare_step_inputs()
-        return KLStep(self._scheduled_weight, self.step_count)
+        return {"kl_weight": self._scheduled_weight}
 
     def step_inputs(self) -> tuple[torch.Tensor, ...]:
         """``(w,)``, the schedule's weight at the current step; ``()`` for a constant weight."""
@@ -194,7 +259,7 @@ class AnalyticKLELBO(SiteTreatmentELBO):
 
     def prepare_step_inputs(self) -> None:
         if self._scheduled_weight is not None:
-            self._scheduled_weight.fill_(self._weight_at(self.step_count))
+            self._scheduled_weight.fill_(self.weighting.at(self.step_count))
 
     def state_dict(self) -> dict:
         """The estimator's state: ``{"step_count": int}`` (the schedule position)."""
@@ -210,64 +275,25 @@ class AnalyticKLELBO(SiteTreatmentELBO):
             )
         self.step_count = int(step)
 
-    # ------------------------------------------------------------------ the treatment
-    def _treat(self, site: SiteView, planning: Planning) -> Treatment:
-        if site.role == AUXILIARY:
-            planning.memo.setdefault("auxiliary", []).append(site.name)
-            weighted = self.kl_sites is None or planning.fact(
-                "auxiliary_weighted", lambda: self._weigh_auxiliary(planning)
-            ).get(site.name, False)
-            return WeightedTreatment(super()._treat(site, planning), weighted)
-        if site.role != GUIDED:
-            return super()._treat(site, planning)
-        planning.fact("kl_sites_checked", lambda: self._check_kl_sites_exist(planning))
-        violations = planning.fact("violations", lambda: self._violations(planning))
-        model_fn, guide_fn = site.model_site["fn"], site.guide_site["fn"]
-        return KLTreatment(
-            analytic=site.name not in violations and not is_delta(guide_fn)
-            and _kl_registered(guide_fn, model_fn),
-            weighted=self.kl_sites is None or site.name in self.kl_sites,
-            guide_estimator=estimator_kind(guide_fn),
-        )
-
     # ------------------------------------------------------------------ planning facts
-    def _violations(self, planning: Planning) -> dict[str, tuple[str, ...]]:
-        """The sites whose model distribution depends on a later guide sample (raise or warn)."""
-        model_trace, guide_trace = planning.model_trace, planning.guide_trace
-        try:
-            parents = model_parents(self._as_traced(planning.model), guide_trace,
-                                    planning.args, planning.kwargs)
-        except Exception as error:  # noqa: BLE001 - any failure: the conservative rule
-            parents = preceding_latents(model_trace)
-            warnings.warn(
-                f"{type(self).__name__}: could not trace the model's dependencies "
-                f"({type(error).__name__}: {error}); treating every latent that precedes a "
-                "site in the model as its parent",
-                stacklevel=2,
-            )
-        order = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"]
-        position = {name: i for i, name in enumerate(order)}
-        violations: dict[str, tuple[str, ...]] = {}
-        for name, site in model_trace.nodes.items():
-            if not is_latent_site(site) or name not in position:
-                continue
-            late = tuple(sorted(p for p in parents.get(name, ())
-                                if position.get(p, -1) > position[name]))
-            if late:
-                violations[name] = late
-        if violations:
-            self._report_violations(violations)
-        return violations
-
     def _as_traced(self, fn):
         """``fn`` as the traces were recorded from it: inside the vectorized particle plate
         when particles are vectorized (the replay must see the traces' shapes)."""
         return self._vectorized_num_particles(fn) if self.vectorize_particles else fn
 
-    def _report_violations(self, violations: dict[str, tuple[str, ...]]) -> None:
+    def _late_parents(self, planning: Planning) -> dict[str, tuple[str, ...]]:
+        """The sites whose model distribution depends on a later guide sample (raise or warn)."""
+        late = late_parents(self._as_traced(planning.model), planning.model_trace,
+                            planning.guide_trace, planning.args, planning.kwargs,
+                            type(self).__name__)
+        if late:
+            self._report_violations(late)
+        return late
+
+    def _report_violations(self, late: dict[str, tuple[str, ...]]) -> None:
         listing = "; ".join(
-            f"'{name}' (its model distribution depends on {', '.join(map(repr, late))})"
-            for name, late in violations.items()
+            f"'{name}' (its model distribution depends on {', '.join(map(repr, parents))})"
+            for name, parents in late.items()
         )
         advice = (
             "sample those latents before the site in the guide (or condition the guide the "
@@ -286,17 +312,14 @@ class AnalyticKLELBO(SiteTreatmentELBO):
                 stacklevel=2,
             )
 
-    def _guided_latents(self, planning: Planning) -> set[str]:
-        guide_nodes = planning.guide_trace.nodes
-        return {name for name, site in planning.model_trace.nodes.items()
-                if is_latent_site(site) and name in guide_nodes}
-
     def _check_kl_sites_exist(self, planning: Planning) -> None:
         """Once per plan, validation or not: every name in ``kl_sites`` is a guided latent."""
-        if self.kl_sites is None:
+        if self.weighting.sites is None:
             return
-        latents = self._guided_latents(planning)
-        unknown = sorted(self.kl_sites - latents)
+        guide_nodes = planning.guide_trace.nodes
+        latents = {name for name, site in planning.model_trace.nodes.items()
+                   if is_latent_site(site) and name in guide_nodes}
+        unknown = sorted(self.weighting.sites - latents)
         if unknown:
             raise ValueError(
                 f"{type(self).__name__}: kl_sites names {unknown}, which are not latent "
@@ -306,25 +329,13 @@ class AnalyticKLELBO(SiteTreatmentELBO):
 
     def _weigh_auxiliary(self, planning: Planning) -> dict[str, bool]:
         """Which auxiliary sites' entropies take the KL weight (see the class docstring)."""
-        guide_trace = planning.guide_trace
-        auxiliary = [name for name, site in guide_trace.nodes.items()
-                     if site["type"] == "sample" and name not in planning.model_trace.nodes]
-        latents = self._guided_latents(planning)
-        try:
-            children = auxiliary_children(self._as_traced(planning.guide), guide_trace,
-                                          auxiliary, planning.args, planning.kwargs)
-        except Exception as error:  # noqa: BLE001 - conservative: it may feed every latent
-            children = {name: frozenset(latents) for name in auxiliary}
-            warnings.warn(
-                f"{type(self).__name__}: could not trace which sites the guide's auxiliary "
-                f"sites feed ({type(error).__name__}: {error}); assuming each feeds every "
-                "latent",
-                stacklevel=2,
-            )
+        feeds = auxiliary_feeds(self._as_traced(planning.guide), planning.model_trace,
+                                planning.guide_trace, planning.args, planning.kwargs,
+                                type(self).__name__)
         weighted: dict[str, bool] = {}
-        for name in auxiliary:
-            fed = children.get(name, frozenset()) & latents
-            inside, outside = sorted(fed & self.kl_sites), sorted(fed - self.kl_sites)
+        for name, fed in feeds.items():
+            inside = sorted(fed & self.weighting.sites)
+            outside = sorted(fed - self.weighting.sites)
             if inside and outside:
                 raise ValueError(
                     f"{type(self).__name__}: kl_sites weights {inside} but not {outside}, and "
@@ -337,129 +348,6 @@ class AnalyticKLELBO(SiteTreatmentELBO):
             weighted[name] = bool(inside)
         return weighted
 
-    # ------------------------------------------------------------------ decomposition notes
-    def _decomposition_notes(self, settings: KLStep, plans) -> tuple[str, ...]:
-        facts = plans[0].facts if plans else {}
-        return self._weight_notes(settings, plans) + _auxiliary_notes(facts.get("auxiliary"))
-
-    def _weight_notes(self, settings: KLStep, plans) -> tuple[str, ...]:
-        if not callable(self.kl_weight) and self.kl_weight == 1.0:
-            return ()
-        if not any(isinstance(site.treatment, (KLTreatment, WeightedTreatment))
-                   and site.treatment.weighted for plan in plans for site in plan.sites):
-            return ()  # kl_sites names no site of this model: L itself
-        w = float(settings.weight)
-        which = (
-            "every latent site"
-            if self.kl_sites is None
-            else "sites " + ", ".join(repr(s) for s in sorted(self.kl_sites))
-        )
-        schedule = (f" (a schedule, at step {settings.step})" if callable(self.kl_weight)
-                    else "")
-        if w == 1.0:
-            return (
-                f"kl_weight{schedule} is 1 here, so this is L; at other steps the objective "
-                "is E[log p(X|Z)] - w KL, which is not L and, for w < 1, not a lower bound "
-                "on log p(X)",
-            )
-        bound = (
-            "NOT a lower bound on log p(X) in general (it can exceed it)"
-            if w < 1
-            else "a looser lower bound than L"
-        )
-        return (
-            f"kl_weight = {w:g}{schedule} multiplies the KL of {which}: the value is "
-            f"E[log p(X|Z)] - {w:g} KL, {bound}; the 'kl' terms shown (and the 'entropy' "
-            "terms of auxiliary guide sites feeding those latents) are weighted",
-        )
-
-
-class KLStep(NamedTuple):
-    """AnalyticKLELBO's settings for one call: the KL weight and the step it belongs to."""
-
-    weight: float
-    step: int
-
-
-@dataclass(frozen=True)
-class KLTreatment(Treatment):
-    """``-w KL[q(z | ...) || p(z | parents)]``: closed form where ``analytic`` and the model and
-    guide sites share scale and mask at this step, else the Monte Carlo ``log p - log q``."""
-
-    analytic: bool
-    weighted: bool
-    guide_estimator: str
-
-    def terms(self, ctx, model_site, guide_site):
-        name = model_site["name"]
-        weight = ctx.settings.weight if self.weighted else 1.0
-        unweighted = _is_one(weight)
-        frames = plate_frames(model_site)
-        kl = _closed_form_kl(model_site, guide_site) if self.analytic else None
-        if kl is not None:
-            value = scaled_and_masked(guide_site, kl)
-            contribution = -value if unweighted else -weight * value
-            return [Term(name, "kl", contribution, contribution, frames, analytic=True)]
-        log_p = scaled_and_masked(model_site, log_density(model_site))
-        log_q = scaled_and_masked(guide_site, log_density(guide_site))
-        contribution = log_p - log_q
-        # the pathwise part of -log q is Pyro's entropy_term (none for a score-function
-        # site, whose E_q[-log q] gradient comes from the score term alone)
-        pathwise_q = entropy_term(guide_site, self.guide_estimator)
-        if pathwise_q is None:
-            pathwise = log_p
-        elif self.guide_estimator == PATHWISE:
-            pathwise = contribution
-        else:
-            pathwise = log_p - pathwise_q
-        if not unweighted:
-            contribution, pathwise = weight * contribution, weight * pathwise
-        return [Term(name, "kl", contribution, pathwise, frames, analytic=False)]
-
-
-@dataclass(frozen=True)
-class WeightedTreatment(Treatment):
-    """Another treatment's terms times this step's KL weight, where ``weighted``."""
-
-    inner: Treatment
-    weighted: bool
-
-    def terms(self, ctx, model_site, guide_site):
-        terms = self.inner.terms(ctx, model_site, guide_site)
-        weight = ctx.settings.weight if self.weighted else 1.0
-        if _is_one(weight):
-            return terms
-        out = []
-        for term in terms:
-            contribution = weight * term.contribution
-            if term.pathwise is None:
-                pathwise = None
-            elif term.pathwise is term.contribution:
-                pathwise = contribution
-            else:
-                pathwise = weight * term.pathwise
-            out.append(Term(term.site, term.kind, contribution, pathwise, term.frames,
-                            term.analytic))
-        return out
-
-
-def _is_one(weight) -> bool:
-    """A constant weight of exactly 1 (a schedule's tensor weight is always applied: a graph
-    must not branch on its value)."""
-    return not isinstance(weight, torch.Tensor) and weight == 1.0
-
-
-def _closed_form_kl(model_site: dict, guide_site: dict) -> torch.Tensor | None:
-    """The site's unscaled closed-form KL, or None where scale or mask differ at this step
-    (or the masks make the pair unregistered)."""
-    if not (same_value(model_site["scale"], guide_site["scale"])
-            and same_value(model_site["mask"], guide_site["mask"])):
-        return None
-    try:
-        return analytic_kl(guide_site["fn"], model_site["fn"])
-    except NotImplementedError:
-        return None
-
 
 def _kl_registered(q, p) -> bool:
     """Whether a closed-form KL exists for the pair's types (masked pairs: tried per step)."""
@@ -470,19 +358,6 @@ def _kl_registered(q, p) -> bool:
     except NotImplementedError:
         return False
     return True
-
-
-def _auxiliary_notes(auxiliary) -> tuple[str, ...]:
-    if not auxiliary:
-        return ()
-    names = ", ".join(repr(s) for s in auxiliary)
-    return (
-        f"the guide has auxiliary sites ({names}; an AutoGuide's): the KL of the latents "
-        "they feed is split between the 'entropy' term of each auxiliary site (analytic "
-        "H[q_aux]) and the latents' 'kl' terms, which are Monte Carlo log q_Delta - log p "
-        "(the Delta's log-density is the transform's log-Jacobian) and are not KLs "
-        "themselves; the KL of those latents is sum('kl') - sum(auxiliary 'entropy')",
-    )
 
 
 def _check_kl_sites(kl_sites) -> frozenset[str] | None:
@@ -501,3 +376,6 @@ def _check_kl_sites(kl_sites) -> frozenset[str] | None:
     if bad:
         raise ValueError(f"kl_sites must name sites by their (string) names, got {bad!r}")
     return names
+
+
+__all__ = ["DEPENDENCY_VIOLATION_ACTIONS", "AnalyticKLELBO", "KLWeighting"]

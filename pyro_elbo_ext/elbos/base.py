@@ -1,30 +1,41 @@
 """The base class of every loss here: Pyro's ``ELBO`` interface over the shared engine.
 
 :class:`SiteTreatmentELBO` owns the particle loop, trace recording (:mod:`.tracing`), the plan
-per trace structure (:mod:`.plan`), combining (:mod:`.engine`), learning-signal updates and
-``decompose``.  A loss implements one hook, :meth:`SiteTreatmentELBO._treat` (how a site
-contributes to L), and may give per-call settings (:meth:`SiteTreatmentELBO._step_settings`),
-a learning signal (:attr:`SiteTreatmentELBO.learning_signal`) and, for enumeration, a model
-wrapper (:meth:`SiteTreatmentELBO._model_wrapper`).
+per trace structure (:mod:`.plan`), applying the treatments, learning-signal updates,
+``decompose`` and the compile protocol (:mod:`.protocol`).  A loss implements the public hooks:
+
+- :meth:`SiteTreatmentELBO.treat` (required): how a site contributes to the estimate;
+- :attr:`SiteTreatmentELBO.combination`: how the particles' terms become the estimate (the
+  mean over particles, :data:`~.combination.MEAN`, unless the loss says otherwise);
+
+and, where it needs them, :meth:`~SiteTreatmentELBO.step_settings` (per-call settings, e.g. a
+scheduled weight), :attr:`~SiteTreatmentELBO.learning_signal` (baselines),
+:meth:`~SiteTreatmentELBO.model_wrapper` (enumeration) and
+:meth:`~SiteTreatmentELBO.exact_references` (exact values for ``decompose``).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
+import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 
-from .decomposition import Decomposition
-from .densities import PATHWISE, estimator_kind, score_function
-from .engine import ParticleEstimate, ScoreSite, combine, expect_over_enumerated
+from .combination import MEAN, Combination, Estimate, ParticleBatch
+from .decomposition import Decomposition, term_notes
+from .densities import PATHWISE, gradient_kind, score_function
+from .engine import ScoreSite, expect_over_enumerated
+from .keys import argument_signature, trace_structure_key
 from .plan import (
     AUXILIARY,
+    LEAF_REFRESH,
     OBSERVED,
     UNGUIDED,
     Plan,
@@ -33,11 +44,10 @@ from .plan import (
     SiteView,
     StepContext,
     Treatment,
-    argument_signature,
     make_plan,
     site_views,
-    structure_key,
 )
+from .protocol import jit_backend
 from .tracing import ModelWrapper, trace_model_and_guide, validate_traces
 from .treatments import EntropyTreatment, Observed
 from .validation import (
@@ -50,28 +60,37 @@ from .validation import (
 
 #: how many trace structures keep a plan
 MAX_CACHED_PLANS = 32
+_NO_SETTINGS: Mapping = MappingProxyType({})
+#: the errors a vectorized particle plate causes in code that does not broadcast (torch's shape
+#: errors, Pyro's plate shape mismatches)
+_SHAPE_ERRORS = (RuntimeError, IndexError, ValueError)
 
 
 class Call(NamedTuple):
-    """One call of the loss: what it was called with and its settings (passed, not stored)."""
+    """One call of the loss: what it was called with and its settings (passed, not stored).
+
+    ``key`` is ``None`` when an argument cannot be summarized (its plan is then not kept).
+    """
 
     model: Any
     guide: Any
     args: tuple
     kwargs: dict
-    settings: Any
+    settings: Mapping
     training: bool
-    key: tuple
+    key: tuple | None
 
 
 class SiteTreatmentELBO(ELBO):
     """An :class:`~pyro.infer.elbo.ELBO` whose estimate is assembled site by site.
 
-    Subclasses say how a site contributes (:meth:`_treat`); this class runs the traces with
-    Pyro's machinery, plans each trace structure once, applies the treatments, adds
-    score-function terms where Pyro's ``score_parts`` has one, and exposes the whole ELBO
-    interface: :meth:`loss`, :meth:`differentiable_loss`, :meth:`loss_and_grads`, ``__call__``
-    (an :class:`~pyro.infer.elbo.ELBOModule`) and :meth:`decompose`.
+    Subclasses say how a site contributes (:meth:`treat`) and, if the estimate is not a mean
+    over particles, how the particles' terms combine (:attr:`combination`); this class runs the
+    traces with Pyro's machinery, plans each trace structure once, applies the treatments,
+    adds score-function terms where Pyro's ``score_parts`` has one, and exposes the whole
+    ELBO interface: :meth:`loss`, :meth:`differentiable_loss`, :meth:`loss_and_grads`,
+    ``__call__`` (an :class:`~pyro.infer.elbo.ELBOModule`) and :meth:`decompose`, and the
+    compile protocol (:class:`~pyro_elbo_ext.elbos.protocol.CompilableLoss`).
 
     Parameters
     ----------
@@ -91,21 +110,26 @@ class SiteTreatmentELBO(ELBO):
         ``vectorize_particles``, ``retain_graph``, ``ignore_jit_warnings``, ``jit_options``).
     """
 
-    #: the loss's learning signal (hard attention's baselines), or ``None``
+    #: the loss's learning signal (:class:`~.signals.LearningSignal`: baselines,
+    #: normalizer, ...), or ``None`` for the plain reward
     learning_signal = None
+    #: how the particles' terms become the estimate (the combine hook)
+    combination: Combination = MEAN
 
     def __init__(self, num_particles: int = 1, jit: bool = False, **kwargs):
         super().__init__(num_particles=check_positive_int("num_particles", num_particles),
                          **kwargs)
         self.jit = bool(jit)
-        #: training calls taken (``differentiable_loss`` / ``loss_and_grads``)
+        #: training steps taken (:meth:`advance_step`: one per ``differentiable_loss`` /
+        #: ``loss_and_grads`` call, or per compiled step)
         self.step_count = 0
         self._plans = PlanCache(MAX_CACHED_PLANS)
-        self._leaf_cache: dict[tuple[int, int], tuple[int, list[torch.Tensor] | None]] = {}
+        #: ``jit=True``'s compiled losses (from the registered jit backend, built on first use)
+        self._compiled = None
 
-    # ------------------------------------------------------------------ hooks for subclasses
-    def _treat(self, site: SiteView, planning: Planning) -> Treatment:
-        """How ``site`` contributes to L (asked once per trace structure).
+    # ------------------------------------------------------------------ the public hooks
+    def treat(self, site: SiteView, planning: Planning) -> Treatment:
+        """How ``site`` contributes to the estimate (asked once per trace structure).
 
         The defaults, which a loss's override falls back to for the roles it leaves alone:
         an observed site, its log-likelihood; an auxiliary guide site, its entropy (analytic
@@ -115,14 +139,25 @@ class SiteTreatmentELBO(ELBO):
         if site.role == OBSERVED:
             return Observed()
         if site.role == AUXILIARY:
-            return EntropyTreatment("analytic", estimator_kind(site.guide_site["fn"]),
-                                    log_prior=False)
+            return EntropyTreatment("analytic", gradient_kind(site.guide_site["fn"]))
         if site.role == UNGUIDED:
             raise missing_guide_site_error(site.name, type(self).__name__)
         raise NotImplementedError(f"{type(self).__name__} does not treat {site.role} sites")
 
-    def _step_settings(self, training: bool) -> Any:
-        """The loss's settings for this call (e.g. a scheduled weight); none by default."""
+    def step_settings(self, training: bool) -> Mapping:
+        """The loss's settings for this call by name (e.g. ``{"kl_weight": w}``, a scheduled
+        weight), read by treatments as ``ctx.settings``; none by default."""
+        return _NO_SETTINGS
+
+    def model_wrapper(self) -> ModelWrapper | None:
+        """A wrapper applied to the model before replay (enumeration); none by default."""
+        return None
+
+    def exact_references(self, model, guide, args: tuple, kwargs: dict):
+        """Exact values ``decompose`` adds where the loss can compute them (e.g. the bound by
+        enumeration): an object whose ``refine(decomposition)`` returns the decomposition with
+        them, or ``None`` (the default).  Called before the estimate, from the same random
+        state, so that both see the same minibatch."""
         return None
 
     def step_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -137,24 +172,19 @@ class SiteTreatmentELBO(ELBO):
     def prepare_step_inputs(self) -> None:
         """Write this step's values into :meth:`step_inputs` (before a compiled call)."""
 
-    def _model_wrapper(self) -> ModelWrapper | None:
-        """A wrapper applied to the model before replay (enumeration); none by default."""
-        return None
-
-    def _decomposition_notes(self, settings: Any, plans: list[Plan]) -> tuple[str, ...]:
-        """Caveats that ``decompose`` should print (e.g. a KL weight other than 1)."""
-        return ()
-
     # ------------------------------------------------------------------ traces and plans
     def _get_trace(self, model, guide, args, kwargs):
         """One particle's traces (Pyro's hook, called by ``ELBO._get_traces``)."""
         return trace_model_and_guide(model, guide, args, kwargs,
-                                     wrap_model=self._model_wrapper())
+                                     wrap_model=self.model_wrapper())
 
     def _begin(self, model, guide, args, kwargs, training: bool) -> Call:
-        key = (model, guide, argument_signature(args),
-               argument_signature(kwargs) if kwargs else None)
-        return Call(model, guide, args, kwargs, self._step_settings(training), training, key)
+        signature = argument_signature(args)
+        if kwargs:
+            extra = argument_signature(kwargs)
+            signature = None if extra is None or signature is None else (signature, extra)
+        key = None if signature is None else (model, guide, signature)
+        return Call(model, guide, args, kwargs, self.step_settings(training), training, key)
 
     def _plan_for(self, call: Call, model_trace, guide_trace) -> Plan:
         """The plan of this trace structure; a new structure is validated, then planned.
@@ -163,36 +193,86 @@ class SiteTreatmentELBO(ELBO):
         plates), so under validation they run once per structure; the value checks (a
         non-finite L or gradient) run at every step.
         """
-        key = (call.key, structure_key(model_trace, guide_trace))
-        plan = self._plans.get(key)
+        key = None if call.key is None else (
+            call.key, trace_structure_key(model_trace, guide_trace))
+        plan = None if key is None else self._plans.get(key)
         validating = is_validation_enabled()
         if plan is not None and (plan.validated or not validating):
             return plan
         if validating:
             validate_traces(model_trace, guide_trace, self.max_plate_nesting,
-                            enumerated=self._model_wrapper() is not None)
+                            enumerated=self.model_wrapper() is not None)
         if plan is None:
             planning = Planning(call.model, call.guide, call.args, call.kwargs, model_trace,
                                 guide_trace)
-            plan = make_plan(site_views(model_trace, guide_trace), self._treat, planning)
-            if not planning.memo.get("provisional"):
+            plan = make_plan(site_views(model_trace, guide_trace), self.treat, planning)
+            if key is not None and not planning.provisional:
                 self._plans.put(key, plan)
         plan.validated = validating
         return plan
 
+    @property
+    def _particle_dim(self) -> int | None:
+        """Where vectorized particles are (Pyro's outermost plate), or ``None``."""
+        if self.vectorize_particles and self.num_particles > 1:
+            return -self.max_plate_nesting
+        return None
+
     # ------------------------------------------------------------------ the engine loop
-    def _estimates(self, call: Call) -> Iterator[ParticleEstimate]:
-        if self.max_plate_nesting == float("inf") and self._model_wrapper() is not None:
+    def _batches(self, call: Call) -> Iterator[ParticleBatch]:
+        """The particles' trace pairs (Pyro's ``_get_traces``), each treated into a batch; an
+        error that names the particle plate where vectorizing the particles broke the model
+        or guide."""
+        if self.max_plate_nesting == float("inf") and self.model_wrapper() is not None:
             # enumeration allocates dimensions left of the plates: it needs their number
             self._guess_max_plate_nesting(call.model, call.guide, call.args, call.kwargs)
-        for model_trace, guide_trace in self._get_traces(call.model, call.guide, call.args,
-                                                         call.kwargs):
+        traces = iter(self._get_traces(call.model, call.guide, call.args, call.kwargs))
+        while True:
+            try:
+                model_trace, guide_trace = next(traces)
+            except StopIteration:
+                return
+            except _SHAPE_ERRORS as error:
+                if self._particle_dim is None or type(error) not in _SHAPE_ERRORS:
+                    raise
+                blamed = self._vectorization_error(call, error, self._particle_dim)
+                if blamed is error:
+                    raise
+                raise blamed from error
+            particle_dim = self._particle_dim  # after Pyro's first trace: its nesting guess
             plan = self._plan_for(call, model_trace, guide_trace)
             ctx = StepContext(model_trace, guide_trace, plan, call.settings)
-            yield self._estimate(ctx, call.training)
+            yield self._batch(ctx, call.training, particle_dim)
 
-    def _estimate(self, ctx: StepContext, training: bool) -> ParticleEstimate:
-        """Apply each site's treatment and combine the terms of one particle."""
+    def _vectorization_error(self, call: Call, error: Exception, particle_dim: int):
+        """``error`` itself, or, where one particle runs without the particle plate, the
+        same error saying that vectorizing the particles broke the model or guide."""
+        if not self._runs_unvectorized(call):
+            return error
+        return type(error)(
+            f"{type(self).__name__}: the model or guide fails with its "
+            f"{self.num_particles} particles vectorized (vectorize_particles=True: one "
+            f"pyro.plate of size {self.num_particles} at dim {particle_dim}, left of the "
+            f"model's plates), and runs without: {error}. Code that does not broadcast over "
+            "a leading batch dimension (a network applied to sampled weights, e.g. nn.Linear "
+            "with a PyroSample weight; a sampled tensor indexed by another sample, e.g. "
+            "locs[assignment]) cannot run vectorized: pass vectorize_particles=False "
+            "(sequential particles), or make that code broadcast"
+        )
+
+    def _runs_unvectorized(self, call: Call) -> bool:
+        """Whether one particle of the call runs without the particle plate (asked only when
+        the vectorized run failed: its random draws and effects are not kept)."""
+        try:
+            with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+                self._get_trace(call.model, call.guide, call.args, call.kwargs)
+        except Exception:  # noqa: BLE001 - any failure: the error is not vectorization's
+            return False
+        return True
+
+    def _batch(self, ctx: StepContext, training: bool,
+               particle_dim: int | None) -> ParticleBatch:
+        """Apply each site's treatment to one trace pair."""
         terms = []
         score_sites = []
         model_nodes, guide_nodes = ctx.model_trace.nodes, ctx.guide_trace.nodes
@@ -200,44 +280,51 @@ class SiteTreatmentELBO(ELBO):
             model_site = model_nodes.get(site.name)
             guide_site = guide_nodes.get(site.name)
             terms.extend(site.treatment.terms(ctx, model_site, guide_site))
-            if site.estimator != PATHWISE:
+            if site.gradient != PATHWISE:
                 sampled = model_site if site.treatment.sampled_by == "model" else guide_site
-                function = score_function(sampled, site.estimator)
+                function = score_function(sampled, site.gradient)
                 if function is not None:
                     score_sites.append(ScoreSite(site.name, function, site.frames,
-                                                 site.treatment.learning_signal))
+                                                 site.treatment.uses_learning_signal))
         if ctx.plan.enumerated:
             enumerated = [model_nodes[name] for name in ctx.plan.enumerated]
             exact = not any(s["type"] == "sample" for s in guide_nodes.values())
             terms = expect_over_enumerated(terms, enumerated, self.max_plate_nesting, exact)
         signal = None
-        if self.learning_signal is not None and any(s.learning_signal for s in score_sites):
-            signal = self.learning_signal.bind(ctx, training, -self.max_plate_nesting)
-        estimate = combine(terms, score_sites, signal)
-        estimate.plan = ctx.plan
-        estimate.signal = signal
-        return estimate
+        if self.learning_signal is not None and score_sites:
+            signal = self.learning_signal.bind(ctx, training, particle_dim)
+        size = 1 if particle_dim is None else self.num_particles
+        return ParticleBatch(terms, score_sites, signal, ctx, size, particle_dim)
 
-    def _check_finite(self, estimate: ParticleEstimate, value: float | None = None) -> None:
-        """Under validation, warn naming the first non-finite term when L_hat is not finite.
+    def _estimates(self, call: Call) -> Iterator[Estimate]:
+        """The estimate, in parts that add up to it: one per batch where the combination
+        allows it (each then takes its gradient and signal update in turn), else one."""
+        combination = self.combination
+        if combination.by_batch:
+            estimate, num_particles = combination.estimate, self.num_particles
+            for batch in self._batches(call):
+                yield estimate((batch,), num_particles)
+        else:
+            yield combination.estimate(list(self._batches(call)), self.num_particles)
 
-        ``value`` is L_hat as a float where the caller has it already (no second sync).
-        """
+    def _check_finite(self, estimate: Estimate, value: float | None = None) -> None:
+        """Under validation, warn naming the first non-finite term when the estimate is not
+        finite.  ``value`` is the estimate as a float where the caller has it already."""
         if not is_validation_enabled():
             return
         if value is None:
             if torch._C._get_tracing_state():
                 return
-            value = torch_item(estimate.elbo.detach())
+            value = torch_item(estimate.value) / estimate.divisor
         if not math.isfinite(value):
-            warn_nonfinite(estimate.terms, type(self).__name__)
+            warn_nonfinite(estimate.terms, type(self).__name__, self.combination.quantity)
 
     @staticmethod
-    def _update_signal(estimate: ParticleEstimate) -> None:
-        """The learning signal's explicit state update, after this particle's gradient."""
-        signal = getattr(estimate, "signal", None)
-        if signal is not None:
-            signal.update()
+    def _update_signals(estimate: Estimate) -> None:
+        """The learning signal's explicit state update, after this part's gradient."""
+        for batch in estimate.batches:
+            if batch.signal is not None:
+                batch.signal.update()
 
     # ------------------------------------------------------------------ the ELBO interface
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -245,11 +332,11 @@ class SiteTreatmentELBO(ELBO):
         call = self._begin(model, guide, args, kwargs, training=False)
         total = 0.0
         with torch.no_grad():
-            for est in self._estimates(call):
-                value = torch_item(est.elbo)
-                self._check_finite(est, value)
+            for estimate in self._estimates(call):
+                value = torch_item(estimate.value) / estimate.divisor
+                self._check_finite(estimate, value)
                 total += value
-        return -total / self.num_particles
+        return -total
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """-L as a tensor whose value is the estimate of -L and whose gradient estimates -dL.
@@ -259,33 +346,51 @@ class SiteTreatmentELBO(ELBO):
         """
         if self.jit:
             self.prepare_step_inputs()
-            loss = self._compiled_loss(model, guide)(*args, **kwargs)
+            loss = self._compiled_loss(model, guide, args, kwargs)
         else:
-            loss = self._eager_differentiable_loss(model, guide, args, kwargs)
-        self.step_count += 1
+            loss = self.eager_differentiable_loss(model, guide, args, kwargs)
+        self.advance_step()
         return loss
 
-    def _eager_differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
-        """-L_hat with the surrogate's gradient, on the eager path (what ``jit`` compiles)."""
+    def eager_differentiable_loss(self, model, guide, args: tuple, kwargs: dict
+                                  ) -> torch.Tensor:
+        """-L_hat with the surrogate's gradient, on the eager path (what ``jit`` compiles).
+
+        A training call (the learning signal updates) that does not advance the step count.
+        """
         call = self._begin(model, guide, args, kwargs, training=True)
-        elbo = surrogate = None
-        for est in self._estimates(call):
-            self._check_finite(est)
-            self._update_signal(est)
-            value = est.elbo.detach()
-            elbo = value if elbo is None else elbo + value
-            surrogate = est.surrogate if surrogate is None else surrogate + est.surrogate
-        if self.num_particles != 1:
-            elbo = elbo / self.num_particles
-            surrogate = surrogate / self.num_particles
+        value = surrogate = None
+        divisor = 1
+        for estimate in self._estimates(call):
+            self._check_finite(estimate)
+            self._update_signals(estimate)
+            part = estimate.value.detach()
+            value = part if value is None else value + part
+            surrogate = (estimate.surrogate if surrogate is None
+                         else surrogate + estimate.surrogate)
+            divisor = estimate.divisor
+        if divisor != 1:
+            value, surrogate = value / divisor, surrogate / divisor
         # value exactly -L (the bracket is exactly zero), gradient -d(surrogate)
-        return (surrogate.detach() - surrogate) - elbo
+        return (surrogate.detach() - surrogate) - value
 
-    def _compiled_loss(self, model, guide):
-        """The compiled differentiable loss of this (model, guide) pair (torch.compile)."""
-        from ..compiled.jit import compiled_loss_for
+    def _compiled_loss(self, model, guide, args, kwargs) -> torch.Tensor:
+        """``jit=True``: -L_hat from the compiled graph of this (model, guide) pair."""
+        return self._jit().differentiable_loss(model, guide, args, kwargs)
 
-        return compiled_loss_for(self, model, guide)
+    def _compiled_loss_and_grads(self, model, guide, args, kwargs) -> float:
+        """``jit=True``: -L_hat from the compiled graph, its gradient added into ``.grad``
+        directly (what ``differentiable_loss(...).backward()`` does, without autograd)."""
+        self.prepare_step_inputs()
+        value = self._jit().loss_and_grads(model, guide, args, kwargs)
+        self.advance_step()
+        return torch_item(value)
+
+    def _jit(self):
+        """The loss's compiled losses, from the jit backend the compiled path registered."""
+        if self._compiled is None:
+            self._compiled = jit_backend()(self)
+        return self._compiled
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Estimate -L and accumulate the gradient estimate into the parameters' ``.grad``.
@@ -297,80 +402,87 @@ class SiteTreatmentELBO(ELBO):
             value = self._compiled_loss_and_grads(model, guide, args, kwargs)
             if is_validation_enabled() and not math.isfinite(value):
                 warnings.warn(
-                    f"{type(self).__name__}(jit=True): the estimate of L is not finite; a "
-                    "compiled loss cannot say which site made it so: run a step with "
-                    "jit=False to have the site named",
+                    f"{type(self).__name__}(jit=True): the estimate of "
+                    f"{self.combination.quantity} is not finite; a compiled loss cannot say "
+                    "which site made it so: run a step with jit=False to have the site named",
                     stacklevel=2,
                 )
             return value
         call = self._begin(model, guide, args, kwargs, training=True)
         loss = 0.0
         validating = is_validation_enabled()
-        for est in self._estimates(call):
-            value = torch_item(est.elbo)
+        for estimate in self._estimates(call):
+            value = torch_item(estimate.value) / estimate.divisor
             if validating:
-                self._check_finite(est, value)
-            loss -= value / self.num_particles
-            surrogate_loss = -est.surrogate
-            if self.num_particles != 1:
-                surrogate_loss = surrogate_loss / self.num_particles
+                self._check_finite(estimate, value)
+            loss -= value
+            surrogate_loss = -estimate.surrogate
+            if estimate.divisor != 1:
+                surrogate_loss = surrogate_loss / estimate.divisor
             if surrogate_loss.requires_grad:
                 surrogate_loss.backward(retain_graph=self.retain_graph or validating)
                 if validating:
-                    leaves = self._parameter_leaves(model, guide, surrogate_loss)
-                    warn_nonfinite_gradient(est, leaves, type(self).__name__)
-            self._update_signal(est)
-        self.step_count += 1
+                    leaves = self._parameter_leaves(estimate, surrogate_loss)
+                    warn_nonfinite_gradient(estimate, leaves, type(self).__name__)
+            self._update_signals(estimate)
+        self.advance_step()
         return loss
 
-    def _compiled_loss_and_grads(self, model, guide, args, kwargs) -> float:
-        """``jit=True``: -L_hat from the compiled graph, its gradient added into ``.grad``
-        directly (what ``differentiable_loss(...).backward()`` does, without autograd)."""
-        self.prepare_step_inputs()
-        value = self._compiled_loss(model, guide).loss_and_grads(*args, **kwargs)
-        self.step_count += 1
-        return torch_item(value)
+    @staticmethod
+    def _parameter_leaves(estimate: Estimate, surrogate: torch.Tensor) -> list[torch.Tensor]:
+        """The parameters behind ``surrogate``, found by an autograd walk every
+        :data:`~.plan.LEAF_REFRESH` calls of a plan (parameters persist from step to step; the
+        refresh picks up those a dynamic model creates later).  Kept on the plan, so bounded
+        with the plans and never shared between two (model, guide) pairs."""
+        plan = estimate.batches[0].plan
+        if plan.parameter_leaves is None or plan.leaf_calls % LEAF_REFRESH == 0:
+            plan.parameter_leaves = graph_leaves(surrogate)
+        plan.leaf_calls += 1
+        return plan.parameter_leaves
 
-    def _parameter_leaves(self, model, guide, surrogate: torch.Tensor) -> list[torch.Tensor]:
-        """The parameters behind ``surrogate``, found by an autograd walk every 64th call.
+    def decompose(self, model, guide, *args, log_evidence: float | None = None,
+                  **kwargs) -> Decomposition:
+        """The terms of the estimate at the current parameters, averaged over particles.
 
-        Parameters persist from step to step, so the walk is cached per (model, guide) pair;
-        the periodic refresh picks up parameters that a dynamic model creates later.
-        """
-        key = (id(model), id(guide))
-        calls, leaves = self._leaf_cache.get(key, (0, None))
-        if leaves is None or calls % 64 == 0:
-            leaves = graph_leaves(surrogate)
-        self._leaf_cache[key] = (calls + 1, leaves)
-        return leaves
-
-    def decompose(self, model, guide, *args, **kwargs) -> Decomposition:
-        """The terms of L at the current parameters, averaged over ``num_particles``.
+        ``log_evidence`` (keyword, not passed to model and guide): log p(X) where known, e.g.
+        ``problem.log_evidence`` of a conjugate problem; the result's ``gap`` is then
+        ``log p(X) - estimate``.
 
         Returns
         -------
         Decomposition
-            L and its terms per site and per kind, with the analytic/Monte Carlo flag of each.
+            The estimate and its terms per site and per kind, with the analytic/Monte Carlo
+            flag of each, and notes (weighted terms, bonuses, learning signals that change
+            the objective); what else the loss's combination and exact references add.
         """
+        with torch.random.fork_rng(), torch.no_grad():  # the same random state as below
+            references = self.exact_references(model, guide, args, kwargs)
         call = self._begin(model, guide, args, kwargs, training=False)
         with torch.no_grad():
-            estimates = list(self._estimates(call))
-        for est in estimates:
-            self._check_finite(est)
-        plans = [est.plan for est in estimates]
-        return Decomposition.from_estimates(
-            estimates, self.num_particles,
-            notes=self._decomposition_notes(call.settings, plans),
-        )
+            batches = list(self._batches(call))
+            estimate = self.combination.estimate(batches, self.num_particles)
+        self._check_finite(estimate)
+        result = self.combination.decomposition(estimate, self.num_particles,
+                                                self._notes(batches), log_evidence)
+        return result if references is None else references.refine(result)
 
-    # ------------------------------------------------------------------ carried state
+    def _notes(self, batches: list[ParticleBatch]) -> tuple[str, ...]:
+        terms = [term for batch in batches for term in batch.terms]
+        auxiliary = frozenset(site.name for batch in batches[:1] for site in batch.plan.sites
+                              if site.role == AUXILIARY)
+        notes = term_notes(terms, auxiliary)
+        if self.learning_signal is not None:
+            notes += self.learning_signal.notes()
+        return notes
+
+    # ------------------------------------------------------------------ the compile protocol
     def carried_state(self) -> dict[tuple, torch.Tensor]:
         """The tensors this loss carries from step to step: its learning signal's state.
 
-        Keyed ``(part, site, what, ...)`` (see
-        :class:`~pyro_elbo_ext.elbos.baselines.LearningSignal`); empty for a stateless loss.
-        Every update replaces these tensors rather than writing into them, so a compiled step
-        takes them as graph inputs and hands back the new ones (:meth:`load_carried_state`).
+        Keyed ``(part, site, what, ...)`` (see :class:`~.signals.LearningSignal`); empty for
+        a stateless loss.  Every update replaces these tensors rather than writing into them,
+        so a compiled step takes them as graph inputs and hands back the new ones
+        (:meth:`load_carried_state`).
         """
         signal = self.learning_signal
         return {} if signal is None else signal.carried_state()
@@ -399,18 +511,30 @@ class SiteTreatmentELBO(ELBO):
         if self.learning_signal is not None:
             self.learning_signal.warn_skipped()
 
+    def advance_step(self) -> None:
+        """One training step was taken: :attr:`step_count` moves by one."""
+        self.step_count += 1
+
+    def compile_refusal(self, model, guide) -> str | None:
+        """Why this loss cannot be compiled faithfully (``None``: it can)."""
+        return None
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """The estimator's own state (baselines, step counters); empty for a stateless loss.
-
-        Losses with state override this and :meth:`load_state_dict`; the result survives
-        ``torch.save`` / ``torch.load`` so a checkpoint can hold it beside the param store.
-        """
-        return {}
+        """The estimator's own state (its learning signal's, with each part's kind and
+        settings); empty for a loss without one.  It survives ``torch.save`` /
+        ``torch.load``, so a checkpoint can hold it beside the param store."""
+        return {} if self.learning_signal is None else self.learning_signal.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; a stateless loss accepts only an empty state."""
-        if state:
+        """Restore :meth:`state_dict`; a checkpoint of another baseline kind or setting is
+        refused naming both values, and a loss without state accepts only an empty one."""
+        if self.learning_signal is not None:
+            self.learning_signal.load_state_dict(state)
+        elif state:
             raise ValueError(
                 f"{type(self).__name__} has no state to restore, got keys {sorted(state)}"
             )
+
+
+__all__ = ["MAX_CACHED_PLANS", "Call", "SiteTreatmentELBO"]

@@ -13,7 +13,7 @@ log_density
 score_parts
     Pyro's :class:`~pyro.distributions.score_parts.ScoreParts` of a site, scaled and masked as
     Pyro scales them (the score function is neither).
-estimator_kind
+gradient_kind
     Pathwise, score function or mixed, from the distribution's ``score_parts``.
 entropy_term, score_function
     The two gradient parts of a site's ``log q`` under that protocol.
@@ -82,7 +82,7 @@ PATHWISE, SCORE_FUNCTION, MIXED = "pathwise", "score_function", "mixed"
 _WRAPPERS = (Independent, MaskedDistribution, ExpandedDistribution)
 
 
-def estimator_kind(fn) -> str:
+def gradient_kind(fn) -> str:
     """How Pyro's ``score_parts`` protocol estimates the gradient of a site drawn from ``fn``.
 
     ``PATHWISE``: the default protocol with ``has_rsample`` (parts ``(log q, 0, log q)``);
@@ -120,5 +120,5 @@ def score_function(site: dict, kind: str) -> torch.Tensor | None:
     return None if is_identically_zero(term) else term
 
 
-__all__ = ["MIXED", "PATHWISE", "SCORE_FUNCTION", "entropy_term", "estimator_kind",
+__all__ = ["MIXED", "PATHWISE", "SCORE_FUNCTION", "entropy_term", "gradient_kind",
            "log_density", "scaled_and_masked", "score_function", "score_parts"]

@@ -6,12 +6,15 @@ its site's name (Wingate et al. 2011, "Nonstandard interpretations of probabilis
 
 Contents: :func:`model_parents` (each model latent's parents), :func:`auxiliary_children`
 (the guide sites each auxiliary site feeds), :func:`preceding_latents` (the conservative
-fallback: every earlier latent).
+fallback: every earlier latent), and the whole-trace facts built on them:
+:func:`late_parents` (the latents whose model parents the guide samples later) and
+:func:`auxiliary_feeds` (which latents each auxiliary guide site feeds).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 
 import pyro
 import pyro.poutine as poutine
@@ -19,8 +22,8 @@ import torch
 from pyro.ops.provenance import ProvenanceTensor, detach_provenance, get_provenance
 from pyro.poutine.messenger import Messenger
 
+from .graphs import distribution_tensors
 from .sites import is_latent_site, is_subsample_site
-from .treatments import distribution_tensors
 
 
 class _TagLatentSamples(Messenger):
@@ -125,4 +128,56 @@ def preceding_latents(model_trace) -> dict[str, frozenset[str]]:
     return out
 
 
-__all__ = ["auxiliary_children", "model_parents", "preceding_latents"]
+def late_parents(model, model_trace, guide_trace, args, kwargs,
+                 who: str) -> dict[str, tuple[str, ...]]:
+    """The latents whose model distribution depends on a latent the guide samples later.
+
+    ``{site: (late parents...)}`` from :func:`model_parents` (``model`` as the traces were
+    recorded from it); where the provenance replay fails, every latent that precedes a site
+    in the model is taken as its parent (conservative), with a warning naming ``who``.
+    """
+    try:
+        parents = model_parents(model, guide_trace, args, kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure: the conservative rule
+        parents = preceding_latents(model_trace)
+        warnings.warn(
+            f"{who}: could not trace the model's dependencies ({type(error).__name__}: "
+            f"{error}); treating every latent that precedes a site in the model as its parent",
+            stacklevel=4,
+        )
+    order = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"]
+    position = {name: i for i, name in enumerate(order)}
+    late: dict[str, tuple[str, ...]] = {}
+    for name, site in model_trace.nodes.items():
+        if not is_latent_site(site) or name not in position:
+            continue
+        found = tuple(sorted(p for p in parents.get(name, ())
+                             if position.get(p, -1) > position[name]))
+        if found:
+            late[name] = found
+    return late
+
+
+def auxiliary_feeds(guide: Callable, model_trace, guide_trace, args, kwargs,
+                    who: str) -> dict[str, frozenset[str]]:
+    """For each auxiliary guide site (a guide sample site the model does not have), the
+    model latents it feeds (:func:`auxiliary_children`, ``guide`` as the traces were recorded
+    from it); where the replay fails, every latent, with a warning naming ``who``."""
+    auxiliary = [name for name, site in guide_trace.nodes.items()
+                 if site["type"] == "sample" and name not in model_trace.nodes]
+    latents = frozenset(name for name, site in model_trace.nodes.items()
+                        if is_latent_site(site) and name in guide_trace.nodes)
+    try:
+        children = auxiliary_children(guide, guide_trace, auxiliary, args, kwargs)
+    except Exception as error:  # noqa: BLE001 - conservative: it may feed every latent
+        children = {name: latents for name in auxiliary}
+        warnings.warn(
+            f"{who}: could not trace which sites the guide's auxiliary sites feed "
+            f"({type(error).__name__}: {error}); assuming each feeds every latent",
+            stacklevel=4,
+        )
+    return {name: children.get(name, frozenset()) & latents for name in auxiliary}
+
+
+__all__ = ["auxiliary_children", "auxiliary_feeds", "late_parents", "model_parents",
+           "preceding_latents"]

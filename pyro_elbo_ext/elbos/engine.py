@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -44,7 +43,7 @@ TERM_SIGNS: dict[str, float] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Term:
     """One site's contribution to L for one particle.
 
@@ -66,6 +65,10 @@ class Term:
     analytic : bool
         Whether the term was computed in closed form (analytic entropy or KL) rather than
         from the sample.
+    weight : float or torch.Tensor
+        The factor the term was multiplied by (:meth:`scaled`): 1 for a term of L itself.
+    weight_label : str
+        What the factor is called (e.g. ``"kl_weight"``), for ``decompose``'s notes.
     """
 
     site: str
@@ -74,14 +77,38 @@ class Term:
     pathwise: torch.Tensor | None
     frames: frozenset[Frame]
     analytic: bool = False
+    weight: float | torch.Tensor = 1.0
+    weight_label: str = ""
 
     @property
     def value(self) -> torch.Tensor:
         """The term's quantity in the convention of its kind (e.g. KL >= 0)."""
         return self.contribution * TERM_SIGNS[self.kind]
 
+    def scaled(self, weight: float | torch.Tensor, label: str = "weight") -> Term:
+        """The term times ``weight``: its contribution and its pathwise part (a term whose
+        gradient is carried by score terms alone keeps ``pathwise=None``).
 
-@dataclass
+        A constant weight of exactly 1 returns the term itself; a tensor weight (a schedule's
+        value, a compiled graph's input) is always applied, so a graph never branches on it.
+        ``decompose`` reports the objective as not L where a term's weight is not 1.
+        """
+        if not isinstance(weight, torch.Tensor) and weight == 1.0:
+            return self
+        contribution = weight * self.contribution
+        if self.pathwise is None:
+            pathwise = None
+        elif self.pathwise is self.contribution:
+            pathwise = contribution  # keeps the engine's "pathwise is contribution" sharing
+        else:
+            pathwise = weight * self.pathwise
+        if self.weight_label:
+            weight, label = self.weight * weight, f"{self.weight_label} x {label}"
+        return Term(self.site, self.kind, contribution, pathwise, self.frames, self.analytic,
+                    weight, label)
+
+
+@dataclass(slots=True)
 class ScoreSite:
     """A site whose sample carries a score-function gradient.
 
@@ -114,24 +141,20 @@ class ScoreSite:
 SignalFn = Callable[[ScoreSite, torch.Tensor], torch.Tensor]
 
 
-@dataclass
+@dataclass(slots=True)
 class ParticleEstimate:
-    """The engine's result for one particle (or one vectorized batch of particles).
+    """:func:`combine`'s result for one particle (or one vectorized batch of particles).
 
-    ``elbo`` is the estimate of L (summed over vectorized particles, not averaged);
-    ``surrogate`` is the differentiable surrogate of L whose gradient estimates dL (``elbo``
-    itself, the same tensor, when every term's gradient is pathwise and no site has a score
-    term);
-    ``terms`` are the terms that were summed.
+    ``total`` is the sum of the terms' contributions: L_hat summed over the batch's
+    vectorized particles (not averaged); ``surrogate`` is the differentiable surrogate whose
+    gradient estimates that sum's (``total`` itself, the same tensor, when every term's
+    gradient is pathwise and no site has a score term); ``terms`` are the terms that were
+    summed.
     """
 
-    elbo: torch.Tensor
+    total: torch.Tensor
     surrogate: torch.Tensor
     terms: Sequence[Term]
-    #: the plan the particle was combined under (set by the loss)
-    plan: Any = None
-    #: the learning signal bound to this particle, whose update follows its gradient
-    signal: Any = None
 
 
 def sum_to_frames(
@@ -221,7 +244,7 @@ def combine(
             surrogate = score_term if surrogate is None else surrogate + score_term
     if surrogate is None:  # nothing differentiable at all
         surrogate = torch.zeros_like(elbo)
-    return ParticleEstimate(elbo=elbo, surrogate=surrogate, terms=terms)
+    return ParticleEstimate(total=elbo, surrogate=surrogate, terms=terms)
 
 
 def expect_over_enumerated(
@@ -253,5 +276,6 @@ def expect_over_enumerated(
         value = term.contribution * weight
         if torch.is_tensor(value) and value.dim() > max_plate_nesting:
             value = value.sum(tuple(range(value.dim() - max_plate_nesting)))
-        out.append(Term(term.site, term.kind, value, value, term.frames, exact or term.analytic))
+        out.append(Term(term.site, term.kind, value, value, term.frames, exact or term.analytic,
+                        term.weight, term.weight_label))
     return out

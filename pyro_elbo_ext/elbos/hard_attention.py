@@ -1,38 +1,41 @@
 r"""HardAttentionELBO: the marginal bound of hard-attention models, exact or sampled.
 
-See :class:`HardAttentionELBO`.
+See :class:`HardAttentionELBO`; its options are checked by :class:`AttentionOptions`, its exact
+references (F and log p(y) by enumeration) are in :mod:`.exact`, its learning signals in
+:mod:`.signals`, :mod:`.baselines` and :mod:`.learned_baseline`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import warnings
+from dataclasses import dataclass
 
 import pyro.poutine as poutine
 import torch
-from pyro.infer.traceenum_elbo import TraceEnum_ELBO
 from pyro.poutine.messenger import Messenger
 
 from .baselines import (
     BASELINES,
-    LearnedBaseline,
-    LearningSignal,
     LeaveOneOutBaseline,
     MovingAverageBaseline,
     SignalNormalizer,
     check_decay,
 )
-from .decomposition import Decomposition
-from .densities import scaled_and_masked
-from .engine import Term
+from .exact import USER_MARK, AttentionReferences, attention_references, enumeration_config
 from .jensen import JensenELBO
-from .plan import UNGUIDED, Planning, SiteView, Treatment
-from .sites import is_latent_site, is_subsample_site, plate_frames
-from .treatments import analytic_entropy
+from .learned_baseline import LearnedBaseline
+from .plan import UNGUIDED, PlanFact, Planning, SiteView, Treatment
+from .signals import LearningSignal, ZeroOneReward
+from .sites import is_latent_site
+from .treatments import PriorProposal, analytic_entropy
 from .validation import check_choice, check_number, check_positive_int
 
 ESTIMATORS = ("enum", "reinforce")
 REWARDS = ("log_likelihood", "zero_one")
+
+#: the enumeration of the attention sites checked (distinct dimensions, size) (``None``)
+ENUMERATION_CHECKED: PlanFact[None] = PlanFact("enumeration checked")
 
 
 def empty_guide(*args, **kwargs) -> None:
@@ -41,6 +44,78 @@ def empty_guide(*args, **kwargs) -> None:
     Use it with :class:`HardAttentionELBO` when the model's own distribution p(l | I, W) is the
     proposal for every latent, as in Ba, Mnih & Kavukcuoglu (2014).
     """
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """:class:`HardAttentionELBO`'s estimator options, checked together (each error names the
+    argument and what to use instead)."""
+
+    estimator: str = "enum"
+    baseline: str | None = None
+    decay: float = 0.9
+    normalize: bool = False
+    entropy_weight: float = 0.0
+    reward: str = "log_likelihood"
+    max_enum_size: int = 100_000
+
+    def __post_init__(self):
+        check_choice("estimator", self.estimator, ESTIMATORS)
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be None or one of {BASELINES}, got "
+                             f"{self.baseline!r}")
+        if self.reward not in REWARDS:
+            raise ValueError(
+                f"reward must be one of {REWARDS}, got {self.reward!r}: 'log_likelihood' "
+                "gives the gradient of F, 'zero_one' the 0/1 correct-label reward of Ba et al. "
+                "(2014)"
+            )
+        object.__setattr__(self, "decay", check_decay(self.decay))
+        object.__setattr__(self, "entropy_weight",
+                           check_number("entropy_weight", self.entropy_weight, low=0.0))
+        object.__setattr__(self, "max_enum_size",
+                           check_positive_int("max_enum_size", self.max_enum_size))
+        object.__setattr__(self, "normalize", bool(self.normalize))
+        if self.estimator == "enum":
+            if self.baseline is not None:
+                raise ValueError(
+                    f"baseline={self.baseline!r} only applies to estimator='reinforce'; "
+                    "estimator='enum' is exact and needs no baseline (pass baseline=None)"
+                )
+            if self.normalize:
+                raise ValueError("normalize=True only applies to estimator='reinforce'")
+            if self.reward != "log_likelihood":
+                raise ValueError(
+                    f"reward={self.reward!r} only applies to estimator='reinforce'; "
+                    "estimator='enum' computes F with the log-likelihood"
+                )
+
+    def check_particles(self, num_particles: int, vectorized: bool) -> None:
+        """The leave-one-out baseline needs K >= 2 vectorized particles."""
+        if self.baseline == "leave_one_out" and (num_particles < 2 or not vectorized):
+            raise ValueError(
+                "baseline='leave_one_out' needs num_particles >= 2 and "
+                f"vectorize_particles=True (got num_particles={num_particles}, "
+                f"vectorize_particles={vectorized}): each particle's baseline is the mean "
+                "reward of the others; raise num_particles or choose baseline='moving_average'"
+            )
+
+    def learning_signal(self, hidden_dim: int, net_factory, lr: float
+                        ) -> LearningSignal | None:
+        """The reward transform, baseline and normalizer these options ask for (``None``:
+        the plain reward)."""
+        baseline = None
+        if self.baseline == "moving_average":
+            baseline = MovingAverageBaseline(self.decay)
+        elif self.baseline == "learned":
+            baseline = LearnedBaseline(hidden_dim, net_factory, self.decay, lr)
+        elif self.baseline == "leave_one_out":
+            baseline = LeaveOneOutBaseline()
+        signal = LearningSignal(
+            baseline, SignalNormalizer(self.decay) if self.normalize else None,
+            ZeroOneReward() if self.reward == "zero_one" else None,
+        )
+        return signal if signal.needed else None
 
 
 class HardAttentionELBO(JensenELBO):
@@ -99,7 +174,7 @@ class HardAttentionELBO(JensenELBO):
         regressed on the reward by squared error, trained by the same SVI step (Mnih et al.
         2014; NVIL, Mnih & Gregor 2014, arXiv:1402.0030).  ``x_t`` is given by the model as
         ``pyro.sample(name, d, infer={"baseline_input": x_t})``.  See
-        :class:`~pyro_elbo_ext.elbos.baselines.LearnedBaseline` for how its parameters reach
+        :class:`~pyro_elbo_ext.elbos.learned_baseline.LearnedBaseline` for how its parameters reach
         the optimizer.
     ``"leave_one_out"``
         With ``num_particles >= 2`` and ``vectorize_particles=True``, the baseline of each
@@ -118,7 +193,7 @@ class HardAttentionELBO(JensenELBO):
     ``jit=True`` (and :class:`~pyro_elbo_ext.CompiledSVI`) compiles every configuration as
     for the other losses (:mod:`pyro_elbo_ext.compiled`).  The baseline and normalizer state
     is a :class:`torch.nn.Module`, :attr:`learning_signal`
-    (:class:`~pyro_elbo_ext.elbos.baselines.LearningSignal`), owned by this loss; the forward
+    (:class:`~pyro_elbo_ext.elbos.signals.LearningSignal`), owned by this loss; the forward
     pass reads it and an explicit update after each particle's gradient replaces it (a
     non-finite update is skipped with a warning naming the site).  Its tensors are the loss's
     :meth:`carried_state`, which a compiled step takes as inputs and returns updated, so a
@@ -149,7 +224,7 @@ class HardAttentionELBO(JensenELBO):
         ``(site_name, in_features) -> nn.Module`` for ``baseline="learned"``.
     baseline_lr : float
         Learning rate of the learned baseline's own optimizer (it takes one step after each
-        particle's gradient; see :class:`~pyro_elbo_ext.elbos.baselines.LearnedBaseline`).
+        particle's gradient; see :class:`~pyro_elbo_ext.elbos.learned_baseline.LearnedBaseline`).
     max_enum_size : int
         Largest number of joint configurations of the attention sites that
         ``estimator="enum"`` enumerates.
@@ -187,88 +262,38 @@ class HardAttentionELBO(JensenELBO):
         self._base_plate_nesting = self.max_plate_nesting - (
             1 if self.vectorize_particles and self.num_particles > 1 else 0
         )
-        self.estimator = check_choice("estimator", estimator, ESTIMATORS)
-        if baseline is not None and baseline not in BASELINES:
-            raise ValueError(f"baseline must be None or one of {BASELINES}, got {baseline!r}")
-        if reward not in REWARDS:
-            raise ValueError(
-                f"reward must be one of {REWARDS}, got {reward!r}: 'log_likelihood' gives the "
-                "gradient of F, 'zero_one' the 0/1 correct-label reward of Ba et al. (2014)"
-            )
-        decay = check_decay(decay)
-        self.entropy_weight = check_number("entropy_weight", entropy_weight, low=0.0)
-        self.max_enum_size = check_positive_int("max_enum_size", max_enum_size)
-        if estimator == "enum":
-            if baseline is not None:
-                raise ValueError(
-                    f"baseline={baseline!r} only applies to estimator='reinforce'; "
-                    "estimator='enum' is exact and needs no baseline (pass baseline=None)"
-                )
-            if normalize:
-                raise ValueError("normalize=True only applies to estimator='reinforce'")
-            if reward != "log_likelihood":
-                raise ValueError(
-                    f"reward={reward!r} only applies to estimator='reinforce'; "
-                    "estimator='enum' computes F with the log-likelihood"
-                )
-        if baseline == "leave_one_out" and (num_particles < 2 or not self.vectorize_particles):
-            raise ValueError(
-                "baseline='leave_one_out' needs num_particles >= 2 and vectorize_particles=True "
-                f"(got num_particles={num_particles}, "
-                f"vectorize_particles={self.vectorize_particles}): each particle's baseline is "
-                "the mean reward of the others; raise num_particles or choose "
-                "baseline='moving_average'"
-            )
-        self.baseline = baseline
-        self.decay = decay
-        self.normalize = bool(normalize)
-        self.reward = reward
-        module = {
-            None: None,
-            "moving_average": lambda: MovingAverageBaseline(decay),
-            "learned": lambda: LearnedBaseline(baseline_hidden_dim, baseline_net_factory, decay,
-                                               baseline_lr),
-            "leave_one_out": LeaveOneOutBaseline,
-        }[baseline]
-        signal = LearningSignal(
-            module() if module is not None else None,
-            SignalNormalizer(decay) if self.normalize else None,
-            zero_one=reward == "zero_one",
-        )
+        self.options = AttentionOptions(estimator, baseline, decay, normalize, entropy_weight,
+                                        reward, max_enum_size)
+        self.options.check_particles(num_particles, self.vectorize_particles)
         #: the loss's learned state (baseline and normalizer), a torch.nn.Module; None when
         #: the learning signal is the plain reward
-        self.learning_signal = signal if signal.needed else None
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """The baseline and normalizer state (see :attr:`learning_signal`)."""
-        return {} if self.learning_signal is None else self.learning_signal.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the state saved by :meth:`state_dict` (checked against this loss's
-        settings: see the class docstring)."""
-        if self.learning_signal is None:
-            super().load_state_dict(state_dict)
-        else:
-            self.learning_signal.load_state_dict(state_dict)
+        self.learning_signal = self.options.learning_signal(baseline_hidden_dim,
+                                                            baseline_net_factory, baseline_lr)
 
     # ------------------------------------------------------------------ the treatment
-    def _treat(self, site: SiteView, planning: Planning) -> Treatment:
+    def treat(self, site: SiteView, planning: Planning) -> Treatment:
+        """A latent the guide does not sample is drawn from the model (prior proposal),
+        enumerated for ``estimator="enum"``; the rest as in :class:`JensenELBO`."""
         if site.role != UNGUIDED:
-            return super()._treat(site, planning)
-        enumerated = self.estimator == "enum"
+            return super().treat(site, planning)
+        options = self.options
+        enumerated = options.estimator == "enum"
         if enumerated:
-            planning.fact("enumeration_checked", lambda: self._check_enumeration(planning))
-        if self.entropy_weight > 0 and analytic_entropy(site.model_site["fn"]) is None:
+            planning.fact(ENUMERATION_CHECKED, lambda: self._check_enumeration(planning))
+        infer = site.model_site["infer"]
+        mark = infer.get(USER_MARK) if enumerated else infer.get("enumerate")
+        if mark is not None:
+            _warn_marked_for_enumeration(site.name, mark)
+        if options.entropy_weight > 0 and analytic_entropy(site.model_site["fn"]) is None:
             raise ValueError(
                 f"entropy_weight > 0 needs the entropy of attention site '{site.name}' in "
                 f"closed form, which {type(site.model_site['fn']).__name__} does not provide; "
                 "set entropy_weight=0"
             )
-        return PriorProposal(self.entropy_weight, enumerated)
+        return PriorProposal(options.entropy_weight, enumerated)
 
     def _check_enumeration(self, planning: Planning) -> None:
-        """Once per plan: distinct enumeration dimensions, and not too many configurations."""
+        """Once per plan: not too many joint configurations of the attention sites."""
         guide_nodes = planning.guide_trace.nodes
         attention = {
             name: site for name, site in planning.model_trace.nodes.items()
@@ -276,157 +301,65 @@ class HardAttentionELBO(JensenELBO):
         }
         sizes = {name: _support_size(site) for name, site in attention.items()}
         total = math.prod(sizes.values())
-        if total > self.max_enum_size:
+        if total > self.options.max_enum_size:
             detail = " x ".join(f"{n}: {k}" for n, k in sizes.items())
             raise ValueError(
                 f"estimator='enum' would enumerate {total} joint configurations of the "
-                f"attention sites ({detail}), more than max_enum_size={self.max_enum_size}; "
-                "use estimator='reinforce', fewer or coarser attention sites, or raise "
-                "max_enum_size"
+                f"attention sites ({detail}), more than "
+                f"max_enum_size={self.options.max_enum_size}; use estimator='reinforce', "
+                "fewer or coarser attention sites, or raise max_enum_size"
             )
 
-    def _model_wrapper(self):
-        return self._enumerated_model if self.estimator == "enum" else None
+    def model_wrapper(self):
+        return self._enumerated_model if self.options.estimator == "enum" else None
 
     def _enumerated_model(self, model, guide_trace):
         """The model with every latent the guide does not sample enumerated in parallel
         (each in a dimension of its own: see :class:`_DistinctEnumDims`)."""
         return _DistinctEnumDims()(poutine.enum(
-            poutine.infer_config(model, self._enum_config(set(guide_trace.nodes))),
+            poutine.infer_config(model, enumeration_config(set(guide_trace.nodes))),
             first_available_dim=-1 - self.max_plate_nesting,
         ))
 
-    def _enum_config(self, guide_names: set[str]):
-        """``infer_config`` function: enumerate, in parallel, each latent the guide does not
-        sample; refuse sites whose support is not finite."""
+    # ------------------------------------------------------------------ exact references
+    def exact_references(self, model, guide, args, kwargs) -> AttentionReferences:
+        """F, log p(y | I, W) and their gap by enumeration, for ``decompose``.
 
-        def config(msg) -> dict:
-            if (msg["type"] != "sample" or msg["is_observed"] or msg["name"] in guide_names
-                    or is_subsample_site(msg)):
-                return {}
-            fn = msg["fn"]
-            if not getattr(fn, "has_enumerate_support", False):
-                raise ValueError(
-                    f"attention site '{msg['name']}' has a {type(fn).__name__} distribution, "
-                    "whose support cannot be enumerated; estimator='enum' needs a finite "
-                    "discrete support (Categorical, Bernoulli, OneHotCategorical, ...). Use "
-                    "estimator='reinforce' for this site, or sample it in the guide"
-                )
-            return {"enumerate": "parallel"}
-
-        return config
-
-    # ------------------------------------------------------------------ decomposition
-    def _decomposition_notes(self, settings=None, plans=()) -> tuple[str, ...]:
-        notes = []
-        if self.entropy_weight > 0:
-            notes.append(
-                f"L includes the entropy bonus {self.entropy_weight:g} * sum_t H[p(l_t|l_<t)] "
-                "(kind 'bonus'): L - bonus is F"
-            )
-        if self.reward == "zero_one":
-            notes.append("reward='zero_one': the attention policy's gradient is not that of F")
-        if self.normalize:
-            notes.append("normalize=True rescales the score-function gradient (not unbiased)")
-        return tuple(notes)
-
-    def decompose(self, model, guide, *args, **kwargs) -> HardAttentionDecomposition:
-        """The terms of L, with the exact F, log p(y | I, W) and their gap where enumerable.
-
-        Returns
-        -------
-        HardAttentionDecomposition
-            ``elbo`` and ``terms`` as for every loss (the estimate of F, exact for
-            ``estimator="enum"``); ``exact_bound`` is F by enumeration, ``log_evidence`` is
-            log p(y | I, W) by exact marginalization, and ``gap = log_evidence - exact_bound``
-            (= KL[p(l | I, W) || p(l | y, I, W)] >= 0).  The three are ``None`` when the
-            attention sites cannot be enumerated (continuous, or more than
-            ``max_enum_size`` configurations), and when the guide samples latents (the bound
-            then also has a guide gap and is not computed exactly).  With a subsampling plate
-            every one of these is computed on the same minibatch (that of the first particle
-            when the particles are not vectorized): each pass starts from the same random
-            state, so ``pyro.plate`` draws the same indices.
+        ``decompose`` then returns a
+        :class:`~pyro_elbo_ext.elbos.decomposition.HardAttentionDecomposition`: ``elbo`` and
+        ``terms`` as for every loss (the estimate of F, exact for ``estimator="enum"``);
+        ``exact_bound`` is F by enumeration, ``log_evidence`` is log p(y | I, W) by exact
+        marginalization, and ``gap = log_evidence - exact_bound``
+        (= KL[p(l | I, W) || p(l | y, I, W)] >= 0).  The three are ``None`` when the
+        attention sites cannot be enumerated (continuous, or more than ``max_enum_size``
+        configurations), and when the guide samples latents (the bound then also has a guide
+        gap and is not computed exactly).  With a subsampling plate every one of these is
+        computed on the same minibatch (that of the first particle when the particles are not
+        vectorized).
         """
-        with torch.random.fork_rng():  # the exact values below replay these random draws
-            base = super().decompose(model, guide, *args, **kwargs)
-        values = {f.name: getattr(base, f.name) for f in fields(Decomposition)}
-        exact = self.exact_values(model, guide, *args, **kwargs)
-        return HardAttentionDecomposition(**values, **exact)
-
-    def exact_values(self, model, guide, *args, **kwargs) -> dict[str, float | None]:
-        """``{"exact_bound": F, "log_evidence": log p(y), "gap": ...}`` by enumeration.
-
-        Each entry is ``None`` where it cannot be computed (see :meth:`decompose`).
-        """
-        out: dict[str, float | None] = {"exact_bound": None, "log_evidence": None, "gap": None}
         nesting = self._base_plate_nesting
         options = {} if nesting == float("inf") else {"max_plate_nesting": nesting}
-        with torch.random.fork_rng():  # each pass sees the same minibatch (see decompose)
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        if any(s["type"] == "sample" for s in guide_trace.nodes.values()):
-            return out  # the bound then also depends on q: nothing here is exact
-        exact = HardAttentionELBO(estimator="enum", max_enum_size=self.max_enum_size,
-                                  entropy=self.entropy, **options)
-        try:
-            with torch.no_grad(), torch.random.fork_rng():
-                out["exact_bound"] = -exact.loss(model, guide, *args, **kwargs)
-        except ValueError as error:
-            if "estimator='enum'" not in str(error):
-                raise
-            return out
-        guide_names: set[str] = set()
-        enum_model = poutine.infer_config(model, exact._enum_config(guide_names))
-        with torch.no_grad():
-            log_evidence = -TraceEnum_ELBO(max_plate_nesting=exact.max_plate_nesting).loss(
-                enum_model, guide, *args, **kwargs
-            )
-        out["log_evidence"] = log_evidence
-        out["gap"] = log_evidence - out["exact_bound"]
-        return out
+        enumerating = HardAttentionELBO(estimator="enum",
+                                        max_enum_size=self.options.max_enum_size,
+                                        entropy=self.entropy, **options)
+        return attention_references(enumerating, model, guide, args, kwargs)
 
 
-@dataclass(frozen=True)
-class PriorProposal(Treatment):
-    """An attention site drawn from the model's own p(l | ...): no term of its own (q = p),
-    plus the entropy bonus ``weight * H[p(l)]`` if any.  Its score function (Pyro's
-    ``score_parts`` of the model's sample, the unscaled ``log p(l)``) meets the learning
-    signal.  A reparameterized model-drawn site (``pyro.sample`` draws it with ``rsample``)
-    carries the pathwise gradient of F into the terms downstream of it and gets no score
-    term (its ``score_parts`` has none).  Under enumeration the site's terms are taken in
-    expectation instead."""
-
-    bonus_weight: float
-    enumerated: bool
-
-    sampled_by = "model"
-    learning_signal = True
-
-    def terms(self, ctx, model_site, guide_site):
-        if self.bonus_weight <= 0:
-            return []
-        entropy = analytic_entropy(model_site["fn"])
-        value = scaled_and_masked(model_site, self.bonus_weight * entropy)
-        return [Term(model_site["name"], "bonus", value, value, plate_frames(model_site),
-                     analytic=True)]
-
-
-@dataclass(frozen=True)
-class HardAttentionDecomposition(Decomposition):
-    """A :class:`Decomposition` with the exact bound, log evidence and gap of a hard-attention
-    model (``None`` where the attention sites cannot be enumerated)."""
-
-    exact_bound: float | None = None
-    log_evidence: float | None = None
-    gap: float | None = None
-
-    def __str__(self) -> str:
-        lines = [super().__str__()]
-        if self.exact_bound is not None:
-            lines.append(f"  exact F = {self.exact_bound:.6g}")
-        if self.log_evidence is not None:
-            lines.append(f"  log p(y) = {self.log_evidence:.6g}  gap = KL[p(l)||p(l|y)] = "
-                         f"{self.gap:.6g}")
-        return "\n".join(lines)
+def _warn_marked_for_enumeration(name: str, mark) -> None:
+    """A site marked for Pyro's enumeration: say which objective this loss maximizes."""
+    warnings.warn(
+        f"model site '{name}' is marked infer={{'enumerate': {mark!r}}} (e.g. by "
+        "config_enumerate), as for Pyro's TraceEnum_ELBO, which sums it out and "
+        f"maximizes log p(x) = log sum_{name} p(x, {name}). HardAttentionELBO "
+        f"draws '{name}' from the model's own distribution and maximizes a "
+        f"different objective, F = E_p({name})[log p(x | {name})] <= log p(x) "
+        "(a hard-attention bound; for a mixture, each assignment is drawn from the "
+        "weights without looking at the data, and the fit collapses onto one "
+        f"component). To marginalize '{name}', use "
+        f"pyro.infer.TraceEnum_ELBO; if '{name}' is a hard-attention location, "
+        "remove the mark",
+        stacklevel=4,
+    )
 
 
 def _support_size(site: dict) -> int:
@@ -466,5 +399,4 @@ class _DistinctEnumDims(Messenger):
         self.owner[dim] = name
 
 
-__all__ = ["ESTIMATORS", "REWARDS", "HardAttentionDecomposition", "HardAttentionELBO",
-           "empty_guide"]
+__all__ = ["ESTIMATORS", "REWARDS", "AttentionOptions", "HardAttentionELBO", "empty_guide"]

@@ -1,8 +1,5 @@
 r"""ImportanceWeightedELBO: the importance-weighted bound L_K, with IWAE, DReG and VIMCO gradients.
 
-The mathematics lives in small functions on tensors (the top half of this module); the loss
-class at the bottom only runs the traces and hands their log-densities to them.
-
 With K draws z_1..z_K from q and weights w_k = p(X, z_k) / q(z_k) (Burda, Grosse &
 Salakhutdinov 2015, arXiv:1509.00519):
 
@@ -14,379 +11,204 @@ Salakhutdinov 2015, arXiv:1509.00519):
 L_K non-decreasing in K and L_K -> log p(X).  Where every latent site (of the model and the
 guide) is inside a plate, the bound factorizes over the plate's elements i and the
 log-mean-exp is taken per element: :math:`\hat L_K = \sum_i \log \frac1K \sum_k w_{ik}`.
+
+The loss is the shared engine's: a treatment per site whose terms add up to log w_k
+(:meth:`ImportanceWeightedELBO.treat`), the log-mean-exp over particles as its combination
+(:class:`LogMeanExpOverParticles`) and VIMCO as its learning signal (:class:`VIMCOSignal`).
+The formulas on tensors are in :mod:`.weights`.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
-from pyro.infer.elbo import ELBO
-from pyro.infer.util import is_validation_enabled, torch_item
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.trace_struct import Trace
 
-from .densities import PATHWISE, estimator_kind, log_density, score_function
-from .sites import is_subsample_site
-from .tracing import trace_model_and_guide, validate_traces
-from .treatments import depends_on, distribution_tensors, is_delta, stop_gradient
-from .validation import check_positive_int
+from .base import SiteTreatmentELBO
+from .combination import Combination, Estimate, ParticleBatch, signal_surrogate
+from .decomposition import ImportanceWeightedDecomposition
+from .densities import gradient_kind
+from .engine import ScoreSite
+from .plan import AUXILIARY, GUIDED, PlanFact, Planning, SiteView, Treatment
+from .signals import LearningSignal, SignalPart, SignalSite
+from .treatments import EntropyTreatment, JensenTreatment
+from .validation import check_choice
+from .weights import (
+    WeightLayout,
+    dreg_sites,
+    effective_sample_size,
+    log_mean_exp,
+    normalized_weights,
+    reduce_to_elements,
+    scale_gradient,
+    vimco_signal,
+    weight_layout,
+)
 
-#: the name of the plate that vectorizes the K particles
-PARTICLE_PLATE = "num_particles_vectorized"
 #: the gradient estimators of ``ImportanceWeightedELBO(estimator=...)``
 IW_ESTIMATORS = ("iwae", "dreg")
 
-
-# ============================================================================ the mathematics
-def log_mean_exp(log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    r""":math:`\log \frac1K \sum_k e^{a_k}` along ``dim`` (the per-element estimate of L_K).
-
-    Its autograd gradient is :math:`\sum_k \tilde w_k \nabla a_k` with the normalized weights
-    :math:`\tilde w_k = w_k / \sum_j w_j`: the IWAE gradient estimator.
-    """
-    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
+#: the plates the bound is taken per element of, and their subsample factor
+LAYOUT: PlanFact[WeightLayout] = PlanFact("importance-weight layout")
+#: the guide sites whose q DReG detaches (``None``: DReG does not apply to this guide)
+DREG_SITES: PlanFact[tuple[str, ...] | None] = PlanFact("DReG's stopped sites")
 
 
-def normalized_weights(log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    r""":math:`\tilde w_k = w_k / \sum_j w_j` along ``dim``, detached (a stop-gradient weight)."""
-    return torch.softmax(log_w.detach(), dim)
+class VIMCOSignal(SignalPart):
+    r"""VIMCO's learning signal (Mnih & Rezende 2016, arXiv:1602.06725): the signal of
+    particle k's score is :math:`\hat L_K - \hat L_{-k}` of the particles' log-weights (the
+    reward it is given), :func:`~.weights.vimco_signal`.  Stateless."""
+
+    kind = "vimco"
+    what = "VIMCO signal"
+
+    def apply(self, site: SignalSite, signal: torch.Tensor) -> torch.Tensor:
+        return vimco_signal(signal, site.particle_dim)
 
 
-def leave_one_out_bounds(log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    r"""VIMCO's baselines :math:`\hat L_{-k}` (Mnih & Rezende 2016, arXiv:1602.06725, eq. 9).
+@dataclass(slots=True)
+class WeightedEstimate(Estimate):
+    """An :class:`~.combination.Estimate` of L_K with the log-weights it was made from."""
 
-    .. math::
-
-        \hat L_{-k} = \log \frac1K \Big( \sum_{j \ne k} w_j
-            + \exp\Big( \frac{1}{K-1} \sum_{j \ne k} \log w_j \Big) \Big)
-
-    the bound with particle k's weight replaced by the geometric mean of the others'.  It does
-    not depend on z_k, so it is a valid control variate for particle k's score.  Computed by a
-    log-sum-exp over a K x K matrix (no cancellation); needs K >= 2.  Detached.
-    """
-    a = log_w.detach().movedim(dim, -1)  # (..., K)
-    num = a.shape[-1]
-    if num < 2:
-        raise ValueError("leave-one-out bounds need at least 2 particles")
-    others_mean = (a.sum(-1, keepdim=True) - a) / (num - 1)  # (..., K)
-    matrix = a.unsqueeze(-2).expand(*a.shape[:-1], num, num)  # row k: all K log-weights
-    eye = torch.eye(num, dtype=torch.bool, device=a.device)
-    matrix = torch.where(eye, others_mean.unsqueeze(-1), matrix)  # diagonal replaced
-    return (torch.logsumexp(matrix, -1) - math.log(num)).movedim(-1, dim)
+    log_w: torch.Tensor | None = None
+    particle_dim: int = -1
+    layout: WeightLayout = WeightLayout()
 
 
-def vimco_signal(log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    r"""The learning signal of particle k's score, :math:`\hat L_K - \hat L_{-k}` (detached).
+class LogMeanExpOverParticles(Combination):
+    r"""The importance-weighted bound's combination of the particles' terms.
 
-    With K = 1 there is no other particle to lean on, and the signal is :math:`\hat L_1` itself
-    (plain REINFORCE, still unbiased).
-    """
-    estimate = log_mean_exp(log_w.detach(), dim).unsqueeze(dim)
-    if log_w.shape[dim] < 2:
-        return estimate
-    return estimate - leave_one_out_bounds(log_w, dim)
-
-
-def score_surrogate(log_q: torch.Tensor, log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    r"""Per element, :math:`\sum_k \log q(z_k) \,\mathrm{sg}(\hat L_K - \hat L_{-k})`.
-
-    ``log_q`` holds the log-densities of the non-reparameterized guide sites of each particle
-    (same layout as ``log_w``).  Its gradient is VIMCO's score-function term; with the direct
-    gradient of :func:`log_mean_exp` it is unbiased for dL_K, since
-    :math:`\mathbb{E}[\nabla \log q(z_k)\, \hat L_{-k}] = 0`.
-    """
-    return (log_q * vimco_signal(log_w, dim)).sum(dim)
-
-
-def iwae_surrogate(log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    r"""The IWAE surrogate per element: :math:`\log \frac1K \sum_k w_k` itself.
-
-    Its gradient :math:`\sum_k \tilde w_k \nabla \log w_k` (through the reparameterized z_k and
-    the parameters of p and q) is unbiased for dL_K (Burda et al. 2015).
-    """
-    return log_mean_exp(log_w, dim)
-
-
-def dreg_surrogate(log_w_stopped: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""The doubly-reparameterized surrogate (Tucker, Lawson, Gu & Maddison 2019,
-    arXiv:1810.04152, eq. 5) per element, and the factor for the gradient through each z_k.
-
-    ``log_w_stopped`` is log w_k with q's parameters detached at the reparameterized sites
-    (:math:`\log p_\theta(X, z_k) - \log q_{\bar\phi}(z_k)`, z_k live).  The returned surrogate
-    :math:`\sum_k \mathrm{sg}(\tilde w_k) \log w_k` gives the model's parameters
-    :math:`\sum_k \tilde w_k \nabla_\theta \log p(X, z_k)` (the IWAE gradient), and the
-    returned factor :math:`\mathrm{sg}(\tilde w_k)` is to be applied once more to the gradient
-    arriving at z_k (a tensor hook), which makes the guide's
-    :math:`\sum_k \tilde w_k^2 \,\partial \log w_k / \partial z_k \; dz_k/d\phi`.  At
-    q = p(z | X), :math:`\partial \log w_k / \partial z_k = 0`: the guide's gradient is zero
-    for every draw.
-    """
-    return log_mean_exp(log_w_stopped, dim), normalized_weights(log_w_stopped, dim)
-
-
-def effective_sample_size(log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    r"""Kish's effective sample size :math:`(\sum_k w_k)^2 / \sum_k w_k^2` along ``dim``."""
-    a = log_w.detach()
-    return torch.exp(2 * torch.logsumexp(a, dim) - torch.logsumexp(2 * a, dim))
-
-
-# ============================================================================ traces -> tensors
-@dataclass(frozen=True)
-class WeightLayout:
-    """Where the particles and the plate elements of the log-weights are.
-
-    Attributes
-    ----------
-    particle_dim : int
-        The (negative) dimension of the particle plate.
-    local_dims : tuple of int
-        Dimensions of the plates that hold every latent and observed site of model and guide:
-        the bound is taken per element of these.  Empty: one joint weight per particle.
-    local_plates : tuple of str
-    local_factor : float
-        The product of those plates' subsample scales N/B, applied outside the log-mean-exp.
+    Particle k's terms add up to :math:`\log w_k` (reduced to the elements of the layout's
+    plates); the estimate is :math:`\hat L_K = \sum_i \log \frac1K \sum_k w_{ik}` (times
+    the plates' subsample factor), and the surrogate its log-mean-exp of the terms' pathwise
+    parts (the IWAE gradient; DReG's with a stopped q, each stopped sample's gradient then
+    scaled by its normalized weight), plus each score site's
+    :math:`\sum_k \mathrm{score}_k\, \mathrm{sg}(s_k)` with the learning signal (VIMCO's)
+    of the log-weights.  The particles come vectorized in one batch, or one per batch.
     """
 
-    particle_dim: int
-    local_dims: tuple[int, ...]
-    local_plates: tuple[str, ...]
-    local_factor: float
+    quantity = "L_K"
+    by_batch = False
 
-    @property
-    def kept_dims(self) -> frozenset[int]:
-        return frozenset((self.particle_dim, *self.local_dims))
+    def estimate(self, batches: Sequence[ParticleBatch], num_particles: int
+                 ) -> WeightedEstimate:
+        layout = batches[0].plan.fact(LAYOUT, WeightLayout())
+        vectorized = len(batches) == 1 and batches[0].particle_dim is not None
+        if vectorized:
+            dim = batches[0].particle_dim
+            log_w = _batch_log_weight(batches[0], layout, dim)
+            scores = _batch_score(batches[0], layout, dim)
+        else:
+            per_particle = [_batch_log_weight(b, layout, None) for b in batches]
+            shape = torch.broadcast_shapes(*[w.shape for w in per_particle])
+            log_w = torch.stack([w.expand(shape) for w in per_particle])
+            dim = -log_w.dim()
+            parts = [_batch_score(b, layout, None) for b in batches]
+            scores = None
+            if any(p is not None for p in parts):
+                scores = torch.stack([torch.zeros(shape, dtype=log_w.dtype, device=log_w.device)
+                                      if p is None else p.expand(shape) for p in parts])
+        surrogate = log_mean_exp(log_w, dim)
+        value = surrogate.detach().sum()
+        _scale_stopped_gradients(batches, log_w, dim, vectorized)
+        if scores is not None:
+            signal = _signal(batches, scores, log_w, dim)
+            surrogate = surrogate + (scores * signal).sum(dim)
+        surrogate = surrogate.sum()
+        for batch in batches:
+            extra = signal_surrogate(batch)
+            if extra is not None:  # a learning signal's own terms (a control variate's)
+                surrogate = surrogate + extra
+        if layout.local_factor != 1.0:
+            value, surrogate = value * layout.local_factor, surrogate * layout.local_factor
+        return WeightedEstimate(value, surrogate, batches, log_w=log_w.detach(), particle_dim=dim,
+                                layout=layout)
 
-
-def _sample_sites(trace: Trace) -> Iterable[tuple[str, dict]]:
-    return ((n, s) for n, s in trace.nodes.items()
-            if s["type"] == "sample" and not is_subsample_site(s))
-
-
-def _is_pathwise(site: dict) -> bool:
-    """Reparameterized with no score function (Pyro's ``score_parts``: see
-    :func:`~.densities.estimator_kind`)."""
-    return estimator_kind(site["fn"]) == PATHWISE
-
-
-def _is_subsampled(frame) -> bool:
-    return frame.full_size is not None and frame.full_size != frame.size
-
-
-def weight_layout(
-    model_trace: Trace, guide_trace: Trace, particle_dim: int, num_particles: int
-) -> WeightLayout:
-    """The plates common to every sample site of both traces become per-element dims.
-
-    Raises
-    ------
-    ValueError
-        For a subsampled plate that some site is outside of, when ``num_particles > 1``: the
-        log-mean-exp of a joint weight computed on a minibatch is not unbiased for L_K (it is
-        biased upward, by Jensen's inequality on the convex log-sum-exp), so it is not a bound.
-    """
-    common: set | None = None
-    frames: dict = {}
-    for trace in (model_trace, guide_trace):
-        for _, site in _sample_sites(trace):
-            stack = {f for f in site["cond_indep_stack"] if f.name != PARTICLE_PLATE}
-            for f in stack:
-                frames.setdefault(f, f)
-            common = stack if common is None else common & stack
-    local = sorted((f for f in (common or ()) if f.dim is not None), key=lambda f: f.dim)
-    if num_particles > 1:
-        for f in frames:
-            if _is_subsampled(f) and f not in local:
-                raise ValueError(
-                    f"ImportanceWeightedELBO: plate '{f.name}' is subsampled ({f.size} of "
-                    f"{f.full_size}) but not every latent site is inside it, so the weight is "
-                    "joint over the plate, and log-mean-exp of a minibatch-rescaled joint weight "
-                    "is biased upward (Jensen on the convex log-sum-exp): it is not a lower "
-                    "bound. Use the full plate, num_particles=1 (the ordinary ELBO), or a "
-                    "model whose latents are all local to the subsampled plate"
-                )
-    factor = 1.0
-    for f in local:
-        if _is_subsampled(f):
-            factor *= f.full_size / f.size
-    return WeightLayout(particle_dim, tuple(f.dim for f in local),
-                        tuple(f.name for f in local), factor)
+    def decomposition(self, estimate: WeightedEstimate, num_particles: int,
+                      notes: tuple[str, ...], log_evidence: float | None
+                      ) -> ImportanceWeightedDecomposition:
+        """L_K, the terms of L_1 of the same draws, the weights' effective sample size."""
+        log_w, dim, layout = estimate.log_w, estimate.particle_dim, estimate.layout
+        ess = effective_sample_size(log_w, dim)
+        return ImportanceWeightedDecomposition.from_batches(
+            float(estimate.mean_value), estimate.batches, num_particles, notes, log_evidence,
+            elbo_1=float(log_w.mean(dim).sum()) * layout.local_factor, ess=float(ess.mean()),
+            ess_min=float(ess.min()), local_plates=layout.local_plates,
+        )
 
 
-def reduce_to_elements(tensor: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
-    """Sum a site's log-density over every batch dim but the particle and local plate dims."""
-    kept = layout.kept_dims
-    sum_dims = [d for d in range(-tensor.dim(), 0) if d not in kept]
-    return tensor.sum(sum_dims, keepdim=True) if sum_dims else tensor
+#: the combination of the importance-weighted bound
+LOG_MEAN_EXP = LogMeanExpOverParticles()
 
 
-@dataclass
-class LogWeights:
-    """log w per particle and element, and the score of the non-reparameterized guide sites.
-
-    ``log_w`` has the particle dim at ``layout.particle_dim`` and the local plates' dims (all
-    other dims have size 1); ``log_q_score`` (same layout, or None) is the score function of
-    the guide sites that have one in Pyro's ``score_parts`` (log q of a discrete site;
-    rejection-sampled sites too), unscaled and unmasked.
-    """
-
-    log_w: torch.Tensor
-    log_q_score: torch.Tensor | None
-    layout: WeightLayout
+def _kept_dims(layout: WeightLayout, particle_dim: int | None) -> tuple[int, ...]:
+    return layout.local_dims if particle_dim is None else (particle_dim, *layout.local_dims)
 
 
-def _site_log_density(site: dict, layout: WeightLayout, stopped: bool) -> tuple:
-    """The site's log-density (raw) and its scaled, masked, reduced contribution to log w."""
-    if stopped:
-        raw = stop_gradient(site["fn"]).log_prob(site["value"], *site["args"], **site["kwargs"])
-    else:
-        raw = log_density(site)
-    scale = site["scale"]
-    if layout.local_factor != 1.0:
-        scale = scale / layout.local_factor
-    return raw, reduce_to_elements(scale_and_mask(raw, scale, site["mask"]), layout)
-
-
-def log_weights(
-    model_trace: Trace, guide_trace: Trace, layout: WeightLayout, stopped: Iterable[str] = ()
-) -> LogWeights:
-    r"""log w_k = sum of the model's log p (latent and observed) - sum of the guide's log q.
-
-    Every site's log-density is scaled and masked (``poutine.scale``, masks) inside the
-    weight, as in Pyro's ``RenyiELBO``, except the subsample scale of the local plates, which
-    the caller applies outside the log-mean-exp (``layout.local_factor``).  Guide sites named
-    in ``stopped`` use q with its parameters detached (DReG).  Auxiliary guide sites (in the
-    guide only) contribute -log q like any other.
-    """
-    stopped = frozenset(stopped)
+def _batch_log_weight(batch: ParticleBatch, layout: WeightLayout,
+                      particle_dim: int | None) -> torch.Tensor:
+    """log w of the batch's particles per element: the sum of its terms' contributions,
+    differentiated as they are (the treatments keep -log q's whole gradient, or DReG's
+    stopped q); the subsample scale of the local plates is taken out (it is applied outside
+    the log-mean-exp)."""
+    kept = _kept_dims(layout, particle_dim)
     total = None
-    score = None
-    for _, site in _sample_sites(model_trace):
-        _, contribution = _site_log_density(site, layout, False)
-        total = contribution if total is None else total + contribution
-    for name, site in _sample_sites(guide_trace):
-        _, contribution = _site_log_density(site, layout, name in stopped)
-        total = -contribution if total is None else total - contribution
-        function = score_function(site, estimator_kind(site["fn"]))
-        if function is not None:  # Pyro's score_parts: discrete, or rejection-sampled
-            part = reduce_to_elements(function, layout)
-            score = part if score is None else score + part
+    for term in batch.terms:
+        part = reduce_to_elements(term.contribution, kept)
+        total = part if total is None else total + part
     if total is None:  # an empty program: log w = 0 (L_K = 0, as Pyro's ELBOs give)
         total = torch.zeros(())
-    nesting = -layout.particle_dim
-    if total.dim() < nesting:
-        total = total.reshape((1,) * (nesting - total.dim()) + total.shape)
-    if total.dim() > nesting:  # dims left of the particle plate (invalid; summed)
-        total = total.sum(list(range(total.dim() - nesting)))
-    return LogWeights(total, score, layout)
+    if layout.local_factor != 1.0:
+        total = total / layout.local_factor
+    if particle_dim is not None:
+        nesting = -particle_dim
+        if total.dim() < nesting:
+            total = total.reshape((1,) * (nesting - total.dim()) + total.shape)
+        if total.dim() > nesting:  # dims left of the particle plate (invalid; summed)
+            total = total.sum(list(range(total.dim() - nesting)))
+    return total
 
 
-# ============================================================================ DReG's sites
-def _reaches_parameter(tensors: Iterable[torch.Tensor], through: set) -> bool:
-    """Whether any of ``tensors`` depends on a leaf (parameter) other than via ``through``."""
-    stack = []
-    for t in tensors:
-        if not torch.is_tensor(t) or not t.requires_grad:
-            continue
-        if t.grad_fn is None:
-            return True  # the tensor is itself a parameter
-        stack.append(t.grad_fn)
-    seen: set = set()
-    while stack:
-        node = stack.pop()
-        if node in seen or node in through:
-            continue
-        seen.add(node)
-        if getattr(node, "variable", None) is not None:
-            return True
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return False
+def _batch_score(batch: ParticleBatch, layout: WeightLayout,
+                 particle_dim: int | None) -> torch.Tensor | None:
+    """The batch's score functions (unscaled), summed per particle and element."""
+    kept = _kept_dims(layout, particle_dim)
+    total = None
+    for site in batch.score_sites:
+        part = reduce_to_elements(site.score_function, kept)
+        total = part if total is None else total + part
+    return total
 
 
-def dreg_sites(guide_trace: Trace) -> tuple[tuple[str, ...] | None, str]:
-    """The reparameterized guide sites whose q DReG detaches, or ``(None, reason)``.
-
-    DReG needs the parameters of each site's q to be separable from its sample: every
-    reparameterized site with parameters (and every score-function site) must have parameters
-    that do not depend on another reparameterized sample of the guide; a ``Delta`` site (an
-    AutoGuide's transformed value) may depend on parameters only through such samples.
-    """
-    upstream: list[torch.Tensor] = []
-    upstream_nodes: set = set()
-    base: list[str] = []
-    for name, site in _sample_sites(guide_trace):
-        fn = site["fn"]
-        tensors = distribution_tensors(fn)
-        if is_delta(fn):
-            if _reaches_parameter(tensors, upstream_nodes):
-                return None, (f"site '{name}' is a Delta whose value depends on parameters "
-                              "other than through a reparameterized sample")
-        elif depends_on(tensors, upstream):
-            return None, (f"the parameters of q at site '{name}' depend on another "
-                          "reparameterized sample (a hierarchical guide)")
-        elif _is_pathwise(site):
-            base.append(name)
-        value = site["value"]
-        if _is_pathwise(site) and torch.is_tensor(value) and value.grad_fn is not None:
-            upstream.append(value)
-            upstream_nodes.add(value.grad_fn)
-    return tuple(base), ""
+def _signal(batches, scores, log_w, dim) -> torch.Tensor:
+    """The learning signal of the score sites: the loss's (VIMCO's) applied to log w."""
+    for batch in batches:
+        if batch.signal is not None:
+            names = "+".join(dict.fromkeys(s.site for b in batches for s in b.score_sites))
+            return batch.signal(ScoreSite(names, scores, frozenset(), True), log_w,
+                                particle_dim=dim)
+    return vimco_signal(log_w, dim)
 
 
-# ============================================================================ decomposition
-@dataclass(frozen=True)
-class ImportanceWeightedDecomposition:
-    """One K-particle estimate of the importance-weighted bound, read several ways.
-
-    Attributes
-    ----------
-    elbo : float
-        The estimate of L_K (per-element log-mean-exp, summed, times the subsample scale).
-    elbo_1 : float
-        The estimate of L_1 = L from the same draws: the mean over particles of log w.
-    ess : float
-        Kish's effective sample size of the weights, (sum w)^2 / sum w^2, in [1, K]; the
-        mean over plate elements where the bound is per element.
-    ess_min : float
-        The smallest per-element effective sample size (= ``ess`` for a joint weight).
-    num_particles : int
-    local_plates : tuple of str
-        The plates the bound is taken per element of (empty: joint).
-    log_evidence : float or None
-        log p(X) where the caller knows it (e.g. a conjugate problem's closed form).
-    gap : float or None
-        ``log_evidence - elbo`` (>= 0 in expectation, shrinking as K grows).
-    """
-
-    elbo: float
-    elbo_1: float
-    ess: float
-    ess_min: float
-    num_particles: int
-    local_plates: tuple[str, ...]
-    log_evidence: float | None = None
-    gap: float | None = None
-
-    def __str__(self) -> str:
-        where = f"per element of {list(self.local_plates)}" if self.local_plates else "joint"
-        lines = [
-            f"L_K = {self.elbo:.6g}  (K = {self.num_particles}, {where})",
-            f"L_1 = {self.elbo_1:.6g}  (same draws)",
-            f"ESS = {self.ess:.4g} of {self.num_particles}  (min {self.ess_min:.4g})",
-        ]
-        if self.log_evidence is not None:
-            lines.append(f"log p(X) = {self.log_evidence:.6g}  gap = {self.gap:.6g}")
-        return "\n".join(lines)
+def _scale_stopped_gradients(batches, log_w, dim, vectorized: bool) -> None:
+    """DReG: the gradient arriving at each stopped sample is scaled by its particle's
+    normalized weight (a tensor hook), once more than the log-mean-exp's own."""
+    stopped = batches[0].plan.fact(DREG_SITES)
+    if not stopped or not log_w.requires_grad:
+        return
+    factor = normalized_weights(log_w, dim)
+    for k, batch in enumerate(batches):
+        share = factor if vectorized else factor.select(dim, k)
+        nodes = batch.ctx.guide_trace.nodes
+        for name in stopped:
+            site = nodes.get(name)
+            if site is not None and site["value"].requires_grad:
+                scale_gradient(site["value"], share, len(site["fn"].event_shape))
 
 
-# ============================================================================ the loss
-class ImportanceWeightedELBO(ELBO):
+class ImportanceWeightedELBO(SiteTreatmentELBO):
     r"""The importance-weighted bound L_K (IWAE) as a Pyro loss.
 
     .. math::
@@ -395,10 +217,19 @@ class ImportanceWeightedELBO(ELBO):
               \frac{p(X, z_k)}{q(z_k)}\Big] \le \log p(X)
 
     (Burda, Grosse & Salakhutdinov 2015, arXiv:1509.00519), estimated from K particles drawn
-    in one vectorized pass (an outermost ``pyro.plate("num_particles_vectorized", K)`` at dim
-    ``-(max_plate_nesting + 1)``).  Where every sample site of the model and the guide is
-    inside a plate, the log-mean-exp is taken per element of the plate and summed (a tighter
-    bound than the joint one); otherwise the weight is joint.
+    in one vectorized pass (Pyro's outermost ``pyro.plate("num_particles_vectorized", K)``,
+    left of the model's plates; ``vectorize_particles=True``, the default) or one by one
+    (``vectorize_particles=False``: a model that does not broadcast over a leading dimension,
+    such as a network applied to sampled weights, or a tensor indexed by a sampled
+    assignment).  Where every sample site of the model and the guide is inside a plate, the
+    log-mean-exp is taken per element of the plate and summed (a tighter bound than the joint
+    one); otherwise the weight is joint.
+
+    The loss is the shared engine with two hooks: each guided site is treated as in the
+    Jensen form with the whole gradient of ``-log q`` (:class:`~.treatments.JensenTreatment`
+    with the ``"direct"`` entropy, or DReG's ``"path"`` entropy, ``-log q`` with q's
+    parameters detached), so that a particle's terms add up to log w_k; and the combination
+    :class:`LogMeanExpOverParticles` takes the log-mean-exp over particles.
 
     Gradient estimators (``estimator``):
 
@@ -443,7 +274,8 @@ class ImportanceWeightedELBO(ELBO):
 
     The VIMCO baseline is its own (a log-sum-exp with one weight replaced by the others'
     geometric mean), not :class:`~pyro_elbo_ext.elbos.baselines.LeaveOneOutBaseline`'s mean
-    of the other particles' rewards: the signal it centres is the bound itself.
+    of the other particles' rewards: the signal it centres is the bound itself.  It is this
+    loss's learning signal (:class:`VIMCOSignal`, stateless).
 
     Parameters
     ----------
@@ -452,15 +284,21 @@ class ImportanceWeightedELBO(ELBO):
     estimator : {"iwae", "dreg"}
     max_plate_nesting : int
         The number of plates the model nests (without the particle plate); guessed from one
-        run of model and guide when not given, as Pyro's ELBO does.
+        run of model and guide when not given, as Pyro's ELBO does (the attribute then
+        counts the particle plate too, as Pyro's does, when K > 1 particles are vectorized).
     jit : bool
         Compute :meth:`differentiable_loss` (and so :meth:`loss_and_grads`) with one compiled
         graph of the loss and its gradient (Inductor; see :mod:`pyro_elbo_ext.compiled`), as
         every loss here does.  ``estimator="iwae"`` only: DReG's gradient hook is not kept by
         a traced graph.
+    vectorize_particles : bool
+        Draw the K particles in one vectorized pass (default) or one by one.  Sequential
+        particles take the log-mean-exp of the K runs' weights; with a subsampled plate they
+        are refused (each run would draw its own minibatch).  Where vectorizing breaks the
+        model (a shape error inside the particle plate), the error says so and names this
+        option.
     **kwargs
-        Forwarded to :class:`pyro.infer.elbo.ELBO` (``retain_graph``, ...).  The particles
-        are always vectorized; ``vectorize_particles=False`` is refused.
+        Forwarded to :class:`pyro.infer.elbo.ELBO` (``retain_graph``, ...).
 
     Examples
     --------
@@ -469,245 +307,67 @@ class ImportanceWeightedELBO(ELBO):
     ...                      )  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        num_particles: int = 5,
-        estimator: str = "iwae",
-        max_plate_nesting: float = float("inf"),
-        jit: bool = False,
-        vectorize_particles: bool = True,
-        **kwargs,
-    ):
-        if estimator not in IW_ESTIMATORS:
-            raise ValueError(f"estimator must be one of {IW_ESTIMATORS}, got {estimator!r}")
+
+    combination = LOG_MEAN_EXP
+
+    def __init__(self, num_particles: int = 5, estimator: str = "iwae", jit: bool = False,
+                 vectorize_particles: bool = True, **kwargs):
+        estimator = check_choice("estimator", estimator, IW_ESTIMATORS)
         if jit and estimator == "dreg":
             raise ValueError(
                 "ImportanceWeightedELBO(estimator='dreg') cannot be compiled (jit=True): its "
                 "gradient is rescaled by a tensor hook, which a traced graph does not keep; "
                 "use jit=False, or estimator='iwae' with jit=True"
             )
-        if not vectorize_particles:
-            raise ValueError(
-                "ImportanceWeightedELBO always vectorizes its particles (the log-mean-exp "
-                "couples them); drop vectorize_particles=False"
-            )
-        super().__init__(
-            num_particles=check_positive_int("num_particles", num_particles),
-            max_plate_nesting=max_plate_nesting,
-            vectorize_particles=False,  # we add the particle plate ourselves, at every K
-            **kwargs,
-        )
+        super().__init__(num_particles=num_particles, jit=jit,
+                         vectorize_particles=vectorize_particles, **kwargs)
         self.estimator = estimator
-        self.jit = bool(jit)
-        #: guide structure (site names) -> DReG's base sites, or None where DReG falls back
-        self._dreg_plan: dict[tuple[str, ...], tuple[str, ...] | None] = {}
+        #: VIMCO's control variates for the guide's score-function sites
+        self.learning_signal = LearningSignal(VIMCOSignal())
 
-    # ------------------------------------------------------------------ traces
-    @property
-    def particle_dim(self) -> int:
-        return -(int(self.max_plate_nesting) + 1)
+    def treat(self, site: SiteView, planning: Planning) -> Treatment:
+        """A guide site's part of log w: ``log p(z | parents)`` (a model latent) and
+        ``-log q(z)`` with its whole gradient, or DReG's ``-log q`` with q's parameters
+        detached (the path entropy) where DReG applies."""
+        planning.fact(LAYOUT, lambda: weight_layout(
+            planning.model_trace, planning.guide_trace, self.num_particles,
+            sequential=self._particle_dim is None))
+        if site.role not in (GUIDED, AUXILIARY):
+            return super().treat(site, planning)
+        fn = site.guide_site["fn"]
+        stopped = self.estimator == "dreg" and site.name in (
+            planning.fact(DREG_SITES, lambda: self._dreg_sites(planning)) or ())
+        treatment = JensenTreatment if site.role == GUIDED else EntropyTreatment
+        return treatment("path" if stopped else "direct", gradient_kind(fn))
 
-    def _guess_nesting(self, model, guide, args, kwargs) -> None:
-        """Set ``max_plate_nesting`` from one unvectorized run, as Pyro's ELBO does."""
-        with poutine.block():
-            traces = _run(model, guide, args, kwargs)
-        dims = [f.dim for trace in traces for _, site in _sample_sites(trace)
-                for f in site["cond_indep_stack"] if f.dim is not None]
-        self.max_plate_nesting = -min(dims) if dims else 0
-
-    def _get_trace(self, model, guide, args, kwargs):
-        """One vectorized run of K particles: (model_trace, guide_trace), sample sites only."""
-        if self.max_plate_nesting == float("inf"):
-            self._guess_nesting(model, guide, args, kwargs)
-        model_trace, guide_trace = _run(
-            _vectorize(model, self.num_particles, self.particle_dim),
-            _vectorize(guide, self.num_particles, self.particle_dim),
-            args, kwargs, messenger=poutine.unwrap(guide),
-        )
-        if is_validation_enabled():  # Pyro's checks and ours, as for every loss here
-            validate_traces(model_trace, guide_trace, -self.particle_dim)
-        guide_nodes = guide_trace.nodes
-        for name, site in _sample_sites(model_trace):
-            if not site["is_observed"] and name not in guide_nodes:
-                raise ValueError(
-                    f"model latent site '{name}' is not sampled by the guide. "
-                    f"ImportanceWeightedELBO needs q({name}) for every latent: add "
-                    f"pyro.sample('{name}', ...) to the guide"
-                )
-        return model_trace, guide_trace
-
-    def _log_weights(self, model, guide, args, kwargs) -> tuple[LogWeights, tuple[str, ...]]:
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
-        layout = weight_layout(model_trace, guide_trace, self.particle_dim, self.num_particles)
-        base = self._dreg_base(guide_trace) if self.estimator == "dreg" else ()
-        weights = log_weights(model_trace, guide_trace, layout, stopped=base)
-        hooked = tuple(guide_trace.nodes[name]["value"] for name in base)
-        return weights, hooked
-
-    def _dreg_base(self, guide_trace: Trace) -> tuple[str, ...]:
-        """DReG's detached sites for this guide structure (decided once, with a graph)."""
+    def _dreg_sites(self, planning: Planning) -> tuple[str, ...] | None:
+        """DReG's stopped sites for this structure (an autograd walk: without a gradient
+        graph, no decision, and the plan is provisional; a fallback warns once per plan)."""
         if not torch.is_grad_enabled():
-            return ()
-        key = tuple(name for name, _ in _sample_sites(guide_trace))
-        if key not in self._dreg_plan:
-            base, reason = dreg_sites(guide_trace)
-            if base is None:
-                warnings.warn(
-                    f"ImportanceWeightedELBO(estimator='dreg'): {reason}; DReG does not apply "
-                    "and the IWAE gradient is used for this guide",
-                    stacklevel=4,
-                )
-            self._dreg_plan[key] = base
-        return self._dreg_plan[key] or ()
+            planning.provisional = True
+            return None
+        sites, reason = dreg_sites(planning.guide_trace)
+        if sites is None:
+            warnings.warn(
+                f"ImportanceWeightedELBO(estimator='dreg'): {reason}; DReG does not apply and "
+                "the IWAE gradient is used for this guide",
+                stacklevel=2,
+            )
+        return sites
 
-    # ------------------------------------------------------------------ estimate and surrogate
-    def _estimate_and_surrogate(self, model, guide, args, kwargs):
-        weights, hooked = self._log_weights(model, guide, args, kwargs)
-        dim = weights.layout.particle_dim
-        factor = weights.layout.local_factor
-        log_w = weights.log_w
-        if hooked:
-            surrogate, path_scale = dreg_surrogate(log_w, dim)
-            for value in hooked:
-                if value.requires_grad:
-                    _scale_gradient(value, path_scale)
-        else:
-            surrogate = iwae_surrogate(log_w, dim)
-        estimate = surrogate.detach().sum()
-        if weights.log_q_score is not None:
-            surrogate = surrogate + score_surrogate(weights.log_q_score, log_w, dim)
-        surrogate = surrogate.sum()
-        if factor != 1.0:
-            estimate, surrogate = estimate * factor, surrogate * factor
-        if is_validation_enabled() and not torch._C._get_tracing_state():
-            _warn_if_nonfinite(estimate)
-        return estimate, surrogate
-
-    # ------------------------------------------------------------------ the ELBO interface
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """An estimate of -L_K (a float); no gradients."""
-        with torch.no_grad():
-            weights, _ = self._log_weights(model, guide, args, kwargs)
-            estimate = log_mean_exp(weights.log_w, weights.layout.particle_dim).sum()
-            value = torch_item(estimate) * weights.layout.local_factor
-        if is_validation_enabled() and not math.isfinite(value):
-            _warn_if_nonfinite(torch.tensor(value))
-        return -value
-
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """-L_K as a tensor: its value estimates -L_K, its gradient estimates -dL_K."""
-        if self.jit:
-            return self._compiled_loss(model, guide)(*args, **kwargs)
-        return self._eager_differentiable_loss(model, guide, args, kwargs)
-
-    def _eager_differentiable_loss(self, model, guide, args, kwargs) -> torch.Tensor:
-        estimate, surrogate = self._estimate_and_surrogate(model, guide, args, kwargs)
-        return (surrogate.detach() - surrogate) - estimate
-
-    def _compiled_loss(self, model, guide) -> Callable:
-        """The compiled differentiable loss of this (model, guide) pair (see ``jit``)."""
-        from ..compiled.jit import compiled_loss_for
-
-        return compiled_loss_for(self, model, guide)
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """Estimate -L_K and accumulate the gradient estimate into the parameters' ``.grad``."""
-        if self.jit:  # the compiled gradient goes into .grad directly, without autograd
-            return torch_item(self._compiled_loss(model, guide).loss_and_grads(*args, **kwargs))
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)
-
-    def decompose(
-        self, model, guide, *args, log_evidence: float | None = None, **kwargs
-    ) -> ImportanceWeightedDecomposition:
-        """L_K, L_1 of the same draws, the weights' effective sample size, and the gap.
-
-        ``log_evidence`` (keyword, not passed to model and guide): log p(X) where known, e.g.
-        ``problem.log_evidence`` of a conjugate problem; the gap is then log p(X) - L_K.
-        """
-        with torch.no_grad():
-            weights, _ = self._log_weights(model, guide, args, kwargs)
-        dim, factor = weights.layout.particle_dim, weights.layout.local_factor
-        log_w = weights.log_w
-        elbo = float(log_mean_exp(log_w, dim).sum()) * factor
-        elbo_1 = float(log_w.mean(dim).sum()) * factor
-        ess = effective_sample_size(log_w, dim)
-        gap = None if log_evidence is None else float(log_evidence) - elbo
-        return ImportanceWeightedDecomposition(
-            elbo=elbo, elbo_1=elbo_1, ess=float(ess.mean()), ess_min=float(ess.min()),
-            num_particles=self.num_particles, local_plates=weights.layout.local_plates,
-            log_evidence=None if log_evidence is None else float(log_evidence), gap=gap,
-        )
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """No state: every estimate depends only on the current draws."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"ImportanceWeightedELBO has no state to restore, got {sorted(state)}")
-
-
-# ============================================================================ helpers
-def _run(model, guide, args, kwargs, messenger=None) -> tuple[Trace, Trace]:
-    """(model_trace, guide_trace) of one run, recorded as every loss here records them
-    (:func:`~.tracing.trace_model_and_guide`, Pyro's machinery).
-
-    A :class:`~pyro.infer.autoguide.GuideMessenger` guide (``messenger``: the vectorizing
-    wrapper hides it from :func:`pyro.poutine.unwrap`) runs the model inside itself.
-    """
-    messenger = poutine.unwrap(guide) if messenger is None else messenger
-    if isinstance(messenger, Messenger):
-        guide(*args, **kwargs)
-        return messenger.get_traces()
-    return trace_model_and_guide(model, guide, args, kwargs)
-
-
-def _vectorize(fn: Callable, num_particles: int, dim: int) -> Callable:
-    """``fn`` run inside the particle plate."""
-
-    def vectorized(*args, **kwargs):
-        with pyro.plate(PARTICLE_PLATE, num_particles, dim=dim):
-            return fn(*args, **kwargs)
-
-    return vectorized
-
-
-def _scale_gradient(value: torch.Tensor, path_scale: torch.Tensor) -> None:
-    """Multiply the gradient arriving at ``value`` by ``path_scale`` (broadcast over its event)."""
-    extra = value.dim() - path_scale.dim()
-    if extra > 0:
-        path_scale = path_scale.reshape(path_scale.shape + (1,) * extra)
-    value.register_hook(lambda grad: grad * path_scale)
-
-
-def _warn_if_nonfinite(estimate: torch.Tensor) -> None:
-    if not bool(torch.isfinite(estimate)):
-        warnings.warn(
-            "ImportanceWeightedELBO: the estimate of L_K is not finite (a weight of 0 or inf "
-            "in every particle of some element: check the model's and guide's supports)",
-            stacklevel=4,
-        )
+    def compile_refusal(self, model, guide) -> str | None:
+        if self.estimator == "dreg":
+            return ("ImportanceWeightedELBO(estimator='dreg'): its gradient is rescaled by a "
+                    "tensor hook, which a traced graph does not keep (the compiled gradient "
+                    "would be wrong). Use pyro.infer.SVI for DReG, or estimator='iwae'")
+        return None
 
 
 __all__ = [
     "IW_ESTIMATORS",
+    "LOG_MEAN_EXP",
     "ImportanceWeightedDecomposition",
     "ImportanceWeightedELBO",
-    "LogWeights",
-    "WeightLayout",
-    "dreg_sites",
-    "dreg_surrogate",
-    "effective_sample_size",
-    "iwae_surrogate",
-    "leave_one_out_bounds",
-    "log_mean_exp",
-    "log_weights",
-    "normalized_weights",
-    "score_surrogate",
-    "vimco_signal",
-    "weight_layout",
+    "LogMeanExpOverParticles",
+    "VIMCOSignal",
 ]

@@ -5,15 +5,10 @@ from __future__ import annotations
 import torch
 
 from .base import SiteTreatmentELBO
-from .densities import estimator_kind
+from .densities import gradient_kind
+from .graphs import depends_on, distribution_tensors, is_delta
 from .plan import AUXILIARY, GUIDED, Planning, SiteView, Treatment
-from .treatments import (
-    ENTROPY_ESTIMATORS,
-    EntropyTreatment,
-    depends_on,
-    distribution_tensors,
-    is_delta,
-)
+from .treatments import ENTROPY_ESTIMATORS, EntropyTreatment, JensenTreatment
 from .validation import check_choice
 
 
@@ -73,12 +68,12 @@ class JensenELBO(SiteTreatmentELBO):
         super().__init__(num_particles=num_particles, **kwargs)
         self.entropy = check_choice("entropy", entropy, ENTROPY_ESTIMATORS)
 
-    def _treat(self, site: SiteView, planning: Planning) -> Treatment:
+    def treat(self, site: SiteView, planning: Planning) -> Treatment:
         if site.role not in (GUIDED, AUXILIARY):
-            return super()._treat(site, planning)
-        return EntropyTreatment(self._estimator(site.guide_site, planning),
-                                estimator_kind(site.guide_site["fn"]),
-                                log_prior=site.role == GUIDED)
+            return super().treat(site, planning)
+        treatment = JensenTreatment if site.role == GUIDED else EntropyTreatment
+        return treatment(self._estimator(site.guide_site, planning),
+                         gradient_kind(site.guide_site["fn"]))
 
     def _estimator(self, guide_site: dict, planning: Planning) -> str:
         """``"path"`` falls back to ``"sampled"`` where it does not apply (see the class)."""
@@ -99,7 +94,7 @@ def path_applies(guide_site: dict, planning: Planning) -> bool:
     if not getattr(fn, "has_rsample", False) or is_delta(fn):
         return False
     if not torch.is_grad_enabled():
-        planning.memo["provisional"] = True
+        planning.provisional = True
         return True
     upstream = []
     for site in planning.guide_trace.nodes.values():

@@ -1,31 +1,44 @@
-"""Per-site building blocks of the engine's terms, and the treatments shared by the losses.
+r"""The standard treatments of a site, and the term builders they are made of.
 
-Term builders turn one trace site into a :class:`~pyro_elbo_ext.elbos.engine.Term`
-(:func:`observed_term`, :func:`log_prior_term`, :func:`sampled_entropy_term`,
-:func:`path_entropy_term`, :func:`analytic_entropy_term`); :class:`Observed` and
-:class:`EntropyTreatment` are the treatments of observed sites and of the Jensen form.
-Helpers: :func:`analytic_entropy`, :func:`stop_gradient`, :func:`depends_on`,
-:func:`distribution_tensors`, :func:`is_delta`.
+A treatment (:class:`~pyro_elbo_ext.elbos.plan.Treatment`) says how one site contributes to
+L; a loss's ``treat`` hook picks one per site, once per trace structure.  The standard ones:
+
+- :class:`Observed`: ``log p(x | ...)`` (kind ``log_likelihood``); every loss.
+- :class:`JensenTreatment`: ``log p(z | parents) + H[q(z | ...)]`` (``log_prior``,
+  ``entropy``: analytic, sampled, path or direct); JensenELBO, ImportanceWeightedELBO.
+- :class:`EntropyTreatment`: ``H[q(z | ...)]`` alone (an auxiliary guide site); every loss.
+- :class:`KLTreatment`: ``-KL[q(z | ...) || p(z | parents)]`` (``kl``: closed form where
+  registered and valid, else ``log p - log q``); AnalyticKLELBO.
+- :class:`PriorProposal`: nothing (z drawn from the model, q = p), its score term meeting the
+  learning signal, and an optional entropy ``bonus``; HardAttentionELBO.
+- :class:`Weighted`: another treatment's terms times a weight; AnalyticKLELBO's KL weight.
+
+Term builders (one site -> one :class:`~.engine.Term`, scaled and masked):
+:func:`observed_term`, :func:`log_prior_term`, :func:`sampled_entropy_term`,
+:func:`path_entropy_term`, :func:`analytic_entropy_term`; and :func:`analytic_entropy`.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
-from pyro.distributions.util import detach
 
 from .densities import PATHWISE, entropy_term, log_density, scaled_and_masked
 from .engine import Term
-from .plan import Treatment
+from .graphs import stop_gradient
+from .kl import analytic_kl, same_value
+from .plan import StepContext, Treatment, TreatmentWrapper
 from .sites import plate_frames
 
+#: JensenELBO's entropy estimators (a treatment also takes ``"direct"``: see
+#: :class:`JensenTreatment`)
 ENTROPY_ESTIMATORS = ("analytic", "sampled", "path")
 
 
+# ---------------------------------------------------------------------------- term builders
 def analytic_entropy(fn) -> torch.Tensor | None:
     """``fn.entropy()`` over the batch shape, or ``None`` where no closed form exists.
 
@@ -41,88 +54,6 @@ def analytic_entropy(fn) -> torch.Tensor | None:
         return fn.entropy()
     except NotImplementedError:
         return None
-
-
-def depends_on(outputs: Iterable[torch.Tensor], sources: Iterable[torch.Tensor]) -> bool:
-    """Whether any of ``outputs`` was computed (in the autograd graph) from any of ``sources``.
-
-    Walks the autograd graph backward from ``outputs``; used once per site when a loss builds
-    its plan, never on the per-step path.
-    """
-    targets = {t.grad_fn for t in sources if t.grad_fn is not None}
-    if not targets:
-        return False
-    stack = [t.grad_fn for t in outputs if torch.is_tensor(t) and t.grad_fn is not None]
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node in targets:
-            return True
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
-    return False
-
-
-def distribution_tensors(fn) -> list[torch.Tensor]:
-    """The tensors a distribution object holds (its parameters), through wrappers."""
-    found: list[torch.Tensor] = []
-    pending = [fn]
-    visited: set[int] = set()
-    while pending:
-        obj = pending.pop()
-        if id(obj) in visited:
-            continue
-        visited.add(id(obj))
-        for value in vars(obj).values():
-            if torch.is_tensor(value):
-                found.append(value)
-            elif hasattr(value, "__dict__") and hasattr(value, "batch_shape"):
-                pending.append(value)
-            elif isinstance(value, (list, tuple)):
-                pending.extend(v for v in value if hasattr(v, "__dict__"))
-    return found
-
-
-#: values a distribution may hold that :func:`stop_gradient` copies by reference
-_INERT = (bool, int, float, str, type(None), torch.Size)
-
-
-def stop_gradient(fn):
-    """A copy of distribution ``fn`` whose parameter tensors are detached.
-
-    For distributions made of tensors, plain values and nested distributions (``Normal``,
-    ``Independent``, ``MaskedDistribution``, ``MultivariateNormal`` with its cached factors,
-    ...) this is a shallow copy with every tensor detached and every nested distribution
-    copied the same way: about 5 µs, against about 25-50 µs for the deep copy of
-    :func:`pyro.distributions.util.detach`, which is used for anything else (transforms and
-    other objects that may hold parameters).  Either way ``stop_gradient(fn).log_prob(z)``
-    has the value of ``fn.log_prob(z)`` and no gradient path to ``fn``'s parameters.
-    """
-    copied = _shallow_stop_gradient(fn)
-    return detach(fn) if copied is None else copied
-
-
-def _shallow_stop_gradient(fn):
-    """:func:`stop_gradient` by shallow copies, or ``None`` where an attribute is not a tensor,
-    a plain value or a distribution."""
-    state = {}
-    for key, value in vars(fn).items():
-        if torch.is_tensor(value):
-            state[key] = value.detach()
-        elif isinstance(value, _INERT):
-            state[key] = value
-        elif isinstance(value, torch.distributions.Distribution):
-            inner = _shallow_stop_gradient(value)
-            if inner is None:
-                return None
-            state[key] = inner
-        else:
-            return None
-    copied = copy.copy(fn)
-    copied.__dict__ = state
-    return copied
 
 
 def observed_term(name: str, site: dict) -> Term:
@@ -142,7 +73,8 @@ def sampled_entropy_term(name: str, guide_site: dict, estimator: str) -> Term:
 
     Its pathwise part is ``-entropy_term`` (``-log q`` for a reparameterized site; none for a
     plain score-function site, whose gradient of E_q[-log q] comes from the score term alone,
-    the direct part having mean zero).
+    the direct part having mean zero).  ``estimator=PATHWISE`` keeps the whole gradient of
+    ``-log q`` whatever the site.
     """
     value = scaled_and_masked(guide_site, -log_density(guide_site))
     pathwise = entropy_term(guide_site, estimator)
@@ -177,11 +109,22 @@ def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
     return Term(name, "entropy", value, value, plate_frames(guide_site), analytic=True)
 
 
-def is_delta(fn) -> bool:
-    """A ``Delta`` site (an AutoGuide's latent): its only "parameter" is its own value."""
-    return type(fn).__name__ == "Delta"
+def entropy_estimate(name: str, guide_site: dict, estimator: str,
+                     guide_gradient: str) -> Term:
+    """H[q(z | ...)] by ``estimator`` (see :class:`JensenTreatment`)."""
+    if estimator == "analytic":
+        term = analytic_entropy_term(name, guide_site)
+        if term is not None:
+            return term
+    elif estimator == "path":
+        return path_entropy_term(name, guide_site)
+    elif estimator == "direct":
+        return sampled_entropy_term(name, guide_site, PATHWISE)
+    return sampled_entropy_term(name, guide_site, guide_gradient)
 
 
+# ---------------------------------------------------------------------------- treatments
+@dataclass(frozen=True)
 class Observed(Treatment):
     """An observed site: ``log p(x | ...)``."""
 
@@ -191,27 +134,158 @@ class Observed(Treatment):
 
 @dataclass(frozen=True)
 class EntropyTreatment(Treatment):
-    """``log p(z | parents)`` (for a model latent) plus an estimate of ``H[q(z | ...)]``.
+    """``H[q(z | ...)]`` of a guide site, alone (an auxiliary site the model does not have).
 
-    ``estimator``: ``"analytic"`` (closed form where ``entropy()`` exists, else sampled),
-    ``"sampled"`` (``-log q(z)``, Pyro's ``Trace_ELBO``) or ``"path"`` (the path derivative);
-    ``guide_estimator`` is Pyro's estimator kind of the guide's sample.  An auxiliary guide
-    site (``log_prior=False``) contributes its entropy alone.
+    ``entropy``: ``"analytic"`` (closed form where ``entropy()`` exists, else sampled),
+    ``"sampled"`` (``-log q(z)`` with Pyro's ``score_parts`` gradient: ``Trace_ELBO``'s),
+    ``"path"`` (the path derivative, :func:`path_entropy_term`) or ``"direct"`` (``-log q(z)``
+    with its whole gradient, the score part's zero-mean term included: what the
+    importance-weighted bound differentiates); ``guide_gradient`` is how the gradient of
+    the guide's sample is estimated (:func:`~.densities.gradient_kind`).
     """
 
-    estimator: str
-    guide_estimator: str
-    log_prior: bool = True
+    entropy: str
+    guide_gradient: str
+
+    def terms(self, ctx, model_site, guide_site):
+        return [entropy_estimate(guide_site["name"], guide_site, self.entropy,
+                                 self.guide_gradient)]
+
+
+@dataclass(frozen=True)
+class JensenTreatment(Treatment):
+    """A guided latent in the Jensen form: ``log p(z | parents)`` at the guide's sample plus
+    an estimate of ``H[q(z | ...)]`` (see :class:`EntropyTreatment` for ``entropy``).
+
+    By the chain rule of entropy these add up over the sites to E_q[log p(X, Z)] + H[q(Z)].
+    """
+
+    entropy: str
+    guide_gradient: str
 
     def terms(self, ctx, model_site, guide_site):
         name = guide_site["name"]
-        out = [log_prior_term(name, model_site)] if self.log_prior else []
-        entropy = None
-        if self.estimator == "analytic":
-            entropy = analytic_entropy_term(name, guide_site)
-        elif self.estimator == "path":
-            entropy = path_entropy_term(name, guide_site)
-        if entropy is None:
-            entropy = sampled_entropy_term(name, guide_site, self.guide_estimator)
-        out.append(entropy)
-        return out
+        return [log_prior_term(name, model_site),
+                entropy_estimate(name, guide_site, self.entropy, self.guide_gradient)]
+
+
+@dataclass(frozen=True)
+class KLTreatment(Treatment):
+    r"""``-KL[q(z | ...) || p(z | parents)]`` of a guided latent (kind ``"kl"``).
+
+    In closed form (:func:`~.kl.analytic_kl`) where ``analytic`` and the model and guide
+    sites share scale and mask at this step; otherwise the Monte Carlo term
+    ``log p(z | ...) - log q(z | ...)``, whose ``-log q`` has Pyro's ``score_parts`` gradient
+    (none for a score-function site: its score term carries it).  ``analytic`` is the loss's
+    decision that the closed form is valid (registered, and the model's parents of z are
+    sampled before z in the guide).
+    """
+
+    analytic: bool
+    guide_gradient: str
+
+    def terms(self, ctx, model_site, guide_site):
+        name = model_site["name"]
+        frames = plate_frames(model_site)
+        kl = closed_form_kl(model_site, guide_site) if self.analytic else None
+        if kl is not None:
+            contribution = -scaled_and_masked(guide_site, kl)
+            return [Term(name, "kl", contribution, contribution, frames, analytic=True)]
+        log_p = scaled_and_masked(model_site, log_density(model_site))
+        log_q = scaled_and_masked(guide_site, log_density(guide_site))
+        contribution = log_p - log_q
+        pathwise_q = entropy_term(guide_site, self.guide_gradient)
+        if pathwise_q is None:
+            pathwise = log_p
+        elif self.guide_gradient == PATHWISE:
+            pathwise = contribution
+        else:
+            pathwise = log_p - pathwise_q
+        return [Term(name, "kl", contribution, pathwise, frames, analytic=False)]
+
+
+def closed_form_kl(model_site: dict, guide_site: dict) -> torch.Tensor | None:
+    """The site's unscaled closed-form KL[q || p], or ``None`` where scale or mask differ at
+    this step (or the masks make the pair unregistered)."""
+    if not (same_value(model_site["scale"], guide_site["scale"])
+            and same_value(model_site["mask"], guide_site["mask"])):
+        return None
+    try:
+        return analytic_kl(guide_site["fn"], model_site["fn"])
+    except NotImplementedError:
+        return None
+
+
+@dataclass(frozen=True)
+class PriorProposal(Treatment):
+    """A site drawn from the model's own p(l | ...) (the guide does not sample it).
+
+    No term of its own (q = p), plus the bonus ``bonus_weight * H[p(l)]`` (kind ``"bonus"``)
+    if ``bonus_weight > 0``.  Its score function (Pyro's ``score_parts`` of the model's
+    sample, the unscaled ``log p(l)``) meets the loss's learning signal; a reparameterized
+    model-drawn site carries the pathwise gradient into the terms downstream of it and has no
+    score term.  With ``in_expectation`` the site is enumerated in parallel and every term is
+    taken in expectation over it instead.
+    """
+
+    bonus_weight: float = 0.0
+    in_expectation: bool = False
+
+    @property
+    def sampled_by(self) -> str:
+        return "model"
+
+    @property
+    def uses_learning_signal(self) -> bool:
+        return True
+
+    @property
+    def enumerated(self) -> bool:
+        return self.in_expectation
+
+    def terms(self, ctx, model_site, guide_site):
+        if self.bonus_weight <= 0:
+            return []
+        entropy = analytic_entropy(model_site["fn"])
+        value = scaled_and_masked(model_site, self.bonus_weight * entropy)
+        return [Term(model_site["name"], "bonus", value, value, plate_frames(model_site),
+                     analytic=True)]
+
+
+@dataclass(frozen=True)
+class Weighted(TreatmentWrapper):
+    """``inner``'s terms times a weight (:meth:`Term.scaled <.engine.Term.scaled>`).
+
+    ``weight`` is a number, or the name of one of the step's settings (``ctx.settings[name]``,
+    e.g. a scheduled ``"kl_weight"``), read at every step.  ``decompose`` names the weight in
+    its notes (``label``, or the setting's name).
+    """
+
+    weight: float | str = 1.0
+    label: str = "weight"
+
+    def transform(self, ctx: StepContext, terms: Sequence[Term]) -> Sequence[Term]:
+        if isinstance(self.weight, str):
+            weight, label = ctx.settings[self.weight], self.weight
+        else:
+            weight, label = self.weight, self.label
+        return [term.scaled(weight, label) for term in terms]
+
+
+__all__ = [
+    "ENTROPY_ESTIMATORS",
+    "EntropyTreatment",
+    "JensenTreatment",
+    "KLTreatment",
+    "Observed",
+    "PriorProposal",
+    "Weighted",
+    "analytic_entropy",
+    "analytic_entropy_term",
+    "closed_form_kl",
+    "entropy_estimate",
+    "log_prior_term",
+    "observed_term",
+    "path_entropy_term",
+    "sampled_entropy_term",
+]

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .engine import ParticleEstimate, Term
+from .engine import Term
 from .sites import (
     is_auxiliary_site,
     is_deterministic_site,
@@ -107,9 +107,13 @@ def missing_guide_site_error(name: str, loss_name: str) -> ValueError:
     """The error for a model latent that the guide does not sample."""
     return ValueError(
         f"model latent site '{name}' is not sampled by the guide. {loss_name} needs q({name}) "
-        f"for every latent: add pyro.sample('{name}', ...) to the guide. If '{name}' is meant "
-        "to be drawn from the model's own distribution (e.g. a hard-attention location), use "
-        "HardAttentionELBO, the loss for latents drawn from the model."
+        f"for every latent: add pyro.sample('{name}', ...) to the guide. If '{name}' is a "
+        "discrete latent to be summed out of the model (a mixture assignment, marked "
+        "infer={'enumerate': 'parallel'} or by config_enumerate), keep Pyro's TraceEnum_ELBO: "
+        "it maximizes log p(x) = log sum_z p(x, z), which no loss of this package does. If "
+        f"'{name}' is a hard-attention location drawn from the model's own distribution, use "
+        "HardAttentionELBO (it maximizes E_p(z)[log p(x | z)], a lower bound on log p(x), "
+        "not log p(x))."
     )
 
 
@@ -142,15 +146,16 @@ def first_nonfinite_term(terms: Sequence[Term]) -> Term | None:
     return None
 
 
-def warn_nonfinite(terms: Sequence[Term], loss_name: str) -> None:
-    """Warn, naming the site, when L is not finite."""
+def warn_nonfinite(terms: Sequence[Term], loss_name: str, quantity: str = "L") -> None:
+    """Warn, naming the site, when the estimate (of ``quantity``) is not finite."""
     bad = first_nonfinite_term(terms)
     where = (
         f"the first non-finite term is the {bad.kind} of site '{bad.site}'"
         if bad is not None
         else "no single term is non-finite (the sum overflowed)"
     )
-    warnings.warn(f"{loss_name}: the estimate of L is not finite; {where}", stacklevel=4)
+    warnings.warn(f"{loss_name}: the estimate of {quantity} is not finite; {where}",
+                  stacklevel=4)
 
 
 def graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -188,14 +193,13 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return math.isfinite(float(total))
 
 
-def warn_nonfinite_gradient(
-    estimate: ParticleEstimate, leaves: list[torch.Tensor], loss_name: str
-) -> None:
+def warn_nonfinite_gradient(estimate, leaves: list[torch.Tensor], loss_name: str) -> None:
     """After ``backward``: warn, naming the site, when a parameter's gradient is not finite.
 
     L may be finite while its gradient is not (e.g. ``sqrt`` of a parameter at 0).  The
     gradient of each term is recomputed, in trace order, on the parameters whose gradient is
-    not finite, and the first term with a non-finite gradient is named.  ``leaves`` are the
+    not finite, and the first term with a non-finite gradient is named (``estimate.terms``:
+    a :class:`~.combination.Estimate`'s).  ``leaves`` are the
     parameters to check (see :func:`graph_leaves`); the estimate's graph must be retained.
     Runs only under validation.
     """

@@ -2,7 +2,7 @@
 
 * :class:`Problem` (:mod:`.base`) -- the record: model, guide, data, exact answers;
 * :mod:`.registry` -- :data:`PROBLEMS`, :func:`get_problem`, :func:`problem_options`,
-  :func:`describe_problem`, :class:`UnknownProblemError`;
+  :func:`describe_problem`, :class:`UnknownProblemError`, :class:`ProblemOptionError`;
 * the factories: :mod:`.conjugate` (normal_normal, beta_bernoulli, gamma_poisson),
   :mod:`.discrete` (tiny_discrete), :mod:`.logistic` (logistic_regression),
   :mod:`.logistic_real` (logistic_breast_cancer), :mod:`.vae` (vae_digits),
@@ -23,6 +23,7 @@ from .base import Problem
 from .registry import (
     CONJUGATE_PROBLEMS,
     PROBLEMS,
+    ProblemOptionError,
     UnknownProblemError,
     describe_problem,
     get_problem,
@@ -33,6 +34,7 @@ __all__ = [
     "CONJUGATE_PROBLEMS",
     "PROBLEMS",
     "Problem",
+    "ProblemOptionError",
     "UnknownProblemError",
     "describe_problem",
     "get_problem",

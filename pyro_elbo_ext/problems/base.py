@@ -6,8 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyro
+import pyro.poutine as poutine
 import torch
+from pyro.params import param_with_module_name
+from pyro.util import get_rng_state, set_rng_state
 from torch.distributions import biject_to, constraints
+
+#: what ``pyro.module`` puts between a module's name and its parameters' ("$$$")
+MODULE_DIVIDER = param_with_module_name("", "")
 
 
 @dataclass
@@ -25,7 +31,8 @@ class Problem:
         Keyword inputs to pass to model and guide.
     init_params : dict of str to Tensor
         Constrained starting values of every ``pyro.param`` the model and guide read
-        (a deliberately misfit guide).
+        (a deliberately misfit guide), ``pyro.module`` parameters included under their
+        param-store names (``"decoder$$$fc.weight"``: ``pyro.params.param_with_module_name``).
     param_constraints : dict of str to Constraint
         The constraint of each parameter (real where absent).
     posterior_params : dict of str to Tensor or None
@@ -63,12 +70,68 @@ class Problem:
     def set_params(self, values: dict[str, torch.Tensor] | None = None) -> None:
         """Clear Pyro's param store and load ``values`` (default: ``init_params``).
 
-        Parameters missing from ``values`` take their ``init_params`` value.
+        Parameters missing from ``values`` take their ``init_params`` value.  A ``pyro.module``
+        parameter keeps being the tensor the module computes with: its value is written into
+        the module's own parameter, which becomes the store's leaf (see
+        :meth:`module_parameters`), so that SVI trains it and gradients are read from it
+        whether the module is registered with ``update_module_params=True`` or with Pyro's
+        default ``False`` (where a fresh store tensor would get no gradient at all).
         """
         pyro.clear_param_store()
         merged = {**self.init_params, **(values or {})}
         for name, value in merged.items():
             pyro.param(name, value.detach().clone(), constraint=self.constraint(name))
+        store = pyro.get_param_store()
+        for name, own in self.module_parameters().items():
+            leaf = store[name].unconstrained()
+            if own is leaf:
+                continue
+            if self.constraint(name) is not constraints.real:
+                raise ValueError(
+                    f"problem '{self.name}': module parameter '{name}' has the constraint "
+                    f"{self.constraint(name)}, but a pyro.module computes with its own "
+                    "unconstrained tensor; drop it from param_constraints"
+                )
+            with torch.no_grad():
+                own.copy_(leaf)
+            del store[name]
+            pyro.param(name, own)
+
+    def module_parameters(self) -> dict[str, torch.Tensor]:
+        """The tensors that ``pyro.module`` registrations in the model and guide compute with,
+        by param-store name, for the ``init_params`` entries that have one.
+
+        ``pyro.module(name, net)`` registers each parameter of ``net`` with
+        ``pyro.param(name + "$$$" + param_name, parameter)``; with Pyro's default
+        ``update_module_params=False`` the module keeps computing with ``parameter`` even when
+        the store holds another tensor under that name; with ``update_module_params=True`` it
+        takes the store's tensor when it runs.  Found by running the guide and the model twice
+        (the second run sees each module as it stays; without gradients, Pyro's random state
+        restored); empty, and nothing is run, when no ``init_params`` name is a module's.
+        """
+        listed = {n for n in self.init_params if MODULE_DIVIDER in n}
+        if not listed:
+            return {}
+        state = get_rng_state()
+        try:
+            with torch.no_grad():
+                for _ in range(2):
+                    traces = [poutine.trace(fn).get_trace(*self.args, **self.kwargs)
+                              for fn in (self.guide, self.model)]
+        finally:
+            set_rng_state(state)
+        found = {}
+        for trace in traces:
+            for name, site in trace.nodes.items():
+                if (site["type"] == "param" and name in listed and len(site["args"]) > 1
+                        and isinstance(site["args"][1], torch.Tensor)):
+                    found[name] = site["args"][1]
+        return found
+
+    def unlisted_params(self) -> list[str]:
+        """Names in Pyro's param store that ``init_params`` does not list: parameters that
+        :meth:`set_params` neither resets nor a comparison measures."""
+        return sorted(set(pyro.get_param_store().keys()) - set(self.init_params))
 
     def set_posterior(self) -> None:
         """Load the exact posterior into the guide (the other parameters at their start)."""

