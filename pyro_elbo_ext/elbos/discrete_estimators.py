@@ -267,8 +267,9 @@ def conditional_logistic(logits: torch.Tensor, b: torch.Tensor, v: torch.Tensor)
     # log(1 - p) = -softplus(logits), log p = -softplus(-logits)
     log_one_minus_p = -nn.functional.softplus(logits)
     log_p = -nn.functional.softplus(-logits)
-    positive = torch.log1p(torch.exp(torch.log(v) - torch.log1p(-v) - log_one_minus_p))
-    negative = -torch.log1p(torch.exp(torch.log1p(-v) - torch.log(v) - log_p))
+    # log(1 + e^x) as softplus: finite (and its gradient too) for any logits, float32 included
+    positive = nn.functional.softplus(torch.log(v) - torch.log1p(-v) - log_one_minus_p)
+    negative = -nn.functional.softplus(torch.log1p(-v) - torch.log(v) - log_p)
     return torch.where(b.bool(), positive, negative)
 
 
@@ -310,7 +311,8 @@ def conditional_gumbel(logits: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -
     index = b.long().unsqueeze(-1)
     log_v_b = log_v.gather(-1, index.expand(log_v.shape[:-1] + (1,)))
     top = -torch.log(-log_v_b)
-    others = -torch.log(-log_v * torch.exp(-log_pi) - log_v_b)
+    # -log(-log v_k / pi_k - log v_b), as a logaddexp: finite for any logits
+    others = -torch.logaddexp(torch.log(-log_v) - log_pi, torch.log(-log_v_b))
     is_b = torch.zeros_like(log_v, dtype=torch.bool).scatter(-1, index.expand(
         log_v.shape[:-1] + (1,)), True)
     return torch.where(is_b, top.expand_as(others), others)
