@@ -28,7 +28,7 @@ from torch.func import functional_call
 from ..functional_optim import Adam
 from .discrete_sampling import DiscreteDraw
 from .discrete_terms import relax_surrogate_terms, site_logits
-from .state import StateSlots, all_finite
+from .state import StateSlots, add_network, all_finite, network_weights, step_network
 
 #: the default control network's hidden width and Adam learning rate
 DEFAULT_HIDDEN = 32
@@ -69,11 +69,7 @@ class RelaxControls(StateSlots):
         net = net.to(dtype=like.dtype, device=like.device)
         self.architectures[site] = net
         self.in_features[site] = in_features
-        self.slots[(site, "skipped")] = torch.zeros((), dtype=torch.bool, device=like.device)
-        for name, param in net.named_parameters():
-            self.slots[(site, "weight", name)] = param.detach().clone()
-            for key, value in self.adam.init_state(param).items():
-                self.slots[(site, "adam", name, key)] = value
+        add_network(self.slots, site, net, self.adam, like)
 
     def weights(self, site: str, in_features: int, like: torch.Tensor) -> dict:
         if site not in self.architectures:
@@ -84,8 +80,7 @@ class RelaxControls(StateSlots):
                 f"{in_features} features per element, but its control variate was built for "
                 f"{self.in_features[site]}; keep the site's event shape fixed"
             )
-        return {key[2]: value for key, value in self.slots.items()
-                if key[0] == site and key[1] == "weight"}
+        return network_weights(self.slots, site)
 
     def surrogate(self, site: str, fn, value: torch.Tensor, score: torch.Tensor,
                   signal: torch.Tensor, draw: DiscreteDraw, event_dim: int,
@@ -120,13 +115,7 @@ class RelaxControls(StateSlots):
         """After the step's gradient: one Adam step of each site's variance objective."""
         pending, self.pending = self.pending, {}
         for site, (weights, grads, ok) in pending.items():
-            for (name, weight), grad in zip(weights.items(), grads):
-                state = {key: self.slots[(site, "adam", name, key)] for key in self.adam_keys}
-                new_weight, new_state = self.adam.update(weight, grad, state)
-                self.slots[(site, "weight", name)] = torch.where(ok, new_weight, weight)
-                for key in self.adam_keys:
-                    self.slots[(site, "adam", name, key)] = torch.where(
-                        ok, new_state[key], state[key])
+            step_network(self.slots, site, weights, grads, ok, self.adam, self.adam_keys)
             self.settle(site, ok)
 
     # ------------------------------------------------------------------ checkpoints
