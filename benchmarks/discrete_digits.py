@@ -269,6 +269,7 @@ def markdown(meta: dict, runs: list[dict], missing: dict[str, str]) -> str:
             f"{r['test_L_K']:.2f} | {var[0]['variance']:.3g} -> {var[-1]['variance']:.3g} |")
     for name, why in missing.items():
         lines.append(f"| {name} | {why} | | | | |")
+    lines += ["", f"![training curves and gradient variance]({meta['stem']}.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -345,10 +346,11 @@ def main(argv=None) -> dict:
         "particles": opts.particles, "lr": opts.lr, "batch": opts.batch,
         "budget": opts.budget, "seed": opts.seed, "variance_draws": opts.variance_draws,
     }
+    stem = "discrete_digits_quick" if opts.quick else f"discrete_digits_{opts.data}"
+    meta["stem"] = stem
     text = markdown(meta, runs, missing)
     print(text)
     opts.out.mkdir(parents=True, exist_ok=True)
-    stem = "discrete_digits_quick" if opts.quick else f"discrete_digits_{opts.data}"
     (opts.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "runs": runs, "missing": missing}, indent=1))
     (opts.out / f"{stem}.md").write_text(text)

@@ -292,6 +292,7 @@ def markdown(meta: dict, table: list[dict], race: dict) -> str:
             cpu = sum(r["cpu_s"] for r in runs) / len(runs)
             lines.append(f"| {name} | {estimator} | {end:.3g} | {mid:.3g} | {var:.3g} | "
                          f"{cpu:.1f} |")
+    lines += ["", f"![optimization curves and gradient variance]({meta['stem']}.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -349,11 +350,12 @@ def main(argv=None) -> dict:
         "draws": opts.draws, "cv_steps": opts.cv_steps, "steps": opts.steps, "lr": opts.lr,
         "seeds": opts.seeds, "wall_s": time.time() - start,
     }
+    stem = "discrete_toys_quick" if opts.quick else "discrete_toys"
+    meta["stem"] = stem
     result = {"meta": meta, "variance": table, "optimization": race}
     text = markdown(meta, table, race)
     print(text)
     opts.out.mkdir(parents=True, exist_ok=True)
-    stem = "discrete_toys_quick" if opts.quick else "discrete_toys"
     (opts.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (opts.out / f"{stem}.md").write_text(text)
     plot(race, opts.out / f"{stem}.png")

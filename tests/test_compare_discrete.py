@@ -41,7 +41,7 @@ def test_the_table_states_k_and_the_estimators_are_unbiased():
                           dtype=torch.float64)
     comparison = compare_estimators(problem, ["trace_elbo", "discrete_loo", "discrete_disarm",
                                               "importance_weighted_iwae"],
-                                    num_repeats=200, num_particles=2, progress=False)
+                                    num_repeats=100, num_particles=2, progress=False)
     summary = comparison.summary()
     table = format_table(summary)
     assert " K " in table.splitlines()[0]
