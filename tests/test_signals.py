@@ -21,7 +21,7 @@ Y = torch.tensor(1.0)
 def _model():
     logits = pyro.param("logits", torch.tensor([0.3, -0.2]))
     where = pyro.sample("where", dist.Categorical(logits=logits),
-                        infer={"baseline": {"baseline_value": torch.tensor(-1.2)}})
+                        infer={"toy_baseline": torch.tensor(-1.2)})
     pyro.sample("y", dist.Normal(where.to(Y.dtype), 1.0), obs=Y)
 
 
@@ -33,14 +33,15 @@ def _exact_gradient() -> torch.Tensor:
 
 
 class SiteValueBaseline(SignalPart):
-    """A per-site baseline read from the site (Pyro's ``infer={"baseline": {"baseline_value":
-    b}}``), with a running count of its uses as state."""
+    """A per-site baseline read from the site (``infer={"toy_baseline": b}``; Pyro's own
+    ``infer={"baseline": ...}`` is :mod:`~pyro_elbo_ext.elbos.site_baselines`), with a
+    running count of its uses as state."""
 
     kind = "site_value"
     what = "site baseline"
 
     def apply(self, site: SignalSite, signal):
-        return signal - site.infer["baseline"]["baseline_value"]
+        return signal - site.infer["toy_baseline"]
 
     def update(self, site: SignalSite, signal, applied):
         count = self.slots.get((site.name, "uses"), torch.zeros(()))

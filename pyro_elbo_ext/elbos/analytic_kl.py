@@ -144,14 +144,17 @@ class AnalyticKLELBO(SiteTreatmentELBO):
     is treated as its parent (conservative) and a warning says so.
 
     **Discrete guide sites** (no ``rsample``), which Pyro's ``TraceMeanField_ELBO`` refuses, are
-    supported.  Their own KL is exact (its gradient is the gradient of the closed form); the
-    rest of L reaches their parameters through the score-function surrogate
-    ``log q(z_j) * stop_grad(reward_j)``, with ``reward_j`` Rao-Blackwellized by plates (Ranganath,
-    Gerrish & Blei 2014, arXiv:1401.0118).  The reward contains the KL of every later site that
-    depends on :math:`z_j`, which it must; it also contains terms that do not depend on
-    :math:`z_j` (its own KL, a function of :math:`z_{<j}` only, and the KLs of earlier sites),
-    whose product with the score has expectation zero given :math:`z_{<j}`.  The surrogate is
-    therefore unbiased for dL.
+    supported.  Their own KL's value is in closed form; its gradient through q's parameters and
+    the rest of L reach them through the score-function surrogate
+    ``log q(z_j) * stop_grad(reward_j)``, whose reward holds the site's own
+    ``log p(z_j) - log q(z_j)`` (the sampled form of its KL, constant at the posterior) and
+    the terms of L that the data flow says may depend on :math:`z_j`: the KL of every later
+    site that reads it, in closed form (its sample integrated out), and the log-likelihoods
+    behind it (:mod:`~pyro_elbo_ext.elbos.downstream`; Ranganath, Gerrish & Blei 2014,
+    arXiv:1401.0118).  The terms left out do not depend on :math:`z_j`, so their product with
+    the score has expectation zero: the surrogate is unbiased for dL.  Pyro's per-site
+    baselines (``infer={"baseline": {...}}``) apply, as for ``TraceGraph_ELBO``
+    (:mod:`~pyro_elbo_ext.elbos.site_baselines`).
 
     **KL weight.**  With ``kl_weight`` = w (a number, or a callable of the step count, e.g. a
     warm-up ramp; Bowman et al. 2015, arXiv:1511.06349; Sønderby et al. 2016,
@@ -262,8 +265,9 @@ class AnalyticKLELBO(SiteTreatmentELBO):
             self._scheduled_weight.fill_(self.weighting.at(self.step_count))
 
     def state_dict(self) -> dict:
-        """The estimator's state: ``{"step_count": int}`` (the schedule position)."""
-        return {"step_count": self.step_count}
+        """The estimator's state: ``{"step_count": int}`` (the schedule position), and the
+        per-site baselines' where a site has them."""
+        return {"step_count": self.step_count, **super().state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (e.g. to resume a KL warm-up from a checkpoint)."""
@@ -274,13 +278,9 @@ class AnalyticKLELBO(SiteTreatmentELBO):
                 f"AnalyticKLELBO.state_dict()), got {state!r}"
             )
         self.step_count = int(step)
+        super().load_state_dict({k: v for k, v in state.items() if k != "step_count"})
 
     # ------------------------------------------------------------------ planning facts
-    def _as_traced(self, fn):
-        """``fn`` as the traces were recorded from it: inside the vectorized particle plate
-        when particles are vectorized (the replay must see the traces' shapes)."""
-        return self._vectorized_num_particles(fn) if self.vectorize_particles else fn
-
     def _late_parents(self, planning: Planning) -> dict[str, tuple[str, ...]]:
         """The sites whose model distribution depends on a later guide sample (raise or warn)."""
         late = late_parents(self._as_traced(planning.model), planning.model_trace,

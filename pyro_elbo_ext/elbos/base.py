@@ -32,9 +32,16 @@ from .combination import MEAN, Combination, Estimate, ParticleBatch
 from .decomposition import Decomposition, term_notes
 from .densities import PATHWISE, gradient_kind, score_function
 from .discrete_estimators import BIASED_ESTIMATORS, ESTIMATORS
-from .discrete_plan import DISCRETE_ESTIMATORS, apply_choices, check_default, choose_estimators
+from .discrete_plan import (
+    DISCRETE_ESTIMATORS,
+    apply_choices,
+    check_default,
+    check_site_baselines,
+    choose_estimators,
+)
 from .discrete_sampling import DRAW_KEY, DiscreteSampler
 from .discrete_terms import disarm_surrogate, loo_surrogate
+from .downstream import DOWNSTREAM, downstream_rule
 from .engine import ScoreSite, expect_over_enumerated
 from .keys import argument_signature, trace_structure_key
 from .plan import (
@@ -53,6 +60,8 @@ from .plan import (
 )
 from .protocol import jit_backend
 from .relax_control import RelaxControls
+from .signals import SITE_BASELINES, LearningSignal
+from .site_baselines import SiteBaselines, site_baseline_plan
 from .state import warn_skipped
 from .tracing import ModelWrapper, trace_model_and_guide, validate_traces
 from .treatments import EntropyTreatment, Observed
@@ -230,10 +239,42 @@ class SiteTreatmentELBO(ELBO):
             plan = apply_choices(plan, choose_estimators(
                 plan, model_trace, guide_trace, self.discrete_estimator, self.num_particles,
                 self._particle_dim is not None, *self._discrete_support()))
+            check_site_baselines(plan, model_trace, guide_trace)
+            self._plan_score_sites(planning, plan)
             if key is not None and not planning.provisional:
                 self._plans.put(key, plan)
         plan.validated = validating
         return plan
+
+    def _plan_score_sites(self, planning: Planning, plan: Plan) -> None:
+        """Once per plan: the terms each score-function site meets (the data flow,
+        :mod:`.downstream`) and Pyro's per-site baselines (:mod:`.site_baselines`), where the
+        loss's combination is a sum of terms (:attr:`~.combination.Combination.sums_terms`)."""
+        sums_terms = self.combination.sums_terms
+        if sums_terms:
+            plan.facts[DOWNSTREAM] = downstream_rule(planning, plan, self._as_traced,
+                                                     type(self).__name__)
+        options = site_baseline_plan(plan, planning.model_trace, planning.guide_trace)
+        if not options:
+            return
+        if not sums_terms:
+            warnings.warn(
+                f"{type(self).__name__} does not use Pyro's per-site baselines: "
+                f"infer['baseline'] of {', '.join(map(repr, options))} is ignored (its own "
+                "learning signal centres the score terms)",
+                stacklevel=4,
+            )
+            return
+        plan.facts[SITE_BASELINES] = options
+        if self.learning_signal is None:
+            self.learning_signal = LearningSignal()
+        if self.learning_signal.site_baselines is None:
+            self.learning_signal.site_baselines = SiteBaselines()
+
+    def _as_traced(self, fn):
+        """``fn`` as the traces were recorded from it: inside the vectorized particle plate
+        when particles are vectorized (a replay must see the traces' shapes)."""
+        return self._vectorized_num_particles(fn) if self.vectorize_particles else fn
 
     @property
     def _particle_dim(self) -> int | None:
@@ -306,6 +347,8 @@ class SiteTreatmentELBO(ELBO):
         terms = []
         score_sites = []
         model_nodes, guide_nodes = ctx.model_trace.nodes, ctx.guide_trace.nodes
+        downstream = ctx.plan.fact(DOWNSTREAM)
+        own_baselines = ctx.plan.fact(SITE_BASELINES, _NO_SETTINGS)
         for site in ctx.plan.sites:
             model_site = model_nodes.get(site.name)
             guide_site = guide_nodes.get(site.name)
@@ -314,9 +357,13 @@ class SiteTreatmentELBO(ELBO):
                 sampled = model_site if site.treatment.sampled_by == "model" else guide_site
                 function = score_function(sampled, site.gradient)
                 if function is not None:
+                    met = None if downstream is None else downstream.sites_met(site.name)
+                    marked = (site.treatment.uses_learning_signal
+                              or site.name in own_baselines)
                     score_sites.append(ScoreSite(
-                        site.name, function, site.frames, site.treatment.uses_learning_signal,
-                        self._gradient_term(ctx, site.name, sampled, function, training)))
+                        site.name, function, site.frames, marked, downstream_sites=met,
+                        gradient_term=self._gradient_term(ctx, site.name, sampled, function,
+                                                          training)))
         if ctx.plan.enumerated:
             enumerated = [model_nodes[name] for name in ctx.plan.enumerated]
             exact = not any(s["type"] == "sample" for s in guide_nodes.values())
@@ -611,6 +658,8 @@ class SiteTreatmentELBO(ELBO):
         relax = state.pop(RELAX, None)
         if relax is not None:
             self.relax_controls.set_extra_state(relax)
+        if self.learning_signal is None and "site_baselines._extra_state" in state:
+            self.learning_signal = LearningSignal()  # Pyro's per-site baselines only
         if self.learning_signal is not None:
             self.learning_signal.load_state_dict(state)
         elif state:

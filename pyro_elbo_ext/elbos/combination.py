@@ -7,7 +7,7 @@ to the batch.  A loss's :class:`Combination` then says how batches become the es
 
 - :class:`MeanOverParticles` (every loss but one): L_hat is the mean over particles of the
   sum of the terms, and the surrogate the mean of :func:`~.engine.combine`'s surrogates
-  (score terms meet their Rao-Blackwellized reward);
+  (score terms meet their reward, Rao-Blackwellized by the data flow: :data:`DOWNSTREAM`);
 - :class:`~pyro_elbo_ext.elbos.importance_weighted.LogMeanExpOverParticles`: the
   importance-weighted bound, :math:`\hat L_K = \log \frac1K \sum_k w_k` with
   :math:`\log w_k` the sum of particle k's terms.
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .decomposition import Decomposition
+from .downstream import DOWNSTREAM
 from .engine import ParticleEstimate, ScoreSite, Term, combine
 from .plan import Plan, StepContext
 
@@ -100,6 +101,10 @@ class Combination:
 
     #: the quantity estimated, as messages name it
     quantity: str = "L"
+    #: whether the estimate is a sum of the terms, so that a score site's reward may leave
+    #: out the terms its sample cannot reach (the plan's data-flow rule,
+    #: :data:`~.downstream.DOWNSTREAM`) and Pyro's per-site baselines centre it
+    sums_terms: bool = True
     #: whether ``estimate(batches)`` is the sum of ``estimate([b])`` over the batches: the
     #: engine then takes each batch's gradient and learning-signal update in turn (the memory
     #: of one particle's graph at a time), as Pyro's ``Trace_ELBO`` does
@@ -132,7 +137,8 @@ class MeanOverParticles(Combination):
     def estimate(self, batches: Sequence[ParticleBatch], num_particles: int) -> Estimate:
         if len(batches) == 1:  # the common case: vectorized particles, or one at a time
             batch = batches[0]
-            part = combine(batch.terms, batch.score_sites, batch.signal)
+            part = combine(batch.terms, batch.score_sites, batch.signal,
+                           batch.plan.fact(DOWNSTREAM))
             surrogate = part.surrogate
             if batch.signal is not None:
                 extra = batch.signal.surrogate()
@@ -141,7 +147,8 @@ class MeanOverParticles(Combination):
             return Estimate(part.total, surrogate, batches, num_particles)
         value = surrogate = None
         for batch in batches:
-            part: ParticleEstimate = combine(batch.terms, batch.score_sites, batch.signal)
+            part: ParticleEstimate = combine(batch.terms, batch.score_sites, batch.signal,
+                           batch.plan.fact(DOWNSTREAM))
             value = part.total if value is None else value + part.total
             surrogate = part.surrogate if surrogate is None else surrogate + part.surrogate
             if batch.signal is not None:

@@ -20,6 +20,7 @@ from .discrete_estimators import (
     distribution_family,
 )
 from .plan import OBSERVED, PlanFact
+from .site_baselines import baseline_options
 
 #: the plan fact: site name -> estimator name, for every site whose estimator is not REINFORCE
 DISCRETE_ESTIMATORS: PlanFact[dict] = PlanFact("discrete estimators")
@@ -107,9 +108,50 @@ def apply_choices(plan, chosen: dict[str, str]):
     return dataclasses.replace(plan, sites=sites, facts=facts)
 
 
+#: the estimators in which Pyro's per-site baseline (``infer={"baseline": ...}``) has no
+#: place, and why: a baseline that is the same for every particle cancels in leave-one-out's
+#: and DisARM's differences of rewards, and a straight-through site has no score term
+NO_SITE_BASELINE = {
+    "loo": "leave-one-out's baseline is the other particles' mean reward: a per-site "
+           "baseline, the same for every particle, cancels in R_k - mean(R_-k)",
+    "disarm": "DisARM's estimate is the difference of an antithetic pair's rewards: a "
+              "per-site baseline, the same for both members, cancels in it",
+    "gumbel_st": "a straight-through site has no score term to centre (its gradient is "
+                 "pathwise through the relaxation)",
+}
+
+
+def check_site_baselines(plan, model_trace, guide_trace) -> None:
+    r"""Refuse Pyro's per-site baseline on a site whose estimator has no use for it
+    (:data:`NO_SITE_BASELINE`), naming the site; a ``"relax"`` site takes it (its score term
+    meets :math:`\mathrm{sg}(R - b - c(\tilde z))`, still unbiased since :math:`b` does not
+    read the sample).
+
+    Raises
+    ------
+    ValueError
+        Naming the site, its estimator, why the baseline cannot act, and what to do.
+    """
+    for name, estimator in plan.fact(DISCRETE_ESTIMATORS, {}).items():
+        why = NO_SITE_BASELINE.get(estimator)
+        if why is None:
+            continue
+        site = guide_trace.nodes.get(name)
+        if site is None or site.get("type") != "sample" or site["is_observed"]:
+            site = model_trace.nodes.get(name)
+        options = None if site is None else baseline_options(name, site["infer"])
+        if options is not None and (options.decaying or options.network or options.value):
+            raise ValueError(
+                f"site '{name}' has infer['baseline'] and discrete_estimator={estimator!r}: "
+                f"{why}, so it would be silently useless. Remove infer['baseline'] from the "
+                "site, or use discrete_estimator='reinforce' or 'relax' for it"
+            )
+
+
 def family(fn) -> str:
     """The site's distribution family (:func:`~.discrete_estimators.distribution_family`)."""
     return distribution_family(fn)
 
 
-__all__ = ["DISCRETE_ESTIMATORS", "apply_choices", "check_default", "choose_estimators"]
+__all__ = ["DISCRETE_ESTIMATORS", "NO_SITE_BASELINE", "apply_choices", "check_default",
+           "check_site_baselines", "choose_estimators"]

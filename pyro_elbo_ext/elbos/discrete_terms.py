@@ -1,7 +1,8 @@
 r"""One site's gradient surrogate under each discrete estimator, from the engine's tensors.
 
-The engine gives a score-function site :math:`j` its reward :math:`R_j` (the part of the
-estimate that can depend on the site's sample, Rao-Blackwellized, detached) and its score
+The engine gives a score-function site :math:`j` its reward :math:`R_j` (the terms of the
+estimate that the data flow says can depend on the site's sample, :mod:`.downstream`, summed
+within shared plates, detached; after Pyro's per-site baseline on a ``"relax"`` site) and its score
 :math:`\log q(b_j)`; plain REINFORCE adds :math:`\log q(b_j)\,\mathrm{sg}(R_j)`.  The functions
 here give what replaces that term for the other estimators (:mod:`.discrete_estimators` holds
 the mathematics and its references):
@@ -66,6 +67,11 @@ def disarm_surrogate(fn, value: torch.Tensor, reward: torch.Tensor, draw: Discre
     :math:`\sum_k \alpha_k\, \mathrm{sg}(\hat g_{\text{pair}(k)})`: each member carries its pair's
     estimate (the estimate is symmetric in the two members), and the loss's mean over the
     :math:`K` particles makes it the mean over the :math:`K/2` pairs.
+
+    ``reward`` is the site's downstream reward, not the whole of L: a term that does not read
+    :math:`b_j` is a function of the other sites' noise only, independent of :math:`u_j`, and
+    the weight's mean over :math:`u_j` is zero, so leaving it out keeps the estimate unbiased
+    and removes its noise.
 
     Raises
     ------

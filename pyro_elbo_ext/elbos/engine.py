@@ -11,14 +11,15 @@ reparameterized). :func:`combine` then forms
     L_hat       = sum_t contribution_t
     surrogate   = sum_t pathwise_t + sum_j sum(score_j * stop_grad(signal_j))
 
-where ``reward_j`` is the part of L_hat that may depend on the sample at site j,
-Rao-Blackwellized by :class:`pyro.plate` independence (and ``signal_j = reward_j`` unless a
-learning signal, e.g. ``reward_j - baseline_j``, replaces it): terms in plates that site j is
-not in are summed, terms that share j's plates are kept element by element, so that the i-th
-element of ``score_j`` only meets the rewards of data point i (and the global terms).  The
-gradient of the surrogate is then an unbiased estimate of dL for any baseline that does not
-depend on the sample at site j (Williams 1992; Ranganath, Gerrish & Blei 2014, arXiv:1401.0118;
-Schulman et al. 2015, arXiv:1506.05254).
+where ``reward_j`` is the part of L_hat that may depend on the sample at site j (and
+``signal_j = reward_j`` unless a learning signal, e.g. ``reward_j - baseline_j``, replaces
+it): the terms whose values the data flow says may depend on it, decided once per plan
+(:mod:`.downstream`), Rao-Blackwellized further by :class:`pyro.plate` independence: terms in
+plates that site j is not in are summed, terms that share j's plates are kept element by
+element, so that the i-th element of ``score_j`` only meets the rewards of data point i (and
+the global terms).  The gradient of the surrogate is then an unbiased estimate of dL for any
+baseline that does not depend on the sample at site j (Williams 1992; Ranganath, Gerrish &
+Blei 2014, arXiv:1401.0118; Schulman et al. 2015, arXiv:1506.05254).
 
 The engine knows nothing of which loss it serves; the losses decide each site's treatment.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,6 +71,17 @@ class Term:
         The factor the term was multiplied by (:meth:`scaled`): 1 for a term of L itself.
     weight_label : str
         What the factor is called (e.g. ``"kl_weight"``), for ``decompose``'s notes.
+    sampled : torch.Tensor or None
+        For a closed-form term of a site whose sample carries a score function: the
+        one-sample estimate of the same quantity at that sample (``-log q(z)`` for
+        ``H[q(z)]``, ``log p(z) - log q(z)`` for ``-KL``), which the site's *own* score term
+        meets in place of ``contribution``; the term's gradient through q's parameters is
+        then carried by that score term (``pathwise`` leaves it out), since
+        ``d/dphi E_q[s(z)] = E_q[s(z) d log q(z)/dphi]`` for ``s = log p - log q`` or
+        ``s = -log q`` (whose expectations are the closed forms).  The site's reward then
+        holds ``log p - log q``, constant at the posterior (the learning signal of NVIL,
+        Mnih & Gregor 2014, arXiv:1402.0030), where the closed form would leave the level
+        ``log p`` alone.  ``None``: the term meets every score term as ``contribution``.
     """
 
     site: str
@@ -79,6 +92,7 @@ class Term:
     analytic: bool = False
     weight: float | torch.Tensor = 1.0
     weight_label: str = ""
+    sampled: torch.Tensor | None = None
 
     @property
     def value(self) -> torch.Tensor:
@@ -102,10 +116,11 @@ class Term:
             pathwise = contribution  # keeps the engine's "pathwise is contribution" sharing
         else:
             pathwise = weight * self.pathwise
+        sampled = None if self.sampled is None else weight * self.sampled
         if self.weight_label:
             weight, label = self.weight * weight, f"{self.weight_label} x {label}"
         return Term(self.site, self.kind, contribution, pathwise, self.frames, self.analytic,
-                    weight, label)
+                    weight, label, sampled)
 
 
 @dataclass(slots=True)
@@ -124,14 +139,19 @@ class ScoreSite:
         The vectorized plates of the site.
     learning_signal : bool
         Whether the loss's learning signal (baseline, reward transform, normalizer) replaces
-        the plain reward for this site (hard-attention sites); otherwise the score meets the
-        Rao-Blackwellized reward itself.
+        the plain reward for this site (hard-attention sites, sites with Pyro's per-site
+        ``infer={"baseline": ...}``); otherwise the score meets the Rao-Blackwellized reward
+        itself.
+    downstream_sites : frozenset of str or None
+        The sites any of whose terms the site's reward may hold (``None``: every site not
+        separated from it by plates); a reward transform that adds per-site values reads it.
     """
 
     site: str
     score_function: torch.Tensor
     frames: frozenset[Frame]
     learning_signal: bool = False
+    downstream_sites: frozenset[str] | None = None
     #: ``gradient_term(signal) -> Tensor``: the site's surrogate term from its (detached)
     #: signal, where its discrete estimator is not plain REINFORCE (leave-one-out, DisARM,
     #: RELAX: :mod:`.discrete_terms`); ``None``: ``sum(score_function * signal)``
@@ -190,10 +210,30 @@ def sum_to_frames(
     return total
 
 
+def _by_frames(terms: Sequence[Term], values: Sequence[torch.Tensor],
+               chosen: Sequence[int] | None) -> dict[frozenset[Frame], torch.Tensor]:
+    """The detached ``values`` of the chosen terms (all where ``None``), summed by plates."""
+    rewards: dict[frozenset[Frame], torch.Tensor] = {}
+    for i in range(len(terms)) if chosen is None else chosen:
+        frames, value = terms[i].frames, values[i]
+        rewards[frames] = rewards[frames] + value if frames in rewards else value
+    return rewards
+
+
+def _own_samples(terms: Sequence[Term]) -> dict[str, list[int]]:
+    """The indices of the terms with a ``sampled`` form, by site (usually none)."""
+    own: dict[str, list[int]] = {}
+    for i, term in enumerate(terms):
+        if term.sampled is not None:
+            own.setdefault(term.site, []).append(i)
+    return own
+
+
 def combine(
     terms: Sequence[Term],
     score_sites: Sequence[ScoreSite] = (),
     signal: SignalFn | None = None,
+    downstream: Any = None,
 ) -> ParticleEstimate:
     """Sum the terms of one particle into L_hat and its gradient surrogate.
 
@@ -203,10 +243,16 @@ def combine(
         Every contribution to L of this particle.
     score_sites : sequence of ScoreSite
         The sites that need a score-function term.  The reward each one meets is the sum of
-        all term contributions, detached and Rao-Blackwellized by plates
-        (:func:`sum_to_frames`).
+        the term contributions that may depend on its sample (all of them where
+        ``downstream`` is ``None``), detached and Rao-Blackwellized by plates
+        (:func:`sum_to_frames`); a site's own closed-form terms enter as their ``sampled``
+        form.
     signal : SignalFn, optional
         The learning signal of sites marked ``learning_signal`` (see :data:`SignalFn`).
+    downstream : Downstream, optional
+        The plan's decision of which terms each score site meets
+        (:class:`~pyro_elbo_ext.elbos.downstream.Downstream`); ``None``: every term, by
+        plates only.
 
     Returns
     -------
@@ -236,12 +282,20 @@ def combine(
                 total = term.pathwise.sum()
             surrogate = total if surrogate is None else surrogate + total
     if score_sites:
-        rewards: dict[frozenset[Frame], torch.Tensor] = {}
-        for term in terms:
-            value = term.contribution.detach()
-            rewards[term.frames] = rewards[term.frames] + value if term.frames in rewards else value
+        values = [term.contribution.detach() for term in terms]
+        selection = downstream.select(terms) if downstream is not None else {}
+        grouped: dict = {}  # the chosen terms' rewards by plates, per choice of terms
+        own = _own_samples(terms)
         for site in score_sites:
+            chosen = selection.get(site.site)  # None: every term (the plate rule)
+            rewards = grouped.get(chosen)
+            if rewards is None:
+                rewards = grouped[chosen] = _by_frames(terms, values, chosen)
             reward = sum_to_frames(rewards, site.frames)
+            for i in own.get(site.site, ()):  # its own closed-form terms, as samples
+                met = chosen is None or i in chosen
+                reward = reward + (terms[i].sampled - terms[i].contribution if met
+                                   else terms[i].sampled).detach()
             if signal is not None and site.learning_signal:
                 reward = signal(site, reward)
             if site.gradient_term is not None:
@@ -280,9 +334,28 @@ def expect_over_enumerated(
                          if frames <= term.frames), 0.0)
             weight = log_w.exp() if torch.is_tensor(log_w) else 1.0
             weights[term.frames] = weight
-        value = term.contribution * weight
-        if torch.is_tensor(value) and value.dim() > max_plate_nesting:
-            value = value.sum(tuple(range(value.dim() - max_plate_nesting)))
-        out.append(Term(term.site, term.kind, value, value, term.frames, exact or term.analytic,
-                        term.weight, term.weight_label))
+        value = _weighted_sum(term.contribution, weight, max_plate_nesting)
+        pathwise = value
+        if term.pathwise is not term.contribution:
+            # d(w f) = f dw + w df, with df the term's own pathwise part
+            pathwise = _weighted_sum(term.contribution.detach(), weight, max_plate_nesting)
+            if term.pathwise is not None:
+                pathwise = pathwise + _weighted_sum(
+                    term.pathwise, _detached(weight), max_plate_nesting)
+        sampled = None if term.sampled is None else _weighted_sum(
+            term.sampled, weight, max_plate_nesting)
+        out.append(Term(term.site, term.kind, value, pathwise, term.frames,
+                        exact or term.analytic, term.weight, term.weight_label, sampled))
     return out
+
+
+def _detached(weight):
+    return weight.detach() if torch.is_tensor(weight) else weight
+
+
+def _weighted_sum(tensor: torch.Tensor, weight, max_plate_nesting: int) -> torch.Tensor:
+    """``tensor * weight`` summed over the enumeration dimensions (left of the plates)."""
+    value = tensor * weight
+    if torch.is_tensor(value) and value.dim() > max_plate_nesting:
+        value = value.sum(tuple(range(value.dim() - max_plate_nesting)))
+    return value

@@ -158,8 +158,9 @@ class HardAttentionELBO(JensenELBO):
     ``estimator="reinforce"``
         One sample of l per particle.  The surrogate is ``log p(y | l)`` (backpropagated) plus
         the score-function term ``log p(l_t | l_<t) * stop_grad(R_t - b_t)`` for each site,
-        where the reward ``R_t`` is the part of F that may lie downstream of ``l_t``
-        (Rao-Blackwellized by ``pyro.plate`` independence).  Unbiased for dF whenever the
+        where the reward ``R_t`` holds the terms of F that the data flow says may depend on
+        ``l_t`` (its observations and later glimpses that read it: :mod:`.downstream`),
+        element by element within shared ``pyro.plate`` s.  Unbiased for dF whenever the
         baseline ``b_t`` does not depend on ``l_t`` (Williams 1992; Mnih et al. 2014,
         arXiv:1406.6247).
 

@@ -91,6 +91,9 @@ class LogMeanExpOverParticles(Combination):
 
     quantity = "L_K"
     by_batch = False
+    #: log-mean-exp is not a sum of terms: no term can be left out of VIMCO's signal, and
+    #: Pyro's per-site baselines do not apply (its own signal centres the log-weights)
+    sums_terms = False
 
     def estimate(self, batches: Sequence[ParticleBatch], num_particles: int
                  ) -> WeightedEstimate:

@@ -43,10 +43,14 @@ class JensenELBO(SiteTreatmentELBO):
     Each guide site's gradient parts come from Pyro's ``score_parts`` protocol, as in
     ``Trace_ELBO``: a site whose distribution has a score function (a discrete site; Pyro's
     ``Rejector`` family, which is reparameterized *and* has one) gets the term
-    ``score_function(z_j) * stop_grad(reward_j)``, with the reward Rao-Blackwellized by plates
-    (Ranganath, Gerrish & Blei 2014, arXiv:1401.0118; Naesseth et al. 2017,
-    arXiv:1610.05683, for rejection samplers).  The plan (each site's estimator) is made
-    once per trace structure.
+    ``score_function(z_j) * stop_grad(reward_j)``, with the reward holding only the terms of
+    L that the real data flow says may depend on :math:`z_j` (:mod:`.downstream`: provenance
+    tracking, as ``TraceGraph_ELBO``'s; Ranganath, Gerrish & Blei 2014, arXiv:1401.0118;
+    Naesseth et al. 2017, arXiv:1610.05683, for rejection samplers).  A closed-form entropy
+    of such a site meets its own score as ``-log q(z_j)``, so that ``JensenELBO`` with any
+    ``entropy`` gives ``TraceGraph_ELBO``'s score terms on mean-field guides; Pyro's per-site
+    baselines (``infer={"baseline": {...}}``) apply (:mod:`.site_baselines`).  The plan
+    (each site's estimator, the terms each score meets) is made once per trace structure.
 
     Parameters
     ----------

@@ -12,13 +12,14 @@ from .densities import log_density, scaled_and_masked
 from .sites import Frame, is_deterministic_site, plate_frames
 
 
-def zero_one_shift(model_trace) -> dict[frozenset[Frame], torch.Tensor]:
-    """Per plate set: ``R - log p(y | l)`` summed over observed sites, scaled and masked.
+def zero_one_shift(model_trace) -> dict[str, tuple[frozenset[Frame], torch.Tensor]]:
+    """Per observed site: its plates and ``R - log p(y | l)``, scaled and masked.
 
     ``R = 1`` where the observed value is a most probable value of its distribution, else 0;
-    adding this to the engine's reward turns the log-likelihood reward into the 0/1 reward.
+    adding this to the engine's reward (for the observed sites the reward holds: see
+    :func:`shift_for`) turns the log-likelihood reward into the 0/1 reward.
     """
-    shift: dict[frozenset[Frame], torch.Tensor] = {}
+    shift: dict[str, tuple[frozenset[Frame], torch.Tensor]] = {}
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
@@ -38,9 +39,19 @@ def zero_one_shift(model_trace) -> dict[frozenset[Frame], torch.Tensor]:
             best = fn.log_prob(support).max(0).values
             correct = (log_p >= best - 1e-6).to(log_p.dtype)
             value = scaled_and_masked(site, correct - log_p)
-        frames = plate_frames(site)
-        shift[frames] = shift[frames] + value if frames in shift else value
+        shift[name] = (plate_frames(site), value)
     return shift
 
 
-__all__ = ["zero_one_shift"]
+def shift_for(shift: dict[str, tuple[frozenset[Frame], torch.Tensor]],
+              sites: frozenset[str] | None) -> dict[frozenset[Frame], torch.Tensor]:
+    """The shift of the observed ``sites`` a score site's reward holds (``None``: all),
+    summed by plates (for :func:`~.engine.sum_to_frames`)."""
+    out: dict[frozenset[Frame], torch.Tensor] = {}
+    for name, (frames, value) in shift.items():
+        if sites is None or name in sites:
+            out[frames] = out[frames] + value if frames in out else value
+    return out
+
+
+__all__ = ["shift_for", "zero_one_shift"]

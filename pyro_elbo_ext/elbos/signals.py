@@ -51,7 +51,12 @@ import torch
 from torch import nn
 
 from .engine import Frame, ScoreSite, sum_to_frames
+from .plan import PlanFact
 from .state import StateSlots, check_setting, warn_skipped
+
+#: the Pyro per-site baseline options of a plan's score sites (site -> options), decided once
+#: per plan (:func:`~.site_baselines.site_baseline_plan`)
+SITE_BASELINES: PlanFact[dict] = PlanFact("per-site baselines")
 
 
 @dataclass
@@ -74,6 +79,9 @@ class SignalSite:
     memo : dict
         Per-batch values a part computes once for all sites, keyed by the part itself (e.g.
         a reward transform of the whole trace).
+    downstream_sites : frozenset of str or None
+        The sites whose terms the site's reward holds (``None``: every site not separated
+        from it by plates), for a transform that adds per-site values to the reward.
     """
 
     name: str
@@ -84,6 +92,7 @@ class SignalSite:
     guide_site: dict | None
     ctx: Any = None
     memo: dict = field(default_factory=dict)
+    downstream_sites: frozenset[str] | None = None
 
     @property
     def sample_site(self) -> dict:
@@ -174,12 +183,14 @@ class ZeroOneReward(SignalPart):
     what = "reward transform"
 
     def apply(self, site: SignalSite, signal: torch.Tensor) -> torch.Tensor:
-        from .rewards import zero_one_shift  # the transform's arithmetic, in its own module
+        from .rewards import shift_for, zero_one_shift  # the transform's arithmetic
 
         shift = site.memo.get(self)
         if shift is None:
             shift = site.memo[self] = zero_one_shift(site.ctx.model_trace)
-        return signal + sum_to_frames(shift, site.frames) if shift else signal
+        if not shift:
+            return signal
+        return signal + sum_to_frames(shift_for(shift, site.downstream_sites), site.frames)
 
     def notes(self) -> tuple[str, ...]:
         return ("reward='zero_one': the attention policy's gradient is not that of F",)
@@ -209,13 +220,30 @@ class LearningSignal(nn.Module):
         self.reward = reward
         self.baseline = baseline
         self.normalizer = normalizer
+        #: Pyro's per-site baselines (``infer={"baseline": ...}``), added by the loss when a
+        #: plan has a site with them (:mod:`.site_baselines`)
+        self.site_baselines: SignalPart | None = None
         #: while true, training calls read (and create) the state but do not update it
         self.paused = False
 
     @property
     def parts(self) -> list[SignalPart]:
-        """The parts in the order they apply."""
+        """The parts in the order they apply (to the sites without per-site baselines)."""
         return [p for p in (self.reward, self.baseline, self.normalizer) if p is not None]
+
+    def parts_for(self, site: SignalSite) -> list[SignalPart]:
+        """The parts a site's signal goes through: a site with Pyro's per-site baseline
+        options has its own baseline in place of the loss's (and the loss's reward transform
+        and normalizer only where its treatment takes the loss's signal)."""
+        if self.site_baselines is None:
+            return self.parts
+        own = site.ctx.plan.fact(SITE_BASELINES, {}).get(site.name)
+        if own is None:
+            return self.parts
+        if not own.with_loss_signal:
+            return [self.site_baselines]
+        return [p for p in (self.reward, self.site_baselines, self.normalizer)
+                if p is not None]
 
     @property
     def needed(self) -> bool:
@@ -268,6 +296,14 @@ class LearningSignal(nn.Module):
                 f"but this loss has normalize={self.normalizer is not None}"
             )
         state_dict = dict(state_dict)
+        key = "site_baselines._extra_state"
+        if key in state_dict and self.site_baselines is None:
+            from .site_baselines import SiteBaselines
+
+            self.site_baselines = SiteBaselines()
+        elif key not in state_dict and self.site_baselines is not None:
+            self.site_baselines.slots = {}  # a checkpoint without them: start afresh
+            state_dict[key] = self.site_baselines.get_extra_state()
         for name, part in (("reward", self.reward), ("baseline", self.baseline)):
             key = f"{name}._extra_state"
             if part is not None and not part.slots and key not in state_dict:
@@ -308,13 +344,14 @@ class BoundSignal:
         return SignalSite(score.site, score.score_function, score.frames,
                           self.particle_dim if particle_dim is None else particle_dim,
                           self.ctx.model_trace.nodes.get(score.site),
-                          self.ctx.guide_trace.nodes.get(score.site), self.ctx, self.memo)
+                          self.ctx.guide_trace.nodes.get(score.site), self.ctx, self.memo,
+                          score.downstream_sites)
 
     def __call__(self, score: ScoreSite, reward: torch.Tensor,
                  particle_dim: int | None = None) -> torch.Tensor:
         site = self.site(score, particle_dim)
         signal = reward
-        for part in self.signal.parts:
+        for part in self.signal.parts_for(site):
             applied = part.apply(site, signal)
             extra = part.surrogate(site, signal)
             if extra is not None:
@@ -340,4 +377,5 @@ class BoundSignal:
         self.observed = []
 
 
-__all__ = ["BoundSignal", "LearningSignal", "SignalPart", "SignalSite", "ZeroOneReward"]
+__all__ = ["SITE_BASELINES", "BoundSignal", "LearningSignal", "SignalPart", "SignalSite",
+           "ZeroOneReward"]

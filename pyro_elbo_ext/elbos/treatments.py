@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 
-from .densities import PATHWISE, entropy_term, log_density, scaled_and_masked
+from .densities import PATHWISE, SCORE_FUNCTION, entropy_term, log_density, scaled_and_masked
 from .engine import Term
 from .graphs import stop_gradient
 from .kl import analytic_kl, same_value
@@ -97,8 +97,14 @@ def path_entropy_term(name: str, guide_site: dict) -> Term:
     return Term(name, "entropy", value, value, plate_frames(guide_site))
 
 
-def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
-    """H[q(z | ...)] in closed form, scaled and masked, or ``None`` where there is none."""
+def analytic_entropy_term(name: str, guide_site: dict, guide_gradient: str = PATHWISE
+                          ) -> Term | None:
+    """H[q(z | ...)] in closed form, scaled and masked, or ``None`` where there is none.
+
+    At a score-function site (``guide_gradient``), the site's own score term meets the sample
+    ``-log q(z)`` in its place and carries its gradient through q's parameters (see
+    :attr:`Term.sampled <pyro_elbo_ext.elbos.engine.Term>`); the term has no pathwise part.
+    """
     entropy = analytic_entropy(guide_site["fn"])
     if entropy is None:
         return None
@@ -106,6 +112,10 @@ def analytic_entropy_term(name: str, guide_site: dict) -> Term | None:
     if entropy.shape != batch_shape:
         entropy = entropy.expand(batch_shape)
     value = scaled_and_masked(guide_site, entropy)
+    if guide_gradient == SCORE_FUNCTION:
+        sampled = scaled_and_masked(guide_site, -log_density(guide_site))
+        return Term(name, "entropy", value, None, plate_frames(guide_site), analytic=True,
+                    sampled=sampled)
     return Term(name, "entropy", value, value, plate_frames(guide_site), analytic=True)
 
 
@@ -113,7 +123,7 @@ def entropy_estimate(name: str, guide_site: dict, estimator: str,
                      guide_gradient: str) -> Term:
     """H[q(z | ...)] by ``estimator`` (see :class:`JensenTreatment`)."""
     if estimator == "analytic":
-        term = analytic_entropy_term(name, guide_site)
+        term = analytic_entropy_term(name, guide_site, guide_gradient)
         if term is not None:
             return term
     elif estimator == "path":
@@ -178,7 +188,10 @@ class KLTreatment(Treatment):
     ``log p(z | ...) - log q(z | ...)``, whose ``-log q`` has Pyro's ``score_parts`` gradient
     (none for a score-function site: its score term carries it).  ``analytic`` is the loss's
     decision that the closed form is valid (registered, and the model's parents of z are
-    sampled before z in the guide).
+    sampled before z in the guide).  At a score-function site the closed form is L's value,
+    and the site's own score term meets ``log p - log q`` in its place, carrying the KL's
+    gradient through q's parameters (:attr:`Term.sampled <pyro_elbo_ext.elbos.engine.Term>`;
+    the pathwise part is the KL with q's parameters detached: p's side).
     """
 
     analytic: bool
@@ -188,11 +201,17 @@ class KLTreatment(Treatment):
         name = model_site["name"]
         frames = plate_frames(model_site)
         kl = closed_form_kl(model_site, guide_site) if self.analytic else None
-        if kl is not None:
+        if kl is not None and self.guide_gradient != SCORE_FUNCTION:
             contribution = -scaled_and_masked(guide_site, kl)
             return [Term(name, "kl", contribution, contribution, frames, analytic=True)]
         log_p = scaled_and_masked(model_site, log_density(model_site))
         log_q = scaled_and_masked(guide_site, log_density(guide_site))
+        if kl is not None:  # a score-function site: its own score meets log p - log q
+            value = -scaled_and_masked(guide_site, kl)
+            stopped = analytic_kl(stop_gradient(guide_site["fn"]), model_site["fn"])
+            pathwise = -scaled_and_masked(guide_site, stopped)
+            return [Term(name, "kl", value, pathwise, frames, analytic=True,
+                         sampled=log_p - log_q)]
         contribution = log_p - log_q
         pathwise_q = entropy_term(guide_site, self.guide_gradient)
         if pathwise_q is None:

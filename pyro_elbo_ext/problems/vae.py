@@ -120,4 +120,62 @@ def vae_digits(
     )
 
 
-__all__ = ["load_binarized_digits", "vae_digits"]
+def binary_vae_digits(
+    num_data: int = 100,
+    latent_dim: int = 16,
+    hidden_dim: int = 32,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Problem:
+    """A VAE with binary latents on binarized 8x8 digits (a discrete guide site per image).
+
+    Model, for each image x_i (plate ``data``)::
+
+        z_i ~ Bernoulli(1/2)^d                            (d = latent_dim bits)
+        x_i | z_i ~ Bernoulli(logits = decoder(z_i))      (64 independent pixels)
+
+    Amortized guide: q(z_i | x_i) = Bernoulli(logits = encoder(x_i)), one score-function
+    site per image.  The networks are as in :func:`vae_digits` (the encoder's output layer
+    gives the d logits) and are the param store's leaves (``"encoder$$$out.bias"``, ...).
+    No closed form for L.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    x = load_binarized_digits(num_data, seed).to(dtype=dtype, device=device)
+    num_pixels = x.shape[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = nn.Sequential(nn.Linear(num_pixels, hidden_dim), nn.Tanh(),
+                                nn.Linear(hidden_dim, latent_dim)).to(dtype=dtype,
+                                                                       device=device)
+        decoder = _Decoder(latent_dim, hidden_dim, num_pixels).to(dtype=dtype, device=device)
+
+    def model(data):
+        net = pyro.module("decoder", decoder, update_module_params=True)
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(data.new_full((latent_dim,), 0.5)).to_event(1))
+            pyro.sample("obs", dist.Bernoulli(logits=net(z)).to_event(1), obs=data)
+
+    def guide(data):
+        net = pyro.module("encoder", encoder, update_module_params=True)
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=net(data)).to_event(1))
+
+    init_params = {
+        param_with_module_name(module_name, name): value.detach().clone()
+        for module_name, net in (("encoder", encoder), ("decoder", decoder))
+        for name, value in net.named_parameters()
+    }
+    return Problem(
+        name="binary_vae_digits",
+        description="VAE with binary latents on binarized 8x8 digits; amortized Bernoulli guide",
+        model=model,
+        guide=guide,
+        args=(x,),
+        init_params=init_params,
+        max_plate_nesting=1,
+        notes={"latent_dim": latent_dim, "hidden_dim": hidden_dim, "num_data": x.shape[0]},
+    )
+
+
+__all__ = ["binary_vae_digits", "load_binarized_digits", "vae_digits"]
