@@ -364,3 +364,38 @@ def test_jit_graph_equals_eager_draw_for_draw(monkeypatch, estimator, particles,
     (eager, eager_grad), (jitted, jit_grad) = results
     torch.testing.assert_close(jitted, eager, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(jit_grad, eager_grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator, particles, vectorize",
+                         [("loo", 2, True), ("disarm", 2, True), ("relax", 2, True),
+                          ("gumbel_st", 1, False)])
+def test_compiled_svi_steps_as_svi_does(monkeypatch, estimator, particles, vectorize):
+    """CompiledSVI compiles every estimator (none refused): from the same parameters and state,
+    its step equals pyro.infer.SVI's with the eager loss (parameters, and RELAX's control
+    variate after its update)."""
+    from pyro.infer import SVI
+
+    from pyro_elbo_ext import CompiledSVI
+    from pyro_elbo_ext.compiled import backend
+
+    monkeypatch.setattr(backend, "BACKEND", None)  # the traced graph, not Inductor, under test
+    guide = bits_plate_guide()
+    after = []
+    for compiled in (True, False):
+        pyro.clear_param_store()
+        guide()
+        loss = _loss(estimator, particles, vectorize)
+        optim = pyro.optim.Adam({"lr": 0.05})
+        svi = (CompiledSVI if compiled else SVI)(bits_plate_model_with_factor, guide, optim,
+                                                   loss)
+        pyro.set_rng_seed(3)
+        svi.step()
+        after.append((pyro.param("a").detach().clone(), loss.state_dict()))
+    (compiled_a, compiled_state), (eager_a, eager_state) = after
+    assert not torch.equal(eager_a, torch.tensor([0.3, -0.5, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(compiled_a, eager_a, rtol=1e-9, atol=1e-10)
+    assert compiled_state.keys() == eager_state.keys()
+    if estimator == "relax":
+        for key, value in eager_state["relax"]["slots"].items():
+            torch.testing.assert_close(compiled_state["relax"]["slots"][key], value,
+                                       rtol=1e-8, atol=1e-10)
