@@ -29,7 +29,8 @@ images at 5 points of the budget; the total over every encoder parameter), and a
 held-out bounds L and L_K (K = 100), from Pyro's traces (:func:`~pyro_elbo_ext.problems.sbn.
 sbn_bounds`), so every contestant is scored by the same code.
 
-Output: ``benchmarks/results/discrete_digits.{json,md,png}``.
+Output: ``benchmarks/results/discrete_digits_<data>.{json,md,png}`` (``discrete_digits_quick`` with
+``--quick``).
 
 Run from the repository root: ``python -m benchmarks.discrete_digits [--budget 60]
 [--data digits8x8|mnist5k] [--storchastic-python /tmp/storch_venv/bin/python]``
