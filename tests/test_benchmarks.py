@@ -240,3 +240,37 @@ def test_discrete_variance_writes_its_table(tmp_path):
     sampled = [r for r in rows if r["estimator"] == "JensenELBO(sampled)"]
     assert len(sampled) == 2 and all(abs(r["ratio_vs_tracegraph"] - 1) < 1e-9 for r in sampled)
     assert "| independent_bits | yes | AnalyticKLELBO |" in out.with_suffix(".md").read_text()
+
+
+def test_discrete_toys_quick_writes_its_tables(tmp_path):
+    """Smoke test of ``python -m benchmarks.discrete_toys --quick``: every estimator has a row
+    on every toy, the exact rows of the unbiased estimators say so, and the plot is linked."""
+    from benchmarks import discrete_toys
+
+    discrete_toys.main(["--quick", "--out", str(tmp_path)])
+    text = (tmp_path / "discrete_toys_quick.md").read_text()
+    for toy in ("rebar_t0.499", "rebar_t0.45", "three_site", "categorical"):
+        for estimator in ("reinforce", "loo", "gumbel_st"):
+            assert f"| {toy} |" in text and f"| {estimator} |" in text
+    # by hand: at a = 0, f(b) = (b - 0.45)^2, two samples; leave-one-out's estimate is 0.05
+    # when the samples differ (probability 1/2) and 0 otherwise: variance 0.000625
+    assert "| rebar_t0.45 | a = 0 | 2 | loo | 2 | 0.000625 | exact |" in text
+    assert (tmp_path / "discrete_toys_quick.png").exists()
+
+
+def test_discrete_digits_quick_scores_each_contestant(tmp_path):
+    """Smoke test of ``python -m benchmarks.discrete_digits --quick``: Pyro's TraceGraph_ELBO
+    and two of our estimators trained and scored by the same code (finite held-out bounds,
+    L_K >= L up to noise), one table row each."""
+    import json
+    import math
+
+    from benchmarks import discrete_digits
+
+    discrete_digits.main(["--quick", "--contestants", "TraceGraph_ELBO", "loo", "disarm",
+                          "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "discrete_digits_quick.json").read_text())
+    assert [r["name"] for r in result["runs"]] == ["TraceGraph_ELBO", "loo", "disarm"]
+    for run in result["runs"]:
+        assert math.isfinite(run["test_L"]) and run["test_L_K"] > run["test_L"] - 0.5
+    assert (tmp_path / "discrete_digits_quick.md").read_text().count("\n| ") == 4

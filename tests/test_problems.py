@@ -138,3 +138,75 @@ def test_the_registry_checks_option_names_and_reads_dtype_names():
     assert describe_problem("normal_normal").startswith("z ~ N(mu0, tau0)")
     for name in PROBLEMS:  # every factory documents itself in one line
         assert describe_problem(name)
+
+
+# ---------------------------------------------------------------------------- sbn_digits
+@pytest.mark.parametrize("layers, latent_dim", [(1, 3), (2, 2)])
+def test_sbn_exact_elbo_and_evidence_match_pyro_traces(layers, latent_dim):
+    """exact_elbo and log_evidence against a brute-force sum of Pyro's own trace log-densities
+    over every latent configuration of every image (conditioned model and guide)."""
+    problem = get_problem("sbn_digits", num_data=3, num_test=2, latent_dim=latent_dim,
+                          layers=layers, dtype=torch.float64)
+    problem.set_params()
+    (x,) = problem.args
+    sites = problem.notes["latent_sites"]
+    configs = list(itertools.product((0.0, 1.0), repeat=latent_dim * len(sites)))
+    elbo, evidence = 0.0, 0.0
+    for i in range(x.shape[0]):  # under no_grad: the log-densities are plain numbers
+        image = x[i:i + 1]
+        log_ps, log_qs = [], []
+        for config in configs:
+            values = {site: torch.tensor([config[j * latent_dim:(j + 1) * latent_dim]],
+                                         dtype=x.dtype) for j, site in enumerate(sites)}
+            guide = pyro.poutine.trace(pyro.poutine.condition(problem.guide, data=values))
+            model = pyro.poutine.trace(pyro.poutine.condition(problem.model, data=values))
+            with torch.no_grad():
+                log_qs.append(guide.get_trace(image).log_prob_sum())
+                log_ps.append(model.get_trace(image).log_prob_sum())
+        log_p, log_q = torch.stack(log_ps), torch.stack(log_qs)
+        elbo += float((log_q.exp() * (log_p - log_q)).sum())
+        evidence += float(torch.logsumexp(log_p, 0))
+    assert float(problem.exact_elbo(problem.init_params)) == pytest.approx(elbo, abs=1e-9)
+    assert problem.log_evidence == pytest.approx(evidence, abs=1e-9)
+
+
+def test_sbn_bounds_bracket_between_exact_l_and_log_evidence():
+    """sbn_bounds' L is unbiased for the exact L, and its L_K lies between L and log p(x)
+    (means over 40 seeds, 4 SE)."""
+    from pyro_elbo_ext.problems.sbn import sbn_bounds
+
+    problem = get_problem("sbn_digits", num_data=4, num_test=0, latent_dim=3,
+                          dtype=torch.float64)
+    problem.set_params()
+    (x,) = problem.args
+    draws = [sbn_bounds(problem, x, num_particles=50, seed=s) for s in range(40)]
+    l_draws = torch.tensor([d["L"] for d in draws])
+    lk_draws = torch.tensor([d["L_K"] for d in draws])
+    exact_l = float(problem.exact_elbo(problem.init_params)) / 4
+    log_p = problem.log_evidence / 4
+    se_l, se_lk = l_draws.std() / 40**0.5, lk_draws.std() / 40**0.5
+    assert abs(float(l_draws.mean()) - exact_l) < 4 * float(se_l)
+    assert float(lk_draws.mean()) > exact_l
+    assert float(lk_draws.mean()) < log_p + 4 * float(se_lk)
+    with pytest.raises(ValueError, match="at least one image"):
+        sbn_bounds(problem)  # num_test=0: no held-out images
+
+
+def test_sbn_data_sets_and_the_mnist_extra(monkeypatch):
+    from pyro_elbo_ext._extras import MissingExtraError
+    from pyro_elbo_ext.problems import sbn
+
+    train, test = sbn.load_digit_splits("digits8x8", 100, 50, seed=1)
+    assert train.shape == (100, 64) and test.shape == (50, 64)
+    assert set(train.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="at most 1797 images"):
+        sbn.load_digit_splits("digits8x8", 1700, 200)
+    with pytest.raises(ValueError, match="layers must be 1 or 2"):
+        get_problem("sbn_digits", layers=3)
+    monkeypatch.setattr(sbn.importlib.util, "find_spec", lambda name: None)
+    sbn._images.cache_clear()
+    with pytest.raises(MissingExtraError, match=r"pip install 'pyro-elbo-ext\[mnist\]'"):
+        sbn.load_digit_splits("mnist5k", 10, 10)
+    monkeypatch.undo()
+    train, test = sbn.load_digit_splits("mnist5k", 20, 10)
+    assert train.shape == (20, 784) and test.shape == (10, 784)

@@ -5,7 +5,8 @@
   sites, enumerable and continuous sites (cached per problem object);
 * the rules, each ``rule(structure) -> None | reason``: :func:`needs_guided_latents`,
   :func:`needs_reparameterized_guide`, :func:`needs_discrete_latents`,
-  :func:`needs_unguided_latents`, :func:`needs_enumerable_unguided`.
+  :func:`needs_unguided_latents`, :func:`needs_enumerable_unguided`, and for the discrete
+  estimators :func:`needs_discrete_guide_sites` and :func:`discrete_sites_of`.
 
 The registry (:mod:`.estimators`) lists the rules of each estimator.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.poutine as poutine
 
+from ..elbos.discrete_estimators import distribution_family
 from ..problems import Problem
 
 
@@ -45,6 +47,9 @@ class ProblemStructure:
     nonreparam_guide_sites: tuple[str, ...]
     enumerable_sites: tuple[str, ...]
     continuous_sites: tuple[str, ...]
+    #: the distribution family of each non-reparameterized guide site (``"bernoulli"``,
+    #: ``"categorical"``, ``"one_hot_categorical"`` or ``"other"``), in site order
+    nonreparam_families: tuple[str, ...] = ()
 
     @property
     def fully_reparameterized(self) -> bool:
@@ -98,7 +103,8 @@ def problem_structure(problem: Problem) -> ProblemStructure:
         n for n, s in all_latent.items() if getattr(s["fn"], "has_enumerate_support", False)
     )
     continuous = tuple(n for n in all_latent if n not in enumerable)
-    structure = ProblemStructure(guided, unguided, nonreparam, enumerable, continuous)
+    families = tuple(distribution_family(guide_sites[n]["fn"]) for n in nonreparam)
+    structure = ProblemStructure(guided, unguided, nonreparam, enumerable, continuous, families)
     for key in [k for k, (ref, _) in _STRUCTURE_CACHE.items() if ref() is None]:
         del _STRUCTURE_CACHE[key]
     _STRUCTURE_CACHE[id(problem)] = (weakref.ref(problem), structure)
@@ -171,3 +177,30 @@ __all__ = [
     "needs_unguided_latents",
     "problem_structure",
 ]
+
+
+def needs_discrete_guide_sites(s: ProblemStructure) -> str | None:
+    """A discrete estimator needs guide sites without ``rsample``."""
+    if not s.nonreparam_guide_sites:
+        return ("the guide has no discrete (non-reparameterized) site, so no discrete "
+                "estimator applies")
+    return None
+
+
+def discrete_sites_of(*families: str) -> Rule:
+    """A rule: every non-reparameterized guide site is of one of ``families`` (what the
+    estimator is defined for: DisARM, Bernoulli; RELAX, Bernoulli or Categorical)."""
+
+    def rule(s: ProblemStructure) -> str | None:
+        reason = needs_discrete_guide_sites(s)
+        if reason:
+            return reason
+        other = [n for n, f in zip(s.nonreparam_guide_sites, s.nonreparam_families)
+                 if f not in families]
+        if other:
+            return (f"the guide site(s) {other} are not of the families it is defined for "
+                    f"({', '.join(families)})")
+        return None
+
+    rule.__doc__ = f"Every non-reparameterized guide site is {' or '.join(families)}."
+    return rule

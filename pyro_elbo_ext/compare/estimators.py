@@ -8,7 +8,9 @@
   :func:`chosen_estimators`;
 * :class:`UnknownEstimatorError`, :class:`IncompatibleEstimatorError`;
 * the entries: ``jensen_{analytic,sampled,path}``, ``analytic_kl``, ``hard_attention_enum``,
-  ``hard_attention_reinforce{,_ma,_learned,_loo}``, and Pyro's ``trace_elbo``,
+  ``hard_attention_reinforce{,_ma,_learned,_loo}``,
+  ``discrete_{loo,disarm,relax,gumbel_st}`` (JensenELBO with that ``discrete_estimator``),
+  ``importance_weighted_{iwae,dreg}``, and Pyro's ``trace_elbo``,
   ``tracemeanfield_elbo``, ``tracegraph_elbo``, ``traceenum_elbo``, ``renyi_elbo``.
 
 A new estimator is one :func:`register` call with an :class:`EstimatorSpec`.
@@ -41,6 +43,8 @@ from ..elbos import AnalyticKLELBO, HardAttentionELBO, JensenELBO
 from ..problems import Problem
 from .applicability import (
     Rule,
+    discrete_sites_of,
+    needs_discrete_guide_sites,
     needs_discrete_latents,
     needs_enumerable_unguided,
     needs_guided_latents,
@@ -286,9 +290,58 @@ for _suffix, _baseline, _k, _text in [
     ))
 
 
+# ---------------------------------------------------------------------------- discrete estimators
+def _discrete(estimator: str, min_particles: int = 1, even: bool = False) -> Builder:
+    """JensenELBO (analytic entropy) with ``discrete_estimator=estimator`` at
+    K = max(min_particles, particles) (rounded up to even for DisARM's pairs), vectorized."""
+
+    def factory(problem: Problem, num_particles: int):
+        k = max(min_particles, num_particles)
+        k += k % 2 if even else 0
+        loss = JensenELBO(num_particles=k, vectorize_particles=k > 1,
+                          max_plate_nesting=problem.max_plate_nesting,
+                          discrete_estimator=estimator)
+        return loss, problem.model, problem.guide
+
+    return factory
+
+
+for _name, _k, _even, _text, _rules, _objective in [
+    ("loo", 2, False, "leave-one-out baseline across the particles, K = max(2, particles)",
+     (needs_discrete_guide_sites,), ELBO_OBJECTIVE),
+    ("disarm", 2, True, "DisARM antithetic pairs, K = particles rounded up to an even "
+     "number >= 2", (discrete_sites_of("bernoulli"),), ELBO_OBJECTIVE),
+    ("relax", 1, False, "RELAX, control variate trained on the variance during the draws",
+     (discrete_sites_of("bernoulli", "categorical", "one_hot_categorical"),), ELBO_OBJECTIVE),
+    ("gumbel_st", 1, False, "straight-through Gumbel-softmax (biased)",
+     (discrete_sites_of("bernoulli", "one_hot_categorical"),),
+     "straight-through surrogate of L (biased)"),
+]:
+    register(EstimatorSpec(
+        f"discrete_{_name}", f"JensenELBO(discrete_estimator='{_name}'): {_text}", "ours",
+        _discrete(_name, _k, _even), objective=_objective,
+        rules=(needs_guided_latents, *_rules),
+    ))
+
+
 # ---------------------------------------------------------------------------- importance weighted
-# (issue 17) L_K with K = the registry's num_particles; its objective is L_K, not L.
+# L_K with K = max(IW_MIN_PARTICLES, particles): at K = 1 it would be L itself; its objective
+# is L_K, not L.
 from ..elbos.importance_weighted import ImportanceWeightedELBO  # noqa: E402
+
+#: the fewest particles of the importance-weighted entries (so that L_K differs from L)
+IW_MIN_PARTICLES = 4
+
+
+def _importance_weighted(estimator: str) -> Builder:
+    def factory(problem: Problem, num_particles: int):
+        loss = ImportanceWeightedELBO(num_particles=max(IW_MIN_PARTICLES, num_particles),
+                                      max_plate_nesting=problem.max_plate_nesting,
+                                      estimator=estimator)
+        return loss, problem.model, problem.guide
+
+    return factory
+
 
 for _iw_estimator, _iw_text in [
     ("iwae", "normalized-weight (IWAE) gradient"),
@@ -296,8 +349,9 @@ for _iw_estimator, _iw_text in [
 ]:
     register(EstimatorSpec(
         f"importance_weighted_{_iw_estimator}",
-        f"ImportanceWeightedELBO, L_K with K = particles, {_iw_text}; VIMCO for discrete sites",
-        "ours", _plain(ImportanceWeightedELBO, estimator=_iw_estimator),
+        f"ImportanceWeightedELBO, L_K with K = max({IW_MIN_PARTICLES}, particles), "
+        f"{_iw_text}; VIMCO for discrete sites",
+        "ours", _importance_weighted(_iw_estimator),
         objective="importance-weighted bound L_K", rules=(needs_guided_latents,),
     ))
 

@@ -37,8 +37,9 @@ def _num(x, spec: str = ".4g") -> str:
 def format_table(summary) -> str:
     """The terminal table of :meth:`Comparison.summary` (an ``at`` column when several points).
 
-    The column ``var / <yardstick>`` is each estimator's total gradient variance divided by
-    the yardstick's (:func:`variance_yardstick`) at the same point.
+    ``K`` is the number of particles (model evaluations) each evaluation of the estimator
+    used.  The column ``var / <yardstick>`` is each estimator's total gradient variance divided
+    by the yardstick's (:func:`variance_yardstick`) at the same point.
     """
     yardstick = variance_yardstick(summary)
     several = summary["at"].nunique() > 1
@@ -51,6 +52,7 @@ def format_table(summary) -> str:
         row = {"at": r["at"]} if several else {}
         row.update({
             "estimator": r["estimator"],
+            "K": int(r["num_particles"]),
             "L mean": f"{_num(r['elbo_mean'], '.4f')} ± {_num(r['elbo_se'], '.2g')}",
             "gap to log p(X)": _num(r["gap"], ".4g"),
             "grad var": f"{_num(r['grad_var_total'], '.3g')} ± "
@@ -117,6 +119,12 @@ def _findings(summary) -> list[str]:
         "covariance): SGD's noise grows with it; efficiency = 1 / (grad var x seconds) also "
         "charges the time an evaluation takes (higher is better)",
     ]
+    ks = sorted({int(k) for k in summary["num_particles"]})
+    if len(ks) > 1:
+        lines.append(
+            "K is the particles (model evaluations) per evaluation: estimators that need "
+            "several (leave-one-out, DisARM pairs, L_K) use at least that many, so compare "
+            "their variance with the yardstick's at the same K (--particles)")
     yardstick = variance_yardstick(summary)
     for at, rows in summary.groupby("at", sort=False):
         var = dict(zip(rows["estimator"], rows["grad_var_total"]))

@@ -31,6 +31,16 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from .combination import MEAN, Combination, Estimate, ParticleBatch
 from .decomposition import Decomposition, term_notes
 from .densities import PATHWISE, gradient_kind, score_function
+from .discrete_estimators import BIASED_ESTIMATORS, ESTIMATORS
+from .discrete_plan import (
+    DISCRETE_ESTIMATORS,
+    apply_choices,
+    check_default,
+    check_site_baselines,
+    choose_estimators,
+)
+from .discrete_sampling import DRAW_KEY, DiscreteSampler
+from .discrete_terms import disarm_surrogate, loo_surrogate
 from .downstream import DOWNSTREAM, downstream_rule
 from .engine import ScoreSite, expect_over_enumerated
 from .keys import argument_signature, trace_structure_key
@@ -49,8 +59,10 @@ from .plan import (
     site_views,
 )
 from .protocol import jit_backend
+from .relax_control import RelaxControls
 from .signals import SITE_BASELINES, LearningSignal
 from .site_baselines import SiteBaselines, site_baseline_plan
+from .state import warn_skipped
 from .tracing import ModelWrapper, trace_model_and_guide, validate_traces
 from .treatments import EntropyTreatment, Observed
 from .validation import (
@@ -64,6 +76,8 @@ from .validation import (
 #: how many trace structures keep a plan
 MAX_CACHED_PLANS = 32
 _NO_SETTINGS: Mapping = MappingProxyType({})
+#: the key of the RELAX control variates' state in ``carried_state`` and ``state_dict``
+RELAX = "relax"
 #: the errors a vectorized particle plate causes in code that does not broadcast (torch's shape
 #: errors, Pyro's plate shape mismatches)
 _SHAPE_ERRORS = (RuntimeError, IndexError, ValueError)
@@ -119,10 +133,18 @@ class SiteTreatmentELBO(ELBO):
     #: how the particles' terms become the estimate (the combine hook)
     combination: Combination = MEAN
 
-    def __init__(self, num_particles: int = 1, jit: bool = False, **kwargs):
+    def __init__(self, num_particles: int = 1, jit: bool = False,
+                 discrete_estimator: str = "reinforce", **kwargs):
         super().__init__(num_particles=check_positive_int("num_particles", num_particles),
                          **kwargs)
         self.jit = bool(jit)
+        #: the estimator of every site with a score function that does not choose its own
+        #: (``infer={"discrete_estimator": name}``): :mod:`.discrete_estimators`
+        self.discrete_estimator = discrete_estimator
+        self.discrete_estimator = check_default(discrete_estimator,
+                                                *self._discrete_support())
+        #: the control variates of the ``"relax"`` sites (state, trained after each step)
+        self.relax_controls = RelaxControls()
         #: training steps taken (:meth:`advance_step`: one per ``differentiable_loss`` /
         #: ``loss_and_grads`` call, or per compiled step)
         self.step_count = 0
@@ -146,6 +168,11 @@ class SiteTreatmentELBO(ELBO):
         if site.role == UNGUIDED:
             raise missing_guide_site_error(site.name, type(self).__name__)
         raise NotImplementedError(f"{type(self).__name__} does not treat {site.role} sites")
+
+    def _discrete_support(self) -> tuple[tuple[str, ...], str, str]:
+        """The discrete estimators this loss's estimate admits, its name and why not more
+        (all of them by default)."""
+        return ESTIMATORS, type(self).__name__, ""
 
     def step_settings(self, training: bool) -> Mapping:
         """The loss's settings for this call by name (e.g. ``{"kl_weight": w}``, a scheduled
@@ -209,6 +236,10 @@ class SiteTreatmentELBO(ELBO):
             planning = Planning(call.model, call.guide, call.args, call.kwargs, model_trace,
                                 guide_trace)
             plan = make_plan(site_views(model_trace, guide_trace), self.treat, planning)
+            plan = apply_choices(plan, choose_estimators(
+                plan, model_trace, guide_trace, self.discrete_estimator, self.num_particles,
+                self._particle_dim is not None, *self._discrete_support()))
+            check_site_baselines(plan, model_trace, guide_trace)
             self._plan_score_sites(planning, plan)
             if key is not None and not planning.provisional:
                 self._plans.put(key, plan)
@@ -263,9 +294,15 @@ class SiteTreatmentELBO(ELBO):
             # enumeration allocates dimensions left of the plates: it needs their number
             self._guess_max_plate_nesting(call.model, call.guide, call.args, call.kwargs)
         traces = iter(self._get_traces(call.model, call.guide, call.args, call.kwargs))
+        # each trace is taken under the DiscreteSampler, entered before Pyro's particle plate
+        # (so below it on the stack: it sees every site's distribution broadcast) and left
+        # between traces (nothing else meets it)
+        sampler = DiscreteSampler(self.discrete_estimator, self.num_particles,
+                                  self.vectorize_particles and self.num_particles > 1)
         while True:
             try:
-                model_trace, guide_trace = next(traces)
+                with sampler:
+                    model_trace, guide_trace = next(traces)
             except StopIteration:
                 return
             except _SHAPE_ERRORS as error:
@@ -325,8 +362,10 @@ class SiteTreatmentELBO(ELBO):
                     met = None if downstream is None else downstream.sites_met(site.name)
                     marked = (site.treatment.uses_learning_signal
                               or site.name in own_baselines)
-                    score_sites.append(ScoreSite(site.name, function, site.frames, marked,
-                                                 met))
+                    score_sites.append(ScoreSite(
+                        site.name, function, site.frames, marked, downstream_sites=met,
+                        gradient_term=self._gradient_term(ctx, site.name, sampled, function,
+                                                          training)))
         if ctx.plan.enumerated:
             enumerated = [model_nodes[name] for name in ctx.plan.enumerated]
             exact = not any(s["type"] == "sample" for s in guide_nodes.values())
@@ -336,6 +375,31 @@ class SiteTreatmentELBO(ELBO):
             signal = self.learning_signal.bind(ctx, training, particle_dim)
         size = 1 if particle_dim is None else self.num_particles
         return ParticleBatch(terms, score_sites, signal, ctx, size, particle_dim)
+
+    def _gradient_term(self, ctx: StepContext, name: str, sampled: dict,
+                       function: torch.Tensor, training: bool):
+        """The site's surrogate as a function of its signal, where its discrete estimator is
+        not REINFORCE (:mod:`.discrete_terms`); ``None`` for REINFORCE."""
+        estimator = ctx.plan.fact(DISCRETE_ESTIMATORS, {}).get(name)
+        if estimator is None:
+            return None
+        if estimator == "loo":
+            dim = self._particle_dim
+            return lambda signal: loo_surrogate(function, signal, dim, name)
+        draw = sampled["infer"].get(DRAW_KEY)
+        if draw is None or draw.estimator != estimator:
+            raise ValueError(
+                f"discrete_estimator={estimator!r} at site '{name}': the site's value was not "
+                "drawn by the estimator (it was given by a condition, a replay or an earlier "
+                "trace); the estimator needs its own draw"
+            )
+        fn, value = sampled["fn"], sampled["value"]
+        event_dim = len(fn.event_shape)
+        if estimator == "disarm":
+            return lambda signal: disarm_surrogate(fn, value, signal, draw, event_dim, name)
+        controls = self.relax_controls
+        return lambda signal: controls.surrogate(name, fn, value, function, signal, draw,
+                                                 event_dim, training)
 
     def _estimates(self, call: Call) -> Iterator[Estimate]:
         """The estimate, in parts that add up to it: one per batch where the combination
@@ -360,12 +424,14 @@ class SiteTreatmentELBO(ELBO):
         if not math.isfinite(value):
             warn_nonfinite(estimate.terms, type(self).__name__, self.combination.quantity)
 
-    @staticmethod
-    def _update_signals(estimate: Estimate) -> None:
-        """The learning signal's explicit state update, after this part's gradient."""
+    def _update_signals(self, estimate: Estimate) -> None:
+        """The learning signal's explicit state update, after this part's gradient (and the
+        RELAX control variates')."""
         for batch in estimate.batches:
             if batch.signal is not None:
                 batch.signal.update()
+        if self.relax_controls.pending:
+            self.relax_controls.update()
 
     # ------------------------------------------------------------------ the ELBO interface
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -514,6 +580,12 @@ class SiteTreatmentELBO(ELBO):
         notes = term_notes(terms, auxiliary)
         if self.learning_signal is not None:
             notes += self.learning_signal.notes()
+        chosen = batches[0].plan.fact(DISCRETE_ESTIMATORS, {}) if batches else {}
+        biased = sorted(name for name, est in chosen.items() if est in BIASED_ESTIMATORS)
+        if biased:
+            notes += (f"site(s) {', '.join(repr(n) for n in biased)} use the straight-through "
+                      "estimator (discrete_estimator='gumbel_st'): the value is L's, the "
+                      "gradient is biased, not that of L",)
         return notes
 
     # ------------------------------------------------------------------ the compile protocol
@@ -526,34 +598,47 @@ class SiteTreatmentELBO(ELBO):
         (:meth:`load_carried_state`).
         """
         signal = self.learning_signal
-        return {} if signal is None else signal.carried_state()
+        state = {} if signal is None else signal.carried_state()
+        state.update({(RELAX,) + key: value
+                      for key, value in self.relax_controls.slots.items()})
+        return state
 
     def load_carried_state(self, state: dict[tuple, torch.Tensor]) -> None:
         """Replace the carried tensors by ``state`` (what a compiled step returned)."""
-        if state:
-            self.learning_signal.load_carried_state(state)
+        relax = {key[1:]: value for key, value in state.items() if key[0] == RELAX}
+        self.relax_controls.slots.update(relax)
+        rest = {key: value for key, value in state.items() if key[0] != RELAX}
+        if rest:
+            self.learning_signal.load_carried_state(rest)
 
     @contextmanager
     def state_updates_paused(self):
         """Training calls inside read (and create) the carried state but leave it unchanged:
         a compiled step's discovery run, which is not a step."""
-        signal = self.learning_signal
+        owners = [self.relax_controls]
+        if self.learning_signal is not None:
+            owners.append(self.learning_signal)
+        previous = [owner.paused for owner in owners]
         was_paused = self.__dict__.get("_updates_paused", False)
         self._updates_paused = True  # a signal the plan creates inside starts paused
-        previous = signal.paused if signal is not None else False
-        if signal is not None:
-            signal.paused = True
+        for owner in owners:
+            owner.paused = True
         try:
             yield
         finally:
             self._updates_paused = was_paused
-            if self.learning_signal is not None:
-                self.learning_signal.paused = previous
+            for owner, flag in zip(owners, previous):
+                owner.paused = flag
+            signal = self.learning_signal
+            if signal is not None and not any(signal is owner for owner in owners):
+                signal.paused = was_paused  # created inside: as before the context
 
     def report_carried_state(self) -> None:
         """After a compiled step: warn, naming the site, for each state update it skipped."""
         if self.learning_signal is not None:
             self.learning_signal.warn_skipped()
+        for site in self.relax_controls.skipped_sites():
+            warn_skipped(self.relax_controls.what, site)
 
     def advance_step(self) -> None:
         """One training step was taken: :attr:`step_count` moves by one."""
@@ -566,13 +651,21 @@ class SiteTreatmentELBO(ELBO):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """The estimator's own state (its learning signal's, with each part's kind and
-        settings); empty for a loss without one.  It survives ``torch.save`` /
-        ``torch.load``, so a checkpoint can hold it beside the param store."""
-        return {} if self.learning_signal is None else self.learning_signal.state_dict()
+        settings, and the RELAX control variates' under ``"relax"``); empty for a loss without
+        one.  It survives ``torch.save`` / ``torch.load``, so a checkpoint can hold it beside
+        the param store."""
+        state = {} if self.learning_signal is None else dict(self.learning_signal.state_dict())
+        if self.relax_controls.slots:
+            state[RELAX] = self.relax_controls.get_extra_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; a checkpoint of another baseline kind or setting is
         refused naming both values, and a loss without state accepts only an empty one."""
+        state = dict(state)
+        relax = state.pop(RELAX, None)
+        if relax is not None:
+            self.relax_controls.set_extra_state(relax)
         if self.learning_signal is None and "site_baselines._extra_state" in state:
             self.learning_signal = LearningSignal()  # Pyro's per-site baselines only
         if self.learning_signal is not None:

@@ -152,6 +152,10 @@ class ScoreSite:
     frames: frozenset[Frame]
     learning_signal: bool = False
     downstream_sites: frozenset[str] | None = None
+    #: ``gradient_term(signal) -> Tensor``: the site's surrogate term from its (detached)
+    #: signal, where its discrete estimator is not plain REINFORCE (leave-one-out, DisARM,
+    #: RELAX: :mod:`.discrete_terms`); ``None``: ``sum(score_function * signal)``
+    gradient_term: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 #: ``signal(score_site, reward) -> learning signal``: what the score function of a site marked
@@ -294,7 +298,10 @@ def combine(
                                    else terms[i].sampled).detach()
             if signal is not None and site.learning_signal:
                 reward = signal(site, reward)
-            score_term = (site.score_function * reward).sum()
+            if site.gradient_term is not None:
+                score_term = site.gradient_term(reward)
+            else:
+                score_term = (site.score_function * reward).sum()
             surrogate = score_term if surrogate is None else surrogate + score_term
     if surrogate is None:  # nothing differentiable at all
         surrogate = torch.zeros_like(elbo)

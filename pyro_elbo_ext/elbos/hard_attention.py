@@ -22,6 +22,7 @@ from .baselines import (
     SignalNormalizer,
     check_decay,
 )
+from .discrete_plan import check_default
 from .exact import USER_MARK, AttentionReferences, attention_references, enumeration_config
 from .jensen import JensenELBO
 from .learned_baseline import LearnedBaseline
@@ -266,10 +267,20 @@ class HardAttentionELBO(JensenELBO):
         self.options = AttentionOptions(estimator, baseline, decay, normalize, entropy_weight,
                                         reward, max_enum_size)
         self.options.check_particles(num_particles, self.vectorize_particles)
+        check_default(self.discrete_estimator, *self._discrete_support())
         #: the loss's learned state (baseline and normalizer), a torch.nn.Module; None when
         #: the learning signal is the plain reward
         self.learning_signal = self.options.learning_signal(baseline_hidden_dim,
                                                             baseline_net_factory, baseline_lr)
+
+    def _discrete_support(self):
+        if getattr(self, "options", None) is not None and \
+                self.options.baseline == "leave_one_out":
+            return (("reinforce",), "HardAttentionELBO(baseline='leave_one_out')",
+                    "its baseline already couples the particles, and a second estimator on "
+                    "that signal would meet baselines that depend on its own sample; use "
+                    "discrete_estimator='loo' with baseline=None instead")
+        return super()._discrete_support()
 
     # ------------------------------------------------------------------ the treatment
     def treat(self, site: SiteView, planning: Planning) -> Treatment:

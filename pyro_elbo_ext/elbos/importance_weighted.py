@@ -328,6 +328,12 @@ class ImportanceWeightedELBO(SiteTreatmentELBO):
         #: VIMCO's control variates for the guide's score-function sites
         self.learning_signal = LearningSignal(VIMCOSignal())
 
+    def _discrete_support(self):
+        return (("reinforce",), type(self).__name__,
+                "the gradient of L_K at a discrete site is VIMCO's leave-one-out score term, "
+                "which 'reinforce' selects; the other estimators' L_K forms are not "
+                "implemented")
+
     def treat(self, site: SiteView, planning: Planning) -> Treatment:
         """A guide site's part of log w: ``log p(z | parents)`` (a model latent) and
         ``-log q(z)`` with its whole gradient, or DReG's ``-log q`` with q's parameters

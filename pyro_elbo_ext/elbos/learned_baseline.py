@@ -16,7 +16,7 @@ from torch.func import functional_call
 from ..functional_optim import Adam
 from .baselines import MovingAverageBaseline
 from .signals import SignalPart, SignalSite
-from .state import all_finite
+from .state import add_network, all_finite, network_weights, step_network
 from .validation import check_number, check_positive_int
 
 
@@ -100,11 +100,7 @@ class LearnedBaseline(SignalPart):
         net = net.to(dtype=like.dtype, device=like.device)
         self.architectures[site] = net
         self.in_features[site] = in_features
-        self.slots[(site, "skipped")] = torch.zeros((), dtype=torch.bool, device=like.device)
-        for name, param in net.named_parameters():
-            self.slots[(site, "weight", name)] = param.detach().clone()
-            for key, value in self.adam.init_state(param).items():
-                self.slots[(site, "adam", name, key)] = value
+        add_network(self.slots, site, net, self.adam, like)
 
     def _weights(self, site: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The current weights of ``site``'s network (built on first use), checked against x."""
@@ -116,8 +112,7 @@ class LearnedBaseline(SignalPart):
                 f"baseline network was built for {self.in_features[site]}; keep the input's "
                 "last dimension fixed"
             )
-        weights = {key[2]: value for key, value in self.slots.items()
-                   if key[0] == site and key[1] == "weight"}
+        weights = network_weights(self.slots, site)
         weight = next(iter(weights.values()), None)
         if weight is not None and weight.dtype != x.dtype:
             raise ValueError(
@@ -185,12 +180,7 @@ class LearnedBaseline(SignalPart):
             loss = 0.5 * (target - center - prediction).pow(2).sum()
             grads = torch.autograd.grad(loss, list(leaves.values()))
         ok = inputs_ok & all_finite(*grads)
-        for (name, weight), grad in zip(weights.items(), grads):
-            state = {key: self.slots[(site, "adam", name, key)] for key in self.adam_keys}
-            new_weight, new_state = self.adam.update(weight, grad, state)
-            self.slots[(site, "weight", name)] = torch.where(ok, new_weight, weight)
-            for key in self.adam_keys:
-                self.slots[(site, "adam", name, key)] = torch.where(ok, new_state[key], state[key])
+        step_network(self.slots, site, weights, grads, ok, self.adam, self.adam_keys)
         self.settle(site, ok)
 
     # ------------------------------------------------------------------ the protocol

@@ -92,4 +92,36 @@ class StateSlots(nn.Module):
                                   torch.zeros((), dtype=torch.bool, device=device))
 
 
-__all__ = ["SlotKey", "StateSlots", "all_finite", "check_setting", "warn_skipped"]
+def add_network(slots: dict, site: str, net: nn.Module, optimizer,
+                like: torch.Tensor) -> None:
+    """Put ``net``'s weights and ``optimizer``'s initial state for each into ``slots`` (keys
+    ``(site, "weight", name)`` and ``(site, "adam", name, key)``), with a fresh skip flag: a
+    network whose weights are state (the learned baseline, RELAX's control variates)."""
+    slots[(site, "skipped")] = torch.zeros((), dtype=torch.bool, device=like.device)
+    for name, param in net.named_parameters():
+        slots[(site, "weight", name)] = param.detach().clone()
+        for key, value in optimizer.init_state(param).items():
+            slots[(site, "adam", name, key)] = value
+
+
+def network_weights(slots: dict, site: str) -> dict[str, torch.Tensor]:
+    """The weights :func:`add_network` put into ``slots`` for ``site``, by parameter name."""
+    return {key[2]: value for key, value in slots.items()
+            if key[0] == site and key[1] == "weight"}
+
+
+def step_network(slots: dict, site: str, weights: dict, grads, ok: torch.Tensor, optimizer,
+                 keys: tuple[str, ...]) -> None:
+    """One step of ``optimizer`` (a pure one, :mod:`pyro_elbo_ext.functional_optim`) on the
+    network's weights, replacing the slots; where ``ok`` is false, every tensor keeps its
+    value (a non-finite step is skipped)."""
+    for (name, weight), grad in zip(weights.items(), grads):
+        state = {key: slots[(site, "adam", name, key)] for key in keys}
+        new_weight, new_state = optimizer.update(weight, grad, state)
+        slots[(site, "weight", name)] = torch.where(ok, new_weight, weight)
+        for key in keys:
+            slots[(site, "adam", name, key)] = torch.where(ok, new_state[key], state[key])
+
+
+__all__ = ["SlotKey", "StateSlots", "add_network", "all_finite", "check_setting",
+           "network_weights", "step_network", "warn_skipped"]

@@ -6,10 +6,12 @@
 * the factories: :mod:`.conjugate` (normal_normal, beta_bernoulli, gamma_poisson),
   :mod:`.discrete` (tiny_discrete), :mod:`.logistic` (logistic_regression),
   :mod:`.logistic_real` (logistic_breast_cancer), :mod:`.vae` (vae_digits),
-  :mod:`.hard_attention` (random_attention, cluttered_digits).
+  :mod:`.sbn` (sbn_digits, a sigmoid belief network), :mod:`.hard_attention`
+  (random_attention, cluttered_digits).
 
 Importing this package needs the core install only; the digits and breast-cancer factories
-need scikit-learn (``pip install 'pyro-elbo-ext[compare]'``) when called.
+need scikit-learn (``pip install 'pyro-elbo-ext[compare]'``) when called; ``sbn_digits`` on
+the 5,000 MNIST digits (``data="mnist5k"``) needs ``pip install 'pyro-elbo-ext[mnist]'``.
 
 >>> from pyro_elbo_ext.problems import get_problem
 >>> problem = get_problem("normal_normal", num_data=50)   # doctest: +SKIP

