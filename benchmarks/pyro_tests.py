@@ -7,7 +7,8 @@ checkout of Pyro's sources: once as they are (``pyro.infer.SVI``) and once with
 are left as they are), then lists the tests that pass with SVI and fail with CompiledSVI.
 Nothing of Pyro's is copied here: give the path of a checkout (or ``git archive`` of one)::
 
-    python -m benchmarks.pyro_tests /path/to/pyro [--only compiled] [-k EXPR] [--out DIR]
+    python -m benchmarks.pyro_tests /path/to/pyro [--only compiled] [-k EXPR] [--sample K]
+        [--traced] [--out DIR]
 
 Slow (an hour or more on 2 cores: every compiled test compiles its own graphs); not part of
 the test suite.  Results go to ``--out`` (default ``benchmarks/results/pyro_tests``): one
@@ -33,12 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(pyro_path: Path, mode: str, out: Path, files, keyword: str | None,
-        timeout: float, traced: bool = False) -> Path:
+        timeout: float, traced: bool = False, sample: int = 1) -> Path:
     """Run the files under ``mode`` (``eager``: SVI; ``compiled``: CompiledSVI; ``traced``:
     with the graphs run uncompiled); the XML path."""
     xml = out / f"{mode}.xml"
     env = dict(os.environ, PYRO_ELBO_EXT_SVI=mode,
                PYRO_ELBO_EXT_BACKEND="traced" if traced else "inductor",
+               PYRO_ELBO_EXT_SAMPLE=str(sample),
                PYTHONPATH=os.pathsep.join([str(pyro_path), str(ROOT),
                                            os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "pytest", "-p", "benchmarks.pyro_svi_plugin",
@@ -103,13 +105,16 @@ def main(argv=None) -> None:
                         help="seconds before a hanging test's stack is dumped")
     parser.add_argument("--traced", action="store_true",
                         help="CompiledSVI's graphs run uncompiled (no Inductor): a quick check")
+    parser.add_argument("--sample", type=int, default=1, metavar="K",
+                        help="run every K-th collected test only, in both modes (the same "
+                             "tests): a run with Inductor in a fraction of the hours")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pyro_path = args.pyro_path.resolve()
     for mode in ("eager", "compiled"):
         if args.only in (None, mode):
             run(pyro_path, mode, args.out, args.files, args.keyword, args.timeout,
-                args.traced and mode == "compiled")
+                args.traced and mode == "compiled", args.sample)
     xmls = {mode: args.out / f"{mode}.xml" for mode in ("eager", "compiled")}
     if all(path.exists() for path in xmls.values()):
         summary = summarize(outcomes(xmls["eager"]), outcomes(xmls["compiled"]))

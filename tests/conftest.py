@@ -18,6 +18,16 @@ def _clean_pyro_state():
     pyro.clear_param_store()
 
 
+@pytest.fixture(autouse=True)
+def _compile_at_once(monkeypatch):
+    """CompiledSVI compiles at its first step in the suite (``compile_after=0``): its tests
+    check the compiled step, and take far fewer steps than the default deferral of 1,000.  The
+    deferral itself is tested with explicit values (``tests/test_compiled_fused.py``)."""
+    from pyro_elbo_ext.compiled import svi
+
+    monkeypatch.setattr(svi, "DEFAULT_COMPILE_AFTER", 0)
+
+
 def _devices():
     devices = ["cpu"]
     if torch.cuda.is_available():

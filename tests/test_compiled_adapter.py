@@ -350,6 +350,31 @@ def test_a_rejector_site_runs_eagerly():
         assert reason is not None and "(g)" in reason, type(loss).__name__
 
 
+def test_our_loss_on_a_rejection_sampler_runs_eagerly_without_a_build(traced_only):
+    """A loss of ours on a guide with a rejection sampler: the sampler's accept loop reads its
+    draws into Python, which no graph can hold, so the structure runs eagerly from its first
+    step (one warning naming the site, nothing traced) and takes SVI's steps."""
+    from pyro.distributions.testing.rejection_gamma import RejectionGamma
+
+    positive = DATA.abs() + 0.1
+
+    def model(data):
+        rate = pyro.sample("g", dist.Gamma(torch.tensor(2.0, dtype=F64), 1.0))
+        with pyro.plate("data", data.shape[0]):
+            pyro.sample("x", dist.Exponential(rate), obs=data)
+
+    def guide(data):
+        rate = pyro.param("rate", torch.tensor(1.0, dtype=F64),
+                          constraint=dist.constraints.positive)
+        pyro.sample("g", RejectionGamma(torch.tensor(2.0, dtype=F64), rate))
+
+    expected = _trajectory(SVI, model, guide, JensenELBO(), positive)
+    with pytest.warns(EagerFallbackWarning, match=r"JensenELBO.*sites \(g\).*Rejector") as record:
+        actual = _trajectory(CompiledSVI, model, guide, JensenELBO(), positive)
+    assert sum(w.category is EagerFallbackWarning for w in record) == 1
+    _assert_same(actual, expected, rtol=1e-9)
+
+
 def test_trace_elbo_with_a_discrete_guide_site_runs_eagerly(traced_only):
     """Trace_ELBO's score term meets every term of its plates, ours only those downstream of
     the site (TraceGraph_ELBO's): not the same draws, so SVI's steps, one warning."""

@@ -1,4 +1,4 @@
-"""CompiledSVI.run (many steps per compiled call) and the recompile policy of CompiledSVI.step.
+"""CompiledSVI.run (many steps per compiled call) and the compile_after policy of CompiledSVI.step.
 
 The fused loop must take exactly the steps that as many ``step`` calls take from the same
 seed: checked on the traced graph (``backend.BACKEND = None``, torch's own random draws) in
@@ -15,6 +15,7 @@ from pyro.infer import SVI, Trace_ELBO
 
 from pyro_elbo_ext import CompiledSVI, HardAttentionELBO, JensenELBO
 from pyro_elbo_ext.compiled import backend, fused
+from pyro_elbo_ext.compiled import svi as svi_module
 from pyro_elbo_ext.compiled.fused import chain
 from pyro_elbo_ext.problems.hard_attention import random_attention
 
@@ -148,38 +149,67 @@ def test_inductor_run_takes_the_steps_of_step_calls():
     assert svi.fused_compile_seconds and svi._fused
 
 
-# ---------------------------------------------------------------- recompile policy
-def test_a_new_structure_runs_eagerly_until_it_would_have_paid_for_a_compile(traced_only):
-    """recompile="auto": the second shape takes eager steps (SVI's update, from the same
-    optimizer state) and compiles once their time reaches the compiles' median."""
+# ---------------------------------------------------------------- compile_after
+def test_a_structure_runs_eagerly_for_compile_after_steps_then_compiles(traced_only):
+    """compile_after=2: each argument structure takes its first two steps eagerly (SVI's
+    update, from the same optimizer state), counted per structure, and compiles at its
+    third; a structure seen twice (a short last batch) never compiles."""
     optim = lambda: pyro.optim.Adam({"lr": 0.05})  # noqa: E731
     long, short = torch.linspace(-1.0, 2.0, 8, dtype=F64), torch.linspace(0.0, 1.0, 3,
                                                                            dtype=F64)
-    batches = [long, long, short, long, short]
+    batches = [long, long, short, long, long, short, long]
     trajectories = []
-    for svi_class in (SVI, CompiledSVI):
+    for make in (lambda: SVI(model, guide, optim(), Trace_ELBO()),
+                 lambda: CompiledSVI(model, guide, optim(), Trace_ELBO(), compile_after=2)):
         pyro.clear_param_store()
         guide(long)  # the parameters exist before the first step (see test_compiled_adapter)
         pyro.set_rng_seed(1)
-        svi = svi_class(model, guide, optim(), Trace_ELBO())
-        trajectories.append([svi.step(batch) for batch in batches])
+        svi = make()
+        trajectories.append([])
+        for batch in batches:
+            trajectories[-1].append(svi.step(batch))
+            if isinstance(svi, CompiledSVI) and len(trajectories[-1]) == 2:
+                assert not svi._steps and not svi.compile_seconds  # two eager steps
     assert trajectories[1] == pytest.approx(trajectories[0], rel=1e-12)
-    assert len(svi._steps) == 1 and len(svi.compile_seconds) == 1  # no second compile
-    spent = svi._eager_structures
-    assert len(spent) == 1 and 0 < next(iter(spent.values())) < svi.compile_seconds[0]
-    svi.compile_seconds[0] = 0.0  # compiling now costs nothing: the short batch compiles
-    svi.step(short)
-    assert len(svi._steps) == 2 and not svi._eager_structures
-    with pytest.raises(ValueError, match="recompile must be one of"):
-        CompiledSVI(model, guide, optim(), Trace_ELBO(), recompile="never")
+    assert len(svi._steps) == 1 and len(svi.compile_seconds) == 1  # the long batch, once
+    assert list(svi._eager_structures.values()) == [2]  # the short batch: two eager steps
+    svi.step(short)  # its third: it compiles
+    assert len(svi._steps) == 2 and len(svi.compile_seconds) == 2
 
 
-def test_recompile_always_compiles_every_structure(traced_only):
+@pytest.mark.parametrize("value", [-1, 1.5, True, "auto"])
+def test_compile_after_is_checked(value):
+    with pytest.raises(ValueError, match="compile_after must be an integer >= 0"):
+        CompiledSVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO(),
+                    compile_after=value)
+
+
+def test_the_default_deferral_is_the_module_constant(traced_only, monkeypatch):
+    """Without ``compile_after`` a structure waits :data:`DEFAULT_COMPILE_AFTER` steps (the
+    suite sets it to 0; here 3)."""
+    monkeypatch.setattr(svi_module, "DEFAULT_COMPILE_AFTER", 3)
+    svi = CompiledSVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    data = torch.zeros(4, dtype=F64)
+    for _ in range(3):
+        svi.step(data)
+    assert not svi._steps
+    svi.step(data)
+    assert len(svi._steps) == 1
+
+
+def test_compile_after_zero_compiles_every_structure(traced_only):
     svi = CompiledSVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO(),
-                      recompile="always")
+                      compile_after=0)
     svi.step(torch.zeros(4, dtype=F64))
     svi.step(torch.zeros(3, dtype=F64))
     assert len(svi._steps) == 2 and not svi._eager_structures
+
+
+def test_run_compiles_at_once_whatever_compile_after_says(traced_only):
+    svi = CompiledSVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO(),
+                      compile_after=10_000)
+    svi.run(9, torch.zeros(4, dtype=F64), unroll=4)
+    assert len(svi._steps) == 1 and svi._fused
 
 
 def test_default_steps_per_call_is_a_multiple_of_the_unroll():

@@ -258,7 +258,7 @@ def test_a_changed_tensor_read_retraces_with_a_warning(traced_only, monkeypatch)
 def test_new_shapes_compile_new_steps_in_a_bounded_cache(traced_only, monkeypatch):
     monkeypatch.setattr(svi_module, "MAX_GRAPHS", 2)
     svi = CompiledSVI(_normal_model, AutoNormal(_normal_model), pyro.optim.Adam({"lr": 0.01}),
-                      JensenELBO(), recompile="always")
+                      JensenELBO(), compile_after=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         svi.step(torch.randn(5))

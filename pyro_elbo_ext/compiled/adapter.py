@@ -6,7 +6,8 @@
 * **a loss of this package** (:class:`~pyro_elbo_ext.SiteTreatmentELBO`,
   :class:`~pyro_elbo_ext.ImportanceWeightedELBO`): its eager differentiable loss is traced;
   ``ImportanceWeightedELBO(estimator="dreg")`` runs eagerly (its gradient hook is not kept by a
-  traced graph);
+  traced graph), and so does a guide with a rejection sampler (Pyro's ``Rejector`` family,
+  whose accept loop reads its draws into Python);
 * **Pyro's ELBOs whose estimator is one of ours**: the loss of ours that computes the same
   estimator, built with the ELBO's settings (``num_particles``, ``vectorize_particles``,
   ``max_plate_nesting``, ``strict_enumeration_warning``, ``retain_graph``), is traced:
@@ -230,8 +231,9 @@ def _rejector_check(why: str) -> StructureCheck:
 _tracegraph_check = _rejector_check(
     "TraceGraph_ELBO gives them no score term and JensenELBO(entropy='sampled') does: not the "
     "same estimator")
-#: ``TraceEnum_ELBO`` on a guide with a rejection sampler
-_enum_check = _rejector_check(
+#: ``TraceEnum_ELBO`` and this package's losses on a guide with a rejection sampler (a graph
+#: would only find out at its first call, its guard on the loop's read failing: a wasted build)
+_rejection_check = _rejector_check(
     "their samplers draw until they accept, a number of draws read into Python that a graph "
     "cannot fix")
 
@@ -270,7 +272,7 @@ def adapt(loss) -> Adapted:
     """How CompiledSVI computes the steps of ``loss`` (see the module docstring)."""
     kind = type(loss)
     if is_compilable(loss):
-        return Adapted(loss, loss, description=kind.__name__)
+        return Adapted(loss, loss, description=kind.__name__, structure_check=_rejection_check)
     if kind in (infer.Trace_ELBO, infer.JitTrace_ELBO):
         return _mapped(loss, JensenELBO(entropy="sampled", **_settings(loss)),
                        "JensenELBO(entropy='sampled')", _plate_rule_check)
@@ -292,7 +294,7 @@ def adapt(loss) -> Adapted:
 
         return Adapted(loss, PyroEnumLoss(loss),
                        description=f"{kind.__name__} (Pyro's enumeration, traced)",
-                       structure_check=_enum_check)
+                       structure_check=_rejection_check)
     if isinstance(loss, infer.ELBO) and kind.__module__.startswith("pyro."):
         reason = (f"{kind.__name__} is not among the losses CompiledSVI compiles (Trace_ELBO, "
                   "TraceMeanField_ELBO, TraceGraph_ELBO, RenyiELBO(alpha=0), TraceEnum_ELBO, "

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 
 import pyro
 import torch
@@ -122,10 +122,10 @@ def random_read_error(who: str, traced, fallback: str) -> RuntimeError:
     )
 
 
-def warn_changed_numbers(key, cache, who: str) -> None:
-    """Warn, before a new graph is built for ``key``, where only Python numbers tell it from a
-    key already in ``cache``: say to pass them as 0-dim tensors."""
-    changes = changed_numbers(key, cache.keys())
+def warn_changed_numbers(key, keys: Iterable, who: str) -> None:
+    """Warn, at the first sight of ``key``, where only Python numbers tell it from one of
+    ``keys`` (those seen before): say to pass them as 0-dim tensors."""
+    changes = changed_numbers(key, keys)
     if changes:
         warnings.warn(f"{who}: {number_hint(changes)}", RuntimeWarning,
                       stacklevel=user_stacklevel())

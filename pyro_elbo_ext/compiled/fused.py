@@ -202,16 +202,17 @@ def run_steps(svi, num_steps: int, args: tuple, kwargs: dict, steps_per_call: in
     parts: list[torch.Tensor] = []
     done = 0
 
-    def one_step():
+    def one_step(compile_now=False):
         nonlocal done
-        parts.append(torch.tensor([svi.step(*args, **kwargs)], dtype=torch.float64))
+        parts.append(torch.tensor([svi._take_step(args, kwargs, compile_now)],
+                                  dtype=torch.float64))
         done += 1
         if bar is not None:
             bar.update(1)
 
     try:
         if num_steps:
-            one_step()  # builds the step graph
+            one_step(compile_now=True)  # builds the step graph (a run is long: at once)
         key, data = structure_key(args, kwargs)
         step = _fusable(svi, key)
         capacity = max(unroll, min(steps_per_call, num_steps) // unroll * unroll)

@@ -125,7 +125,7 @@ class CompiledLoss:
                 _announce_params(entry.traced.names)
                 return self._result(loss, entry.traced, outputs)
         else:
-            warn_changed_numbers(key, self.graphs, "compiled loss")
+            warn_changed_numbers(key, self.graphs.keys(), "compiled loss")
         traced = self._trace(loss, args, kwargs, extra)
         traced.built()
         inputs = traced.params + data + (traced.state_inputs(loss) or [])

@@ -16,16 +16,16 @@ see them.  Where the graph guards Python's reads of tensor values, the update is
 if the guard holds (``torch.where`` inside the graph); otherwise the step is retraced and
 retaken, with a warning.
 
-Which loss is traced, and what runs eagerly instead, is decided by :mod:`.adapter`; a new
-argument structure after the first compiles only once running it eagerly has cost as much as
-a compile (:meth:`CompiledSVI.step`); :meth:`CompiledSVI.run` takes many steps per compiled call
-(:mod:`.fused`).
+Which loss is traced, and what runs eagerly instead, is decided by :mod:`.adapter`.  An
+argument structure compiles once it has taken ``compile_after`` steps eagerly (a count, so the
+step at which a run switches is the same in every run from the same seed; see
+:class:`CompiledSVI`); :meth:`CompiledSVI.run` compiles at once and takes many steps per
+compiled call (:mod:`.fused`).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 import warnings
 from collections.abc import Hashable
@@ -72,10 +72,13 @@ _GRAPHS_MESSAGE = (
     "tensors"
 )
 
-#: ``CompiledSVI(recompile=...)``: when a new argument structure compiles (see ``step``)
-RECOMPILE_POLICIES = ("auto", "always")
+#: ``CompiledSVI(compile_after=...)``'s default: eager steps an argument structure takes before
+#: it compiles.  About a quarter of the break-even number of steps measured on the digits VAE
+#: (4,000-6,100, ``benchmarks/end_to_end.py``): a run shorter than this never waits for a
+#: compile, and a long run pays for this many eager steps (about a quarter of one compile)
+DEFAULT_COMPILE_AFTER = 1000
 
-#: argument structures whose eager time is remembered (the oldest is forgotten beyond)
+#: argument structures whose eager step count is remembered (the oldest is forgotten beyond)
 MAX_EAGER_STRUCTURES = 256
 
 #: refusals raised while a step is built that stand (raised, not run eagerly): where SVI's
@@ -211,13 +214,19 @@ class CompiledSVI:
         naming the loss and the reason.  A learning signal's state (moving-average or learned
         baseline, normalizer) enters the graph as inputs and leaves it as outputs, and is
         handed back to the loss after every step (``loss.state_dict()`` stays current).
-    recompile : {"auto", "always"}
-        When an argument structure other than the first (a new shape, dtype or non-tensor
-        argument) is compiled.  ``"auto"``: its steps run eagerly (the same update, from the
-        same optimizer state) until they have taken as long as the compiles so far took, then
-        it compiles: a structure seen rarely (a data loader's shorter last batch, a number that
-        changes every call) never pays for a compile, and one that stays costs at most twice
-        what compiling at once would.  ``"always"``: compile at once.
+    compile_after : int, optional
+        Steps an argument structure (the shapes, dtypes and non-tensor values of the step's
+        arguments) takes eagerly before it compiles (default :data:`DEFAULT_COMPILE_AFTER`,
+        1000; ``0`` compiles at its first step).  An eager step is the same update, from the
+        same optimizer state, with the loss and gradient computed as ``SVI`` computes them.
+        A compile takes seconds (4-15 s on a two-core CPU, less with Inductor's disk cache
+        warm), more than a few hundred eager steps of most models: a run shorter than
+        ``compile_after`` steps, and a structure seen rarely (a data loader's shorter last
+        batch, a number that changes every call), never pay for one.  The switch is made on
+        a count, not a clock, so a run from the same seed switches at the same step and
+        follows the same trajectory every time.  A structure compiled once and dropped (the
+        graph cache's bound, ``set_state`` with new hyper-parameters) recompiles at once;
+        :meth:`run` compiles at once.
 
     Notes
     -----
@@ -242,11 +251,16 @@ class CompiledSVI:
     available when it was written): only the CPU path is tested.
     """
 
-    def __init__(self, model, guide, optim, loss, *, recompile: str = "auto"):
-        if recompile not in RECOMPILE_POLICIES:
-            raise ValueError(f"recompile must be one of {RECOMPILE_POLICIES}, got {recompile!r}")
+    def __init__(self, model, guide, optim, loss, *, compile_after: int | None = None):
+        if compile_after is None:
+            compile_after = DEFAULT_COMPILE_AFTER
+        if isinstance(compile_after, bool) or not isinstance(compile_after, int) or (
+                compile_after < 0):
+            raise ValueError("compile_after must be an integer >= 0 (eager steps before an "
+                             f"argument structure compiles; 0 compiles at once), got "
+                             f"{compile_after!r}")
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
-        self.recompile = recompile
+        self.compile_after = compile_after
         self.adapted: Adapted = adapt(loss)
         #: the loss whose eager path is traced (the user's, or ours with the same estimator)
         self.traced_loss = self.adapted.traced
@@ -274,8 +288,8 @@ class CompiledSVI:
         self._states: dict[str, tuple[torch.Tensor, dict]] = {}  # name -> (param, state)
         self._optimizers: dict[str, ParamOptimizer] = {}
         self._waiting: dict[str, dict] | None = None
-        #: argument structures that run eagerly: key -> seconds their steps took so far
-        #: (``recompile="auto"``), or ``math.inf`` where compiling failed or is refused
+        #: argument structures that run eagerly: key -> eager steps taken so far (see
+        #: ``compile_after``), or ``math.inf`` where compiling failed or is refused
         self._eager_structures: dict[Hashable, float] = {}
         self._compiled_keys: set[Hashable] = set()  # structures compiled at least once
         self._fused: dict = {}  # structure key -> compiled loop (fused run)
@@ -291,13 +305,20 @@ class CompiledSVI:
     # ------------------------------------------------------------------ SVI's interface
     def step(self, *args, **kwargs) -> float:
         """Take one step; returns the loss estimate at the parameters before it."""
+        return self._take_step(args, kwargs)
+
+    def _take_step(self, args: tuple, kwargs: dict, compile_now: bool = False) -> float:
+        """:meth:`step`; ``compile_now``: a structure that may compile does so now, whatever
+        its count (:meth:`run`)."""
         if self._delegate is not None:
             return self._delegate.step(*args, **kwargs)
         key, data = structure_key(args, kwargs)
         prepare_step_inputs(self.traced_loss)  # this step's scheduled values (a KL weight)
         extra = list(step_inputs(self.traced_loss))
         step = self._steps.lookup(key)
-        if step is None and key in self._eager_structures and not self._compiles_now(key):
+        if step is None and key not in self._eager_structures:  # first sight of it
+            warn_changed_numbers(key, self._seen_keys(), "CompiledSVI")
+        if step is None and not self._compiles_now(key, compile_now):
             return self._eager_step(key, args, kwargs)
         try:
             data = checked_data(data) + extra
@@ -314,10 +335,6 @@ class CompiledSVI:
                     self._count_retrace(read_changed(step.traced), READ_ADVICE)
             elif stale[1]:
                 self._count_retrace(stale[0], CONSTANT_ADVICE)
-        else:
-            warn_changed_numbers(key, self._steps, "CompiledSVI")
-            if not self._compiles_now(key):
-                return self._eager_step(key, args, kwargs)
         return self._build_and_step(key, args, kwargs, extra, data)
 
     def run(self, num_steps: int, *args, steps_per_call: int | None = None,
@@ -326,11 +343,12 @@ class CompiledSVI:
 
         The steps run inside one compiled loop (torch's ``while_loop``, compiled once per
         argument structure, its body ``unroll`` steps whose loss, gradient and update feed the
-        next), up to ``steps_per_call`` steps per call: the same trajectory as ``num_steps``
-        calls of :meth:`step` from the same seed (see :mod:`pyro_elbo_ext.compiled.fused`).
-        Where the loop does not apply (eager steps, a graph that guards Python reads, a
-        scheduled loss input), and for the first step and the last ``< unroll`` ones, the
-        steps are :meth:`step` calls.
+        next), up to ``steps_per_call`` steps per call.  A run is known to be long, so its
+        first step compiles at once, whatever ``compile_after`` says: the same trajectory as
+        ``num_steps`` calls of :meth:`step` from the same seed with ``compile_after=0`` (see
+        :mod:`pyro_elbo_ext.compiled.fused`).  Where the loop does not apply (eager steps, a
+        graph that guards Python reads, a scheduled loss input), and for the first step and
+        the last ``< unroll`` ones, the steps are :meth:`step` calls.
 
         Parameters
         ----------
@@ -412,17 +430,19 @@ class CompiledSVI:
             warnings.warn("Encountered NaN: loss", stacklevel=3)  # as Pyro's warn_if_nan
         return value
 
-    def _compiles_now(self, key: Hashable) -> bool:
-        """Whether a structure without a compiled step compiles now (see ``recompile``): the
-        first one, one compiled before (its graph dropped: evicted, or cleared by
-        ``set_state``), or one whose eager steps have cost a compile."""
-        spent = self._eager_structures.get(key)
-        if spent is None and (not self.compile_seconds or self.recompile == "always"
-                              or key in self._compiled_keys):
-            return True
-        if spent is None or spent == math.inf:
+    def _seen_keys(self) -> list:
+        """The argument structures compiled or stepped eagerly so far."""
+        return [*self._steps.keys(), *self._eager_structures]
+
+    def _compiles_now(self, key: Hashable, compile_now: bool = False) -> bool:
+        """Whether a structure without a compiled step compiles now (see ``compile_after``):
+        not one whose compile failed or was refused; one compiled before (its graph dropped:
+        evicted, or cleared by ``set_state``), or ``compile_now``, or one that has taken
+        ``compile_after`` eager steps."""
+        taken = self._eager_structures.get(key, 0)
+        if taken == math.inf:
             return False
-        return spent >= statistics.median(self.compile_seconds)
+        return compile_now or key in self._compiled_keys or taken >= self.compile_after
 
     def _build_and_step(self, key, args, kwargs, extra, data) -> float:
         start = time.perf_counter()
@@ -457,7 +477,6 @@ class CompiledSVI:
         could not be compiled (with ``remember`` it then always runs eagerly; one warning,
         after the step succeeded, so that an error of the model itself is raised as ``SVI``
         raises it)."""
-        start = time.perf_counter()
         with poutine.trace(param_only=True) as capture:
             if is_compilable(self.loss) or self.adapted.traced is self.loss:
                 value = self._loss_fn(self.model, self.guide, args, kwargs)
@@ -482,9 +501,9 @@ class CompiledSVI:
             if remember:
                 self._eager_structures[key] = math.inf
             self._warn_eager(failed, what="this argument structure", stacklevel=3)
-        elif self._eager_structures.get(key) != math.inf:
-            spent = self._eager_structures.pop(key, 0.0)
-            self._eager_structures[key] = spent + time.perf_counter() - start
+        elif remember and self._eager_structures.get(key) != math.inf:
+            taken = self._eager_structures.pop(key, 0)  # re-inserted: the newest is last
+            self._eager_structures[key] = taken + 1
             while len(self._eager_structures) > MAX_EAGER_STRUCTURES:  # a number that
                 del self._eager_structures[next(iter(self._eager_structures))]  # changes
         return self._finish(value)
@@ -545,4 +564,4 @@ class _Refused(Exception):
     """A structure the adapter says runs eagerly (not an error: its reason is warned once)."""
 
 
-__all__ = ["CompiledSVI", "RECOMPILE_POLICIES"]
+__all__ = ["DEFAULT_COMPILE_AFTER", "CompiledSVI"]
