@@ -19,7 +19,8 @@ Normal guide) on scikit-learn's 1,797 bundled 8x8 digits, binarized, minibatches
 * ``loader``: 30 epochs (540 steps) of a DataLoader-style loop whose last batch has 97 images
   (a second argument structure): eager against CompiledSVI with the default (the run is
   shorter than ``compile_after``: nothing compiles) and with ``compile_after=0`` (both batch
-  sizes compile at their first step), empty Inductor cache;
+  sizes compile at their first step), empty Inductor cache; and ``--long-epochs`` (300: 5,400
+  steps) eager against the default, which compiles the full batches after 1,000 of them;
 * ``sizes``: seconds per step, eager and compiled (``compile_after=0``), by hidden-layer
   width, and the break-even number of steps (compile seconds / per-step saving);
 * ``first-compile``: the first ``CompiledSVI.step`` (``compile_after=0``) of a small model
@@ -236,6 +237,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--long-epochs", type=int, default=300,
+                        help="a second, longer DataLoader run (0: none)")
     parser.add_argument("--no-isa-record", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args(argv)
@@ -278,6 +281,13 @@ def main(argv=None) -> None:
                                                      "compile_after": after})
             table.append(_row(f"DataLoader loop, {args.epochs} epochs, last batch 97, "
                               f"{label}", eager, comp))
+        if args.long_epochs:  # long enough for the default to compile the full batches
+            eager = run("long loader eager", {"kind": "loader", "compiled": False,
+                                              "epochs": args.long_epochs})
+            comp = run("long loader compiled, default compile_after",
+                       {"kind": "loader", "compiled": True, "epochs": args.long_epochs})
+            table.append(_row(f"DataLoader loop, {args.long_epochs} epochs, last batch 97, "
+                              "default compile_after", eager, comp))
     if table:
         rows += ["| case | eager SVI: process wall (CPU) | CompiledSVI: process wall (CPU) | "
                  "CPU ms per step, eager / compiled | compile wall (CPU) |",
