@@ -190,8 +190,9 @@ class CompiledSVI:
     returns the loss estimate (a float) before it, ``evaluate_loss`` estimates the loss
     without a step (eager); :meth:`run` takes many steps per compiled call.  The loss, its
     gradient and the optimizer's update run as one graph (Inductor, torch.compile's compiler;
-    CUDA graphs on a GPU), built on the first step for each argument structure (seconds;
-    Inductor's on-disk cache makes later processes faster).
+    CUDA graphs on a GPU), built once per argument structure after its first
+    ``compile_after`` steps, which run eagerly (a compile takes seconds; Inductor's on-disk
+    cache makes later processes faster).
 
     Parameters
     ----------
