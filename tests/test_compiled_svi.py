@@ -8,6 +8,7 @@ and convergence to the exact posterior with a reproducible trajectory.
 """
 
 import copy
+import functools
 import warnings
 
 import pyro
@@ -94,6 +95,21 @@ def test_trajectory_equals_svi(traced_only, optimizer, dtype):
         torch.testing.assert_close(params[name], value, **tol)
     assert losses == pytest.approx(expected_losses, rel=tol["rtol"] * 10)
     assert losses[0] != losses[-1]  # the parameters moved
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_eager_steps_then_compiled_steps_equal_svi(traced_only, optimizer):
+    """compile_after=5: five eager steps (plain Adam stepped by torch's multi-tensor Adam, per
+    hyper-parameter group; the rest by their functional updates), then the built step
+    continues from their optimizer state: SVI's trajectory in float64."""
+    data = _data()
+    expected_losses, expected, _ = _run(SVI, OPTIMIZERS[optimizer], 12, data)
+    compiled_after_five = functools.partial(CompiledSVI, compile_after=5)
+    losses, params, svi = _run(compiled_after_five, OPTIMIZERS[optimizer], 12, data)
+    assert len(svi._steps) == 1 and len(svi.compile_seconds) == 1
+    for name, value in expected.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-11, atol=1e-12)
+    assert losses == pytest.approx(expected_losses, rel=1e-10)
 
 
 def test_inductor_trajectory_equals_svi():

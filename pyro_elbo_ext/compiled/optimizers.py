@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from pyro.optim import PyroOptim
 from pyro.optim.clipped_adam import ClippedAdam as _TorchClippedAdam
+from torch.optim.adam import adam as multi_tensor_adam
 
 from ..functional_optim import (
     SGD,
@@ -104,5 +105,41 @@ def functional_optimizer(optim, param: torch.Tensor, saved: dict | None = None) 
     return ParamOptimizer(kind.from_args(args), dict(clip))
 
 
+def apply_eagerly(entries: list[tuple[ParamOptimizer, torch.Tensor, torch.Tensor, dict]]) -> None:
+    """Apply the updates of ``(optimizer, param, grad, state)`` entries in place, eagerly (the
+    steps :class:`~pyro_elbo_ext.CompiledSVI` takes before a structure compiles).
+
+    Plain Adam parameters (no ``clip_args``) with the same hyper-parameters, dtype and device
+    are stepped together by torch's own multi-tensor Adam (``torch.optim.adam.adam`` with
+    ``foreach=True``: the update ``pyro.optim.Adam`` applies, a few kernels for all of them
+    instead of some twenty per parameter); every other entry by its functional update.  The
+    state is the functional optimizer's (``step``, ``exp_avg``, ``exp_avg_sq``), so a compiled
+    step continues from it.  Call under ``torch.no_grad()``.
+    """
+    groups: dict[tuple, list] = {}
+    for entry in entries:
+        optimizer, param = entry[0], entry[1]
+        hyper = optimizer.optimizer.hyper
+        if type(optimizer.optimizer) is Adam and not optimizer.clip and all(
+                isinstance(value, (int, float, tuple)) for value in hyper.values()):
+            key = (tuple(sorted(hyper.items())), param.dtype, param.device)
+            groups.setdefault(key, []).append(entry)
+            continue
+        new, new_state = optimizer.update(param, entry[2], entry[3])
+        param.copy_(new)
+        for slot, tensor in entry[3].items():
+            tensor.copy_(new_state[slot])
+    for (hyper, _, _), members in groups.items():
+        hyper = dict(hyper)
+        beta1, beta2 = hyper["betas"]
+        multi_tensor_adam(
+            [m[1] for m in members], [m[2] for m in members],
+            [m[3]["exp_avg"] for m in members], [m[3]["exp_avg_sq"] for m in members], [],
+            [m[3]["step"] for m in members], foreach=True, amsgrad=False, beta1=beta1,
+            beta2=beta2, lr=hyper["lr"], weight_decay=hyper["weight_decay"], eps=hyper["eps"],
+            maximize=False)
+
+
 __all__ = ["SUPPORTED", "ClippedAdam", "Adam", "SGD", "RMSprop", "FunctionalOptimizer",
-           "ParamOptimizer", "check_supported", "clip_gradient", "functional_optimizer"]
+           "ParamOptimizer", "apply_eagerly", "check_supported", "clip_gradient",
+           "functional_optimizer"]

@@ -61,7 +61,7 @@ from .cache import (
 )
 from .checkpoint import adopt, own_state
 from .jit import MAX_GRAPHS, MAX_RETRACES, device_of
-from .optimizers import ParamOptimizer, check_supported, functional_optimizer
+from .optimizers import ParamOptimizer, apply_eagerly, check_supported, functional_optimizer
 from .rng import cuda_devices, rng_preserved
 from .trace import TracedLossGrad, structure_key, trace_loss_and_grad
 
@@ -489,14 +489,13 @@ class CompiledSVI:
         params = {name: site["value"].unconstrained()
                   for name, site in capture.trace.nodes.items()}
         with torch.no_grad():
-            for name, param in params.items():
-                if param.grad is None:
-                    continue
-                state = self._state_for(name, param)
-                new, new_state = self._optimizers[name].update(param, param.grad, state)
-                param.copy_(new)
-                for slot, tensor in state.items():
-                    tensor.copy_(new_state[slot])
+            stepped = [(name, param) for name, param in params.items()
+                       if param.grad is not None]
+            states = [self._state_for(name, param) for name, param in stepped]  # (first: it
+            # makes a new parameter's optimizer)
+            apply_eagerly([(self._optimizers[name], param, param.grad, state)
+                           for (name, param), state in zip(stepped, states)])
+            for _, param in stepped:
                 param.grad = torch.zeros_like(param.grad)  # as pyro.infer.util.zero_grads
         if failed is not None:
             if remember:
