@@ -20,6 +20,35 @@ BACKEND_VARIABLE = "PYRO_ELBO_EXT_BACKEND"
 #: an integer k > 1: run every k-th collected test only (a deterministic sample, the same in
 #: both modes), for a run with Inductor that would otherwise take hours on two cores
 SAMPLE_VARIABLE = "PYRO_ELBO_EXT_SAMPLE"
+#: a path: where the compiled mode writes, per test, what its CompiledSVI instances did
+#: (``compiled``: at least one step graph built; ``eager``: every step eager; ``none``: no
+#: CompiledSVI made), as JSON
+STATS_VARIABLE = "PYRO_ELBO_EXT_STATS"
+
+_made: list = []  # the CompiledSVI instances of the running test
+_stats: dict[str, str] = {}
+
+
+def pytest_runtest_setup(item) -> None:
+    _made.clear()
+
+
+def pytest_runtest_teardown(item) -> None:
+    if not _made:
+        _stats[item.nodeid] = "none"
+    else:
+        built = any(svi.compile_seconds for svi in _made)
+        _stats[item.nodeid] = "compiled" if built else "eager"
+    _made.clear()
+
+
+def pytest_sessionfinish(session) -> None:
+    path = os.environ.get(STATS_VARIABLE)
+    if path and _stats:
+        import json
+
+        with open(path, "w") as handle:
+            json.dump(_stats, handle, indent=0)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -45,6 +74,7 @@ def pytest_configure(config) -> None:
         def __init__(self, *args, **kwargs):
             kwargs.setdefault("compile_after", 0)
             super().__init__(*args, **kwargs)
+            _made.append(self)
 
     pyro.infer.SVI = CompiledAtOnce
     pyro.infer.svi.SVI = CompiledAtOnce

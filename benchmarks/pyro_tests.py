@@ -18,6 +18,7 @@ JUnit XML per run and ``summary.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def run(pyro_path: Path, mode: str, out: Path, files, keyword: str | None,
     env = dict(os.environ, PYRO_ELBO_EXT_SVI=mode,
                PYRO_ELBO_EXT_BACKEND="traced" if traced else "inductor",
                PYRO_ELBO_EXT_SAMPLE=str(sample),
+               PYRO_ELBO_EXT_STATS=str(out / f"{mode}_stats.json"),
                PYTHONPATH=os.pathsep.join([str(pyro_path), str(ROOT),
                                            os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "pytest", "-p", "benchmarks.pyro_svi_plugin",
@@ -72,8 +74,9 @@ def outcomes(xml: Path) -> dict[str, tuple[str, str]]:
     return result
 
 
-def summarize(eager: dict, compiled: dict) -> str:
-    """A markdown summary: counts and the tests that pass with SVI and not with CompiledSVI."""
+def summarize(eager: dict, compiled: dict, stats: dict | None = None) -> str:
+    """A markdown summary: counts, what CompiledSVI did in the tests (``stats``, from the
+    plugin), and the tests that pass with SVI and not with CompiledSVI."""
     def count(results, what):
         return sum(1 for outcome, _ in results.values() if outcome == what)
 
@@ -88,6 +91,13 @@ def summarize(eager: dict, compiled: dict) -> str:
     regressions = sorted(name for name, (outcome, _) in eager.items()
                          if outcome == "passed" and compiled.get(name, ("missing",))[0]
                          != "passed")
+    if stats:
+        kinds = {kind: sum(1 for v in stats.values() if v == kind)
+                 for kind in ("compiled", "eager", "none")}
+        lines += ["", f"In the CompiledSVI run, {kinds['compiled']} tests built at least one "
+                  f"compiled step graph, {kinds['eager']} ran every CompiledSVI step eagerly (a "
+                  f"loss or structure that runs eagerly, with its warning) and {kinds['none']} "
+                  "made no CompiledSVI (tests of guides alone)."]
     lines += ["", f"Pass with SVI, not with CompiledSVI: {len(regressions)}", ""]
     lines += [f"- `{name}`: {compiled.get(name, ('missing', ''))[1]}" for name in regressions]
     return "\n".join(lines) + "\n"
@@ -117,7 +127,9 @@ def main(argv=None) -> None:
                 args.traced and mode == "compiled", args.sample)
     xmls = {mode: args.out / f"{mode}.xml" for mode in ("eager", "compiled")}
     if all(path.exists() for path in xmls.values()):
-        summary = summarize(outcomes(xmls["eager"]), outcomes(xmls["compiled"]))
+        stats_path = args.out / "compiled_stats.json"
+        stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+        summary = summarize(outcomes(xmls["eager"]), outcomes(xmls["compiled"]), stats)
         (args.out / "summary.md").write_text(summary)
         if args.out.parent.name == "results":  # the page the docs include
             (args.out.parent / "pyro_tests.md").write_text(summary)
