@@ -186,8 +186,11 @@ def worker(config: dict) -> dict:
     result["train_cpu_s"] = _cpu_seconds() - cpu0  # with the compiler's processes
     if compiled and hasattr(svi, "compile_seconds"):
         result["compile_s"] = sum(svi.compile_seconds)  # wall
-        # CPU of the builds: the training's CPU less its steady steps'
-        result["compile_cpu_s"] = result["train_cpu_s"] - sum(times[1:])
+        # CPU of the builds: the training's CPU less that of every step but those that built
+        # (the longest ones: seconds against milliseconds)
+        builds = len(svi.compile_seconds)
+        steps_cpu = sorted(times)[:len(times) - builds] if builds else times
+        result["compile_cpu_s"] = result["train_cpu_s"] - sum(steps_cpu)
         result["compiled_structures"] = len(svi._steps)
         result["eager_structures"] = len(svi._eager_structures)
     result["final_loss"] = svi.evaluate_loss(data) / data.shape[0]
