@@ -274,3 +274,15 @@ def test_discrete_digits_quick_scores_each_contestant(tmp_path):
     for run in result["runs"]:
         assert math.isfinite(run["test_L"]) and run["test_L_K"] > run["test_L"] - 0.5
     assert (tmp_path / "discrete_digits_quick.md").read_text().count("\n| ") == 4
+
+
+def test_exact_autoguide_seeds_uses_the_models_evidence():
+    """``benchmarks.exact_autoguide_seeds``' exact loss is -log p(obs) of its tree model:
+    obs ~ N(0, [[3, 1], [1, 3]]) (x, y_i and the noise each add 1 to a variance; x is shared)."""
+    from benchmarks.exact_autoguide_seeds import exact_loss
+
+    data = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    covariance = torch.tensor([[3.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    expected = -torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64),
+                                                       covariance).log_prob(data)
+    assert exact_loss(data) == pytest.approx(float(expected), rel=1e-12)
