@@ -198,17 +198,14 @@ def worker(config: dict) -> dict:
 
 
 # ============================================================================ the driver
-def measure(config: dict, isa_record: bool, warm: bool = False) -> dict:
-    """Run :func:`worker` in a fresh process with an empty Inductor cache (``warm``: with the
-    cache a first process of the same configuration left)."""
+def measure(config: dict, isa_record: bool) -> dict:
+    """Run :func:`worker` in a fresh process with an empty Inductor cache."""
     with tempfile.TemporaryDirectory(prefix="inductor_") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache,
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         if not isa_record:
             env["PYRO_ELBO_EXT_VEC_ISA_CACHE"] = "0"
         command = [sys.executable, "-m", "benchmarks.end_to_end", "worker", json.dumps(config)]
-        if warm:
-            subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True)
         t = time.perf_counter()
         out = subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True,
                              text=True)
@@ -249,8 +246,8 @@ def main(argv=None) -> None:
     isa = not args.no_isa_record
     rows, raw = [], {}
 
-    def run(name, config, record=isa, warm=False):
-        results = [measure(config, record, warm) for _ in range(args.repeats)]
+    def run(name, config, record=isa):
+        results = [measure(config, record) for _ in range(args.repeats)]
         raw[name] = results
         print(name, json.dumps({k: _median(results, k) for k in (
             "wall_s", "train_s", "train_cpu_s", "per_step_ms", "compile_s", "compile_cpu_s",

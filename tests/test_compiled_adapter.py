@@ -124,6 +124,16 @@ def _trajectory(svi_class, model, guide, loss, data, steps=6, **options):
     return losses, _params()
 
 
+def _assert_runs_eagerly_as_svi(model, guide, make_loss, data, match: str, rtol: float):
+    """CompiledSVI takes SVI's steps (``make_loss()`` under both) with exactly one
+    EagerFallbackWarning, matching ``match``."""
+    expected = _trajectory(SVI, model, guide, make_loss(), data)
+    with pytest.warns(EagerFallbackWarning, match=match) as record:
+        actual = _trajectory(CompiledSVI, model, guide, make_loss(), data)
+    assert sum(w.category is EagerFallbackWarning for w in record) == 1
+    _assert_same(actual, expected, rtol=rtol)
+
+
 def _assert_same(actual, expected, rtol=1e-10):
     (losses, params), (expected_losses, expected_params) = actual, expected
     assert losses == pytest.approx(expected_losses, rel=rtol)
@@ -275,11 +285,7 @@ EAGER = {
 @pytest.mark.parametrize("name", sorted(EAGER))
 def test_other_losses_run_eagerly_as_svi_with_one_warning(name):
     make, match = EAGER[name]
-    expected = _trajectory(SVI, normal_model, normal_guide, make(), DATA)
-    with pytest.warns(EagerFallbackWarning, match=match) as record:
-        actual = _trajectory(CompiledSVI, normal_model, normal_guide, make(), DATA)
-    assert sum(w.category is EagerFallbackWarning for w in record) == 1
-    _assert_same(actual, expected, rtol=1e-12)
+    _assert_runs_eagerly_as_svi(normal_model, normal_guide, make, DATA, match, rtol=1e-12)
 
 
 def _discrete_guide(data):
@@ -368,21 +374,15 @@ def test_our_loss_on_a_rejection_sampler_runs_eagerly_without_a_build(traced_onl
                           constraint=dist.constraints.positive)
         pyro.sample("g", RejectionGamma(torch.tensor(2.0, dtype=F64), rate))
 
-    expected = _trajectory(SVI, model, guide, JensenELBO(), positive)
-    with pytest.warns(EagerFallbackWarning, match=r"JensenELBO.*sites \(g\).*Rejector") as record:
-        actual = _trajectory(CompiledSVI, model, guide, JensenELBO(), positive)
-    assert sum(w.category is EagerFallbackWarning for w in record) == 1
-    _assert_same(actual, expected, rtol=1e-9)
+    _assert_runs_eagerly_as_svi(model, guide, JensenELBO, positive,
+                                r"JensenELBO.*sites \(g\).*Rejector", rtol=1e-9)
 
 
 def test_trace_elbo_with_a_discrete_guide_site_runs_eagerly(traced_only):
     """Trace_ELBO's score term meets every term of its plates, ours only those downstream of
     the site (TraceGraph_ELBO's): not the same draws, so SVI's steps, one warning."""
-    expected = _trajectory(SVI, _discrete_model, _discrete_guide, Trace_ELBO(), DATA)
-    with pytest.warns(EagerFallbackWarning, match=r"Trace_ELBO.*sites .*\(b\)") as record:
-        actual = _trajectory(CompiledSVI, _discrete_model, _discrete_guide, Trace_ELBO(), DATA)
-    assert sum(w.category is EagerFallbackWarning for w in record) == 1
-    _assert_same(actual, expected, rtol=1e-9)
+    _assert_runs_eagerly_as_svi(_discrete_model, _discrete_guide, Trace_ELBO, DATA,
+                                r"Trace_ELBO.*sites .*\(b\)", rtol=1e-9)
 
 
 def test_sequential_renyi_takes_svis_steps(traced_only):
